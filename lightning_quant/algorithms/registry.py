@@ -1,0 +1,70 @@
+"""Registry of model-level quantization methods (``"rtn"``, ``"gptq"``, ``"awq"``, ``"int8"``).
+
+A method is a callable ``(model, targets, spec, calibration, config) -> {name: QuantizedWeight}``
+where ``targets`` maps qualified names to the linear-like modules to quantize. It must not
+change the model: swapping modules is done by :func:`lightning_quant.api.quantize_model`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lightning_quant.algorithms.rtn import rtn_quantize
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import linear_weight
+
+MethodFn = Callable[[nn.Module, dict[str, nn.Module], QuantSpec, Any, Any], dict[str, QuantizedWeight]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: MethodFn
+    needs_calibration: bool
+    config_type: type | None = None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register_method(name: str, fn: MethodFn, needs_calibration: bool, config_type: type | None = None) -> None:
+    METHODS[name] = Method(name, fn, needs_calibration, config_type)
+
+
+def get_method(name: str) -> Method:
+    _load_builtin_methods()
+    if name not in METHODS:
+        raise ValueError(f"Unknown quantization method {name!r}; available: {sorted(METHODS)}.")
+    return METHODS[name]
+
+
+def _rtn_method(model, targets, spec, calibration, config):
+    if calibration is not None:
+        raise ValueError("method='rtn' uses no calibration data; pass calibration=None or use method='gptq'/'awq'.")
+    if config is not None:
+        raise ValueError("method='rtn' takes no config; pass config=None.")
+    return {n: rtn_quantize(linear_weight(m).detach(), spec, name=n) for n, m in targets.items()}
+
+
+register_method("rtn", _rtn_method, needs_calibration=False)
+
+#: Modules that register further methods when imported (kept lazy: no import-time cost).
+_BUILTIN_MODULES = (
+    "lightning_quant.algorithms.gptq_method",
+    "lightning_quant.algorithms.awq_method",
+    "lightning_quant.algorithms.llm_int8_method",
+)
+
+
+def _load_builtin_methods() -> None:
+    import importlib
+    import importlib.util
+
+    for mod in _BUILTIN_MODULES:
+        if importlib.util.find_spec(mod) is not None:
+            importlib.import_module(mod)

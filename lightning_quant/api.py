@@ -1,0 +1,82 @@
+"""Standalone entry point: quantize a model in place, without a Trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_quant.algorithms.registry import get_method
+from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, select_linears, set_submodule
+
+__all__ = ["quantize_model", "swap_in_packed"]
+
+
+def swap_in_packed(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
+    """Replace each named linear-like module by a :class:`PackedLinear` built from its weight.
+
+    Returns the modules that were replaced (so callers can swap them back).
+    """
+    replaced: dict[str, nn.Module] = {}
+    for name, qw in weights.items():
+        old = model.get_submodule(name)
+        kind = linear_kind(old)
+        bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
+        new = PackedLinear.from_quantized(qw, None if bias is None else bias.detach())
+        replaced[name] = set_submodule(model, name, new)
+    return replaced
+
+
+@torch.no_grad()
+def quantize_model(
+    model: nn.Module,
+    spec: QuantSpec,
+    method: str = "rtn",
+    *,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
+    calibration: Any = None,
+    config: Any = None,
+) -> dict[str, QuantizedWeight]:
+    """Quantize the linear layers of ``model`` in place and swap in packed layers.
+
+    Args:
+        model: any ``nn.Module`` (HF transformers models, peft-wrapped ones, plain modules).
+        spec: the weight :class:`QuantSpec`.
+        method: a registered method name: ``"rtn"`` (no data), ``"gptq"`` / ``"awq"`` (need
+            ``calibration``), ``"int8"``.
+        include / exclude: module-name filters (see :mod:`lightning_quant.targets`);
+            ``lm_head`` is excluded by default.
+        calibration: a tensor of token ids ``[N, T]`` or an iterable of batches, for methods that need it.
+        config: the method's own frozen config dataclass (e.g. ``GPTQConfig``), or ``None`` for defaults.
+
+    Returns:
+        ``{module name: QuantizedWeight}`` for every converted layer.
+    """
+    if not isinstance(spec, QuantSpec):
+        raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}; e.g. QuantSpec(bits=4, group_size=128).")
+    m = get_method(method)
+    if m.needs_calibration and calibration is None:
+        raise ValueError(f"method={method!r} needs calibration data: pass calibration=<token ids or a dataloader>.")
+    if config is not None and m.config_type is not None and not isinstance(config, m.config_type):
+        raise TypeError(f"config for method={method!r} must be a {m.config_type.__name__}, got {type(config).__name__}.")
+    targets = select_linears(model, include, exclude)
+    for name, module in targets.items():
+        spec.check_in_features(_in_features(module, name))
+    weights = m.fn(model, targets, spec, calibration, config)
+    missing = set(targets) - set(weights)
+    if missing:
+        raise RuntimeError(f"method={method!r} left {len(missing)} layer(s) unconverted: {sorted(missing)[:5]}.")
+    swap_in_packed(model, weights)
+    return weights
+
+
+def _in_features(module: nn.Module, name: str) -> int:
+    from lightning_quant.targets import linear_weight
+
+    return linear_weight(module).shape[1]

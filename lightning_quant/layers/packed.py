@@ -1,0 +1,121 @@
+"""``PackedLinear``: a linear layer whose weight lives as packed integer codes.
+
+Storage (all buffers, so ``state_dict`` round-trips and ``.to(device)`` works):
+
+* ``qweight``  int32 ``[ceil(in·b/32), out]`` — codes packed along the input dim
+  (:func:`~lightning_quant.packing.pack_rows`, the GPTQ ``qweight`` layout), columns in
+  *kernel order*: when act-order grouping is present the inputs are permuted once by ``perm``
+  so that, in kernel order, column ``k`` belongs to group ``k // group_size``... for act-order
+  without static groups (GPTQ ``desc_act``), ``perm`` sorts columns by group.
+* ``scales``   ``[G, out]`` in ``spec.scale_dtype``.
+* ``qzeros``   int32 ``[G, ceil(out·b/32)]`` (asymmetric only; ``pack_cols``), else absent.
+* ``perm``     int64 ``[in]`` (only with a non-trivial ``g_idx``): kernel column ``k`` reads input
+  feature ``perm[k]``. ``forward`` gathers the input once per call; scales are never gathered.
+* ``group_sizes`` int32 ``[G]`` (only with a non-trivial ``g_idx``): columns per group in kernel order.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quant import packing
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+
+__all__ = ["PackedLinear"]
+
+
+class PackedLinear(nn.Module):
+    """Linear layer with int2/3/4/8 packed weights, built with :meth:`from_quantized`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        spec: QuantSpec,
+        bias: bool = False,
+        act_order: bool = False,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        spec.check_in_features(in_features)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.spec = spec
+        self.act_order = act_order
+        n_groups = spec.num_groups(in_features)
+        b = spec.bits
+        kw = {"device": device}
+        self.register_buffer("qweight", torch.zeros(packing.packed_len(in_features, b), out_features, dtype=torch.int32, **kw))
+        self.register_buffer("scales", torch.ones(n_groups, out_features, dtype=spec.torch_scale_dtype, **kw))
+        if spec.symmetric:
+            self.qzeros = None
+        else:
+            self.register_buffer("qzeros", torch.zeros(n_groups, packing.packed_len(out_features, b), dtype=torch.int32, **kw))
+        if act_order:
+            self.register_buffer("perm", torch.arange(in_features, **kw))
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        else:
+            self.perm = None
+            self.g_idx = None
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
+        else:
+            self.bias = None
+        self.compute_dtype = dtype
+
+    # ---- construction -----------------------------------------------------------------
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> "PackedLinear":
+        """Pack a :class:`QuantizedWeight` (and optional bias) into a new layer."""
+        act_order = not qw.has_trivial_groups
+        layer = cls(qw.in_features, qw.out_features, qw.spec, bias=bias is not None, act_order=act_order,
+                    dtype=qw.dtype, device=qw.codes.device)
+        codes, g_idx = qw.codes, qw.group_index()
+        if act_order:
+            perm = torch.argsort(g_idx, stable=True)
+            codes = codes[:, perm]
+            layer.perm.copy_(perm)
+            layer.g_idx.copy_(g_idx.to(torch.int32))
+        layer.qweight.copy_(packing.pack_rows(codes.t(), qw.spec.bits))  # [in, out] -> [in·b/32, out]
+        layer.scales.copy_(qw.scales.t().to(qw.spec.torch_scale_dtype))
+        if qw.zeros is not None:
+            layer.qzeros.copy_(packing.pack_cols(qw.zeros.t().to(torch.uint8), qw.spec.bits))
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+        return layer
+
+    def to_quantized(self) -> QuantizedWeight:
+        """Unpack back into a :class:`QuantizedWeight` (exact inverse of :meth:`from_quantized`)."""
+        codes = packing.unpack_rows(self.qweight, self.spec.bits, self.in_features).t()  # [out, in] kernel order
+        g_idx = None
+        if self.perm is not None:
+            inv = torch.empty_like(self.perm)
+            inv[self.perm] = torch.arange(self.in_features, device=self.perm.device)
+            codes = codes[:, inv]
+            g_idx = self.g_idx.long()
+        zeros = None
+        if self.qzeros is not None:
+            zeros = packing.unpack_cols(self.qzeros, self.spec.bits, self.out_features).t().float()
+        return QuantizedWeight(codes=codes.contiguous(), scales=self.scales.t().float(), zeros=zeros,
+                               spec=self.spec, g_idx=g_idx, dtype=self.compute_dtype)
+
+    # ---- math -------------------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The float weight ``[out, in]`` in the original input order."""
+        return self.to_quantized().dequantize(dtype or self.compute_dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.dequantize(x.dtype)
+        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    @property
+    def weight(self) -> Tensor:
+        """Dequantized float weight, for code that inspects ``module.weight`` (shape, dtype, device)."""
+        return self.dequantize()
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
+                f"bias={self.bias is not None}, act_order={self.act_order}")

@@ -1,0 +1,231 @@
+"""Pure tensor functions that every quantizer in the project goes through.
+
+Shapes: a weight is ``[out, in]``; per-group parameters are ``[out, G]`` with
+``G = spec.num_groups(in)``; ``g_idx`` is ``[in]`` and maps each input column to its group.
+Conventions (code range, scale formula, partial last group) are documented in
+:mod:`lightning_quant.spec`.
+
+The only rounding with a straight-through gradient lives in :class:`_FakeQuantizeSTE`; QAT's
+fake quant and RTN/GPTQ/AWQ's real quant compute identical codes because both call
+:func:`_codes` on the same float32 operands.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_quant.spec import ActivationSpec, QuantSpec
+
+__all__ = [
+    "SCALE_EPS",
+    "default_group_index",
+    "expand_groups",
+    "group_minmax",
+    "qparams_from_minmax",
+    "compute_qparams",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "activation_qparams",
+    "fake_quantize_activation",
+    "quantize_activation",
+    "check_finite",
+]
+
+#: Smallest scale we ever produce. Exactly representable in float16, so rounding scales to
+#: float16 never produces 0 (which would turn codes into inf / NaN).
+SCALE_EPS = 2.0**-20
+
+
+def check_finite(t: Tensor, what: str) -> None:
+    """Raise ``ValueError`` when ``t`` holds NaN or Inf, naming ``what`` (a layer or tensor)."""
+    if not torch.isfinite(t).all():
+        n_bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(
+            f"{what} contains {n_bad} NaN/Inf value(s); quantization needs finite values. "
+            "Check the checkpoint / training run for divergence before quantizing."
+        )
+
+
+def default_group_index(in_features: int, spec: QuantSpec, device=None) -> Tensor:
+    """``g_idx[j] = j // group_size`` (all zeros per channel). Shape ``[in]``, int64."""
+    gs = spec.effective_group_size(in_features)
+    return torch.arange(in_features, device=device) // gs
+
+
+def expand_groups(t: Tensor, g_idx: Tensor) -> Tensor:
+    """``[out, G] -> [out, in]`` by gathering each column's group parameter."""
+    return t.index_select(1, g_idx.to(device=t.device, dtype=torch.long))
+
+
+def group_minmax(w: Tensor, spec: QuantSpec, g_idx: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-group ``(min, max)`` of ``w [out, in]`` as float32 ``[out, G]``.
+
+    Works for any grouping, including a partial last group and act-order ``g_idx``.
+    """
+    out_f, in_f = w.shape
+    g_idx = default_group_index(in_f, spec, w.device) if g_idx is None else g_idx.to(w.device).long()
+    n_groups = int(g_idx.max()) + 1
+    wf = w.detach().float()
+    idx = g_idx.unsqueeze(0).expand(out_f, in_f)
+    lo = torch.full((out_f, n_groups), float("inf"), device=w.device).scatter_reduce(1, idx, wf, "amin")
+    hi = torch.full((out_f, n_groups), float("-inf"), device=w.device).scatter_reduce(1, idx, wf, "amax")
+    return lo, hi
+
+
+def _round_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """Clamp to :data:`SCALE_EPS` and round *up* to the storage dtype (returned as float32).
+
+    Rounding up keeps every value of the min-max range representable, so the rounding error
+    of each element stays within ``s / 2``.
+    """
+    scale = scale.float().clamp_min(SCALE_EPS)
+    stored = scale.to(spec.torch_scale_dtype)
+    bumped = torch.nextafter(stored, torch.full_like(stored, float("inf")))
+    return torch.where(stored.float() < scale, bumped, stored).float()
+
+
+def qparams_from_minmax(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
+    """Scales and zero points from per-group ranges.
+
+    Symmetric: ``s = 2·max(|lo|, |hi|) / (2^b − 1)``, zero implicit (``None``).
+    Asymmetric: the range is widened to contain 0, ``s = (hi − lo) / (2^b − 1)``,
+    ``z = clamp(round(−lo / s), 0, 2^b − 1)`` as float32 integers.
+    Scales are float32 holding values exactly representable in ``spec.scale_dtype``.
+    """
+    lo, hi = lo.float(), hi.float()
+    if spec.symmetric:
+        absmax = torch.maximum(lo.abs(), hi.abs())
+        return _round_scale(2.0 * absmax / spec.qmax, spec), None
+    lo = lo.clamp(max=0.0)
+    hi = hi.clamp(min=0.0)
+    scale = _round_scale((hi - lo) / spec.qmax, spec)
+    zero = torch.clamp(torch.round(-lo / scale), 0, spec.qmax)
+    return scale, zero
+
+
+def compute_qparams(
+    w: Tensor, spec: QuantSpec, g_idx: Tensor | None = None, clip: Tensor | float = 1.0
+) -> tuple[Tensor, Tensor | None]:
+    """Min-max qparams of ``w [out, in]``; ``clip`` (scalar or ``[out, G]``) shrinks the range."""
+    spec.check_in_features(w.shape[1])
+    lo, hi = group_minmax(w, spec, g_idx)
+    return qparams_from_minmax(lo * clip, hi * clip, spec)
+
+
+def _zero_full(zero: Tensor | None, spec_bits_mid: int, like: Tensor) -> Tensor:
+    if zero is None:
+        return torch.full((), float(spec_bits_mid), device=like.device)
+    return zero.float()
+
+
+def _codes(x: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
+    """``clamp(round(x / s) + z, 0, qmax)`` in float32 — the one rounding formula."""
+    return torch.clamp(torch.round(x / s) + z, 0, qmax)
+
+
+def _expanded(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, g_idx: Tensor | None):
+    g_idx = default_group_index(w.shape[1], spec, w.device) if g_idx is None else g_idx
+    s = expand_groups(scale.float(), g_idx)
+    z = _zero_full(None if zero is None else expand_groups(zero, g_idx), spec.midpoint, w)
+    return s, z
+
+
+def quantize(
+    w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, g_idx: Tensor | None = None
+) -> Tensor:
+    """Integer codes ``uint8 [out, in]`` of ``w`` under the given qparams."""
+    s, z = _expanded(w, scale, zero, spec, g_idx)
+    return _codes(w.detach().float(), s, z, spec.qmax).to(torch.uint8)
+
+
+def dequantize(
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor | None,
+    spec: QuantSpec,
+    g_idx: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """``(codes − z) · s`` as ``dtype [out, in]`` (computed in float32)."""
+    s, z = _expanded(codes, scale, zero, spec, g_idx)
+    return ((codes.float() - z) * s).to(dtype)
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    """Forward: ``(clamp(round(x/s) + z, 0, qmax) − z) · s``. Backward (straight-through):
+
+    * ``∂/∂x = 1`` where the code is inside ``[0, qmax]`` before clamping, else 0;
+    * ``∂/∂s = (q − z) − x/s`` inside, ``(q − z)`` at the clamp (LSQ, Esser et al. 2020, eq. 3);
+    * ``∂/∂z = 0`` inside, ``−s`` at the clamp (for a float, learnable zero point).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
+        xf = x.float()
+        raw = torch.round(xf / s) + z
+        q = torch.clamp(raw, 0, qmax)
+        inside = (raw >= 0) & (raw <= qmax)
+        ctx.save_for_backward(xf, s, z, q, inside)
+        ctx.x_dtype = x.dtype
+        return ((q - z) * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        xf, s, z, q, inside = ctx.saved_tensors
+        g = g.float()
+        gx = gs = gz = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.where(inside, g, torch.zeros_like(g)).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            ds = torch.where(inside, (q - z) - xf / s, q - z)
+            gs = (g * ds).sum_to_size(s.shape)
+        if ctx.needs_input_grad[2]:
+            dz = torch.where(inside, torch.zeros_like(g), -s.expand_as(g))
+            gz = (g * dz).sum_to_size(z.shape)
+        return gx, gs, gz, None
+
+
+def fake_quantize(
+    x: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, g_idx: Tensor | None = None
+) -> Tensor:
+    """Quantize-dequantize ``x [out, in]`` with one straight-through rounding.
+
+    The forward equals ``dequantize(quantize(x, ...), ...)`` bit for bit (same float32 ops).
+    Gradients flow to ``x`` (identity inside the clamp range) and, if they require grad, to
+    ``scale`` (LSQ) and ``zero``.
+    """
+    s, z = _expanded(x, scale, zero, spec, g_idx)
+    return _FakeQuantizeSTE.apply(x, s, z, spec.qmax)
+
+
+# ---- activations (dynamic, per token) ---------------------------------------------------
+
+
+def activation_qparams(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]:
+    """Per-token qparams of ``x [..., features]``: scale and zero ``[..., 1]`` (float32).
+
+    Computed from ``x.detach()``; the zero is the midpoint when symmetric.
+    """
+    xf = x.detach().float()
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0.0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
+    if spec.symmetric:
+        scale = (2.0 * torch.maximum(-lo, hi) / spec.qmax).clamp_min(SCALE_EPS)
+        return scale, torch.full_like(scale, float(spec.midpoint))
+    scale = ((hi - lo) / spec.qmax).clamp_min(SCALE_EPS)
+    zero = torch.clamp(torch.round(-lo / scale), 0, spec.qmax)
+    return scale, zero
+
+
+def quantize_activation(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes ``uint8 [..., features]`` with their per-token ``(scale, zero)``."""
+    scale, zero = activation_qparams(x, spec)
+    return _codes(x.detach().float(), scale, zero, spec.qmax).to(torch.uint8), scale, zero
+
+
+def fake_quantize_activation(x: Tensor, spec: ActivationSpec) -> Tensor:
+    """Dynamic per-token fake quant of activations (gradient: straight-through to ``x``)."""
+    scale, zero = activation_qparams(x, spec)
+    return _FakeQuantizeSTE.apply(x, scale, zero, spec.qmax)

@@ -1,0 +1,48 @@
+"""Tiny transformers models built from configs (no downloads), for tests, docs and smoke runs.
+
+Sizes are chosen so that group-wise quantization is exercised on non-multiple shapes:
+hidden 96 (= 1.5 x 64), intermediate 160.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["tiny_llama", "tiny_gpt2", "tiny_opt", "TINY_VOCAB", "random_token_batches"]
+
+TINY_VOCAB = 256
+
+
+def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=TINY_VOCAB, n_embd=hidden, n_layer=layers, n_head=4, n_positions=256,
+                     bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def tiny_opt(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = OPTConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, ffn_dim=160, num_hidden_layers=layers,
+                    num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=hidden,
+                    bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    return OPTForCausalLM(cfg).eval()
+
+
+def random_token_batches(n: int = 4, seq_len: int = 32, batch_size: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, TINY_VOCAB, (batch_size, seq_len), generator=g) for _ in range(n)]
