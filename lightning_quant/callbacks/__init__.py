@@ -1,0 +1,25 @@
+"""Thin Lightning adapters: hooks call the library's functions; no math lives here.
+
+Names resolve lazily (no import-time cost, no import cycles):
+``from lightning_quant.callbacks import GPTQ``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+#: public name -> module that defines it (one line per callback)
+_EXPORTS: dict[str, str] = {
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lightning_quant.callbacks' has no attribute {name!r}; available: {sorted(_EXPORTS)}")
+
+
+def __dir__():
+    return __all__
