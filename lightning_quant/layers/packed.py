@@ -3,15 +3,19 @@
 Storage (all buffers, so ``state_dict`` round-trips and ``.to(device)`` works):
 
 * ``qweight``  int32 ``[ceil(in·b/32), out]`` — codes packed along the input dim
-  (:func:`~lightning_quant.packing.pack_rows`, the GPTQ ``qweight`` layout), columns in
-  *kernel order*: when act-order grouping is present the inputs are permuted once by ``perm``
-  so that, in kernel order, column ``k`` belongs to group ``k // group_size``... for act-order
-  without static groups (GPTQ ``desc_act``), ``perm`` sorts columns by group.
+  (:func:`~lightning_quant.packing.pack_rows`, the GPTQ ``qweight`` layout) in *kernel order*:
+  with a non-trivial ``g_idx`` (act-order GPTQ without static groups) the input features are
+  sorted by group once (``perm``), so that in kernel order groups are contiguous.
 * ``scales``   ``[G, out]`` in ``spec.scale_dtype``.
 * ``qzeros``   int32 ``[G, ceil(out·b/32)]`` (asymmetric only; ``pack_cols``), else absent.
 * ``perm``     int64 ``[in]`` (only with a non-trivial ``g_idx``): kernel column ``k`` reads input
   feature ``perm[k]``. ``forward`` gathers the input once per call; scales are never gathered.
-* ``group_sizes`` int32 ``[G]`` (only with a non-trivial ``g_idx``): columns per group in kernel order.
+* ``g_idx``    int32 ``[in]`` (only with a non-trivial ``g_idx``): the group of each input feature.
+* ``input_scale`` ``[in]`` (optional): the layer computes ``W_q (x / input_scale)`` — AWQ's explicit
+  input scaling for groups whose scales could not be folded into a preceding op.
+
+``act_spec`` (optional :class:`~lightning_quant.spec.ActivationSpec`): inputs are quantized per
+token at runtime (W4A8 / W8A8), exactly as QAT's activation fake quant does.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from torch import Tensor, nn
 
 from lightning_quant import packing
 from lightning_quant.quantized import QuantizedWeight
-from lightning_quant.spec import QuantSpec
+from lightning_quant.primitives import fake_quantize_activation
+from lightning_quant.spec import ActivationSpec, QuantSpec
 
 __all__ = ["PackedLinear"]
 
@@ -38,6 +43,8 @@ class PackedLinear(nn.Module):
         act_order: bool = False,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        act_spec: ActivationSpec | None = None,
+        input_scale: bool = False,
     ) -> None:
         super().__init__()
         spec.check_in_features(in_features)
@@ -64,15 +71,30 @@ class PackedLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
         else:
             self.bias = None
+        if input_scale:
+            self.register_buffer("input_scale", torch.ones(in_features, dtype=dtype, **kw))
+        else:
+            self.input_scale = None
+        self.act_spec = act_spec
         self.compute_dtype = dtype
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None) -> "PackedLinear":
-        """Pack a :class:`QuantizedWeight` (and optional bias) into a new layer."""
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: Tensor | None = None,
+        act_spec: ActivationSpec | None = None,
+        input_scale: Tensor | None = None,
+    ) -> "PackedLinear":
+        """Pack a :class:`QuantizedWeight` (and optional bias, activation spec, input scale) into a new layer."""
         act_order = not qw.has_trivial_groups
         layer = cls(qw.in_features, qw.out_features, qw.spec, bias=bias is not None, act_order=act_order,
-                    dtype=qw.dtype, device=qw.codes.device)
+                    dtype=qw.dtype, device=qw.codes.device, act_spec=act_spec, input_scale=input_scale is not None)
+        if input_scale is not None:
+            if tuple(input_scale.shape) != (qw.in_features,):
+                raise ValueError(f"input_scale must have shape [in] = ({qw.in_features},), got {tuple(input_scale.shape)}.")
+            layer.input_scale.copy_(input_scale.detach())
         codes, g_idx = qw.codes, qw.group_index()
         if act_order:
             perm = torch.argsort(g_idx, stable=True)
@@ -107,7 +129,16 @@ class PackedLinear(nn.Module):
         """The float weight ``[out, in]`` in the original input order."""
         return self.to_quantized().dequantize(dtype or self.compute_dtype)
 
+    def _prepare_input(self, x: Tensor) -> Tensor:
+        """Explicit input scaling, then dynamic per-token activation quant (both optional)."""
+        if self.input_scale is not None:
+            x = x / self.input_scale.to(x.dtype)
+        if self.act_spec is not None:
+            x = fake_quantize_activation(x, self.act_spec)
+        return x
+
     def forward(self, x: Tensor) -> Tensor:
+        x = self._prepare_input(x)
         w = self.dequantize(x.dtype)
         return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
@@ -118,4 +149,5 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec}, "
-                f"bias={self.bias is not None}, act_order={self.act_order}")
+                f"bias={self.bias is not None}, act_order={self.act_order}, act_spec={self.act_spec}, "
+                f"input_scale={self.input_scale is not None}")

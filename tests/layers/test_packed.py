@@ -37,3 +37,18 @@ def test_state_dict_roundtrip():
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.dequantize(), b.dequantize()) and torch.equal(a.bias, b.bias)
     assert a.qweight.dtype == torch.int32 and a.qweight.shape == (96 * 4 // 32, 16)
+
+
+def test_input_scale_and_activation_quant():
+    from lightning_quant.spec import ActivationSpec
+
+    torch.manual_seed(0)
+    w, x = torch.randn(8, 32), torch.randn(3, 32)
+    s = torch.rand(32) + 0.5
+    qw = rtn_quantize(w * s, QuantSpec(8, -1))  # fold s into the weight, undo it on the input
+    layer = PackedLinear.from_quantized(qw, input_scale=s, act_spec=ActivationSpec())
+    expected = torch.nn.functional.linear(P.fake_quantize_activation(x / s, ActivationSpec()), qw.dequantize())
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=0)
+    torch.testing.assert_close(layer(x), x @ w.t(), atol=0.1, rtol=0.05)
+    with pytest.raises(ValueError, match="input_scale must have shape \\[in\\] = \\(32,\\)"):
+        PackedLinear.from_quantized(qw, input_scale=torch.ones(31))
