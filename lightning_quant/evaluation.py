@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
-__all__ = ["perplexity", "kl_to_reference", "evaluate_against"]
+from lightning_quant.metrics import Perplexity
+
+__all__ = ["perplexity", "kl_to_reference", "reference_logits", "evaluate_against", "layer_output_errors"]
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
@@ -17,14 +17,12 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
 
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: Tensor, batch_size: int = 4) -> float:
-    """exp(mean next-token NLL) over all predicted tokens of ``windows [N, T]``."""
-    nll, count = 0.0, 0
+    """exp(mean next-token NLL) over all predicted tokens of ``windows [N, T]`` (torchmetrics' Perplexity)."""
+    metric = Perplexity()
     for i in range(0, windows.shape[0], batch_size):
         ids = windows[i : i + batch_size]
-        logits = _logits(model, ids)[:, :-1].float()
-        nll += nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
+        metric.update(_logits(model, ids)[:, :-1].float(), ids[:, 1:])
+    return float(metric.compute())
 
 
 @torch.no_grad()
@@ -46,3 +44,37 @@ def reference_logits(model: nn.Module, windows: Tensor, batch_size: int = 4) -> 
 
 def evaluate_against(model: nn.Module, ref: list[Tensor], windows: Tensor, batch_size: int = 4) -> dict[str, float]:
     return {"ppl": perplexity(model, windows, batch_size), "kl": kl_to_reference(model, ref, windows, batch_size)}
+
+
+@torch.no_grad()
+def layer_output_errors(
+    float_model: nn.Module, quant_model: nn.Module, names: list[str], batches: list[Tensor]
+) -> "LayerQuantizationError":
+    """Per-layer output error of ``quant_model`` vs ``float_model`` on the same inputs.
+
+    Each quantized layer is fed the *float* model's input of that layer (captured by hooks), so
+    the figure isolates the layer's own quantization error from upstream drift.
+    """
+    from lightning_quant.metrics import LayerQuantizationError
+
+    metric = LayerQuantizationError(names)
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name):
+        def fn(module, args, output):
+            captured[name] = (args[0].detach(), output.detach())
+
+        return fn
+
+    handles = [float_model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for ids in batches:
+            captured.clear()
+            float_model(input_ids=ids)
+            for n in names:
+                x, y = captured[n]
+                metric.update(n, y, quant_model.get_submodule(n)(x))
+    finally:
+        for h in handles:
+            h.remove()
+    return metric
