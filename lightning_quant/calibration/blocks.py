@@ -1,0 +1,71 @@
+"""Finding a model's repeated decoder blocks.
+
+The generic rule: the largest ``nn.ModuleList`` whose children all have the same type (Llama's
+``model.layers``, GPT-2's ``transformer.h``, OPT's ``model.decoder.layers``; peft wrappers only
+add a prefix). Ties go to the list with more parameters. Odd models name theirs with an explicit
+``block_path`` override.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+__all__ = ["BlockList", "find_blocks"]
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """The decoder blocks: their dotted ``path`` in the model and the ``nn.ModuleList`` itself."""
+
+    path: str
+    blocks: nn.ModuleList
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def name(self, index: int) -> str:
+        """Qualified name prefix of block ``index`` (``"model.layers.3"``)."""
+        return f"{self.path}.{index}" if self.path else str(index)
+
+
+def _homogeneous(ml: nn.ModuleList) -> bool:
+    return len(ml) > 0 and len({type(m) for m in ml}) == 1
+
+
+def find_blocks(model: nn.Module, override: str | None = None) -> BlockList:
+    """The decoder blocks of ``model`` (see the module docstring).
+
+    Args:
+        model: any module, e.g. a transformers causal LM or a peft model wrapping one.
+        override: dotted path of the block list (``"model.layers"``) for models the rule misses.
+
+    Raises:
+        ValueError: no candidate list (the message names ``block_path`` as the fix), or the
+            override does not point at a ``ModuleList``/``Sequential`` of blocks.
+    """
+    if override is not None:
+        try:
+            ml = model.get_submodule(override)
+        except AttributeError as e:
+            raise ValueError(f"block_path={override!r} does not exist in {type(model).__name__}: {e}.") from None
+        if not isinstance(ml, (nn.ModuleList, nn.Sequential)) or len(ml) == 0:
+            raise ValueError(
+                f"block_path={override!r} points at a {type(ml).__name__}; it must name a non-empty "
+                "nn.ModuleList (or nn.Sequential) of decoder blocks."
+            )
+        return BlockList(override, ml)  # type: ignore[arg-type]
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and _homogeneous(m)]
+    if not candidates:
+        raise ValueError(
+            f"Could not find the repeated decoder blocks of {type(model).__name__} (no nn.ModuleList of "
+            "identical modules). Pass block_path='<dotted path of the block list>', e.g. block_path='model.layers'."
+        )
+
+    def size(item):
+        name, ml = item
+        return len(ml), sum(p.numel() for p in ml.parameters())
+
+    name, ml = max(candidates, key=size)
+    return BlockList(name, ml)
