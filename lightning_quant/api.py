@@ -72,7 +72,7 @@ def quantize_model(
     missing = set(targets) - set(weights)
     if missing:
         raise RuntimeError(f"method={method!r} left {len(missing)} layer(s) unconverted: {sorted(missing)[:5]}.")
-    swap_in_packed(model, weights)
+    (m.swap or swap_in_packed)(model, weights)
     return weights
 
 

@@ -2,7 +2,11 @@
 
 A method is a callable ``(model, targets, spec, calibration, config) -> {name: QuantizedWeight}``
 where ``targets`` maps qualified names to the linear-like modules to quantize. It must not
-change the model: swapping modules is done by :func:`lightning_quant.api.quantize_model`.
+change the model: swapping modules is done by :func:`lightning_quant.api.quantize_model`, which
+calls the method's ``swap`` (default: :func:`lightning_quant.api.swap_in_packed`). A method whose
+result is not a :class:`~lightning_quant.layers.packed.PackedLinear` (LLM.int8's
+``Int8OutlierLinear``) or that needs more model surgery (AWQ's scale folding) registers its own
+``swap(model, weights) -> {name: replaced module}``.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import linear_weight
 
 MethodFn = Callable[[nn.Module, dict[str, nn.Module], QuantSpec, Any, Any], dict[str, QuantizedWeight]]
+SwapFn = Callable[[nn.Module, dict[str, QuantizedWeight]], dict[str, nn.Module]]
 
 
 @dataclass(frozen=True)
@@ -27,13 +32,16 @@ class Method:
     fn: MethodFn
     needs_calibration: bool
     config_type: type | None = None
+    #: replaces the converted modules in the model; ``None`` means ``api.swap_in_packed``
+    swap: SwapFn | None = None
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register_method(name: str, fn: MethodFn, needs_calibration: bool, config_type: type | None = None) -> None:
-    METHODS[name] = Method(name, fn, needs_calibration, config_type)
+def register_method(name: str, fn: MethodFn, needs_calibration: bool, config_type: type | None = None,
+                    swap: SwapFn | None = None) -> None:
+    METHODS[name] = Method(name, fn, needs_calibration, config_type, swap)
 
 
 def get_method(name: str) -> Method:

@@ -1,0 +1,84 @@
+"""The ``"int8"`` method (LLM.int8, Dettmers et al. 2022): row-wise int8 weights, no calibration data,
+:class:`~lightning_quant.layers.int8.Int8OutlierLinear` layers with the outlier decomposition.
+
+Registered with its own ``swap`` so :func:`lightning_quant.quantize_model` installs
+``Int8OutlierLinear`` (not ``PackedLinear``)::
+
+    quantize_model(model, QuantSpec(bits=8, group_size=-1), method="int8", config=LLMInt8Config(threshold=6.0))
+    # or simply
+    convert_to_int8(model, threshold=6.0)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from lightning_quant.algorithms.llm_int8 import DEFAULT_THRESHOLD, check_threshold, int8_rowwise_quantize
+from lightning_quant.algorithms.registry import register_method
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, linear_weight, set_submodule
+
+__all__ = ["LLMInt8Config", "INT8_METHOD_SPEC", "convert_to_int8", "swap_in_int8"]
+
+#: The spec ``quantize_model(..., method="int8")`` takes (LLM.int8 weights are always row-wise 8-bit).
+INT8_METHOD_SPEC = QuantSpec(bits=8, group_size=-1)
+
+
+@dataclass(frozen=True)
+class LLMInt8Config:
+    """Args:
+        threshold: activation magnitude above which an input column takes the float path
+            (6.0 as in the paper; 0 disables the outlier path: pure W8A8).
+    """
+
+    threshold: float = DEFAULT_THRESHOLD
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "threshold", check_threshold(self.threshold))
+
+
+def _int8_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
+                 config: LLMInt8Config | None) -> dict[str, QuantizedWeight]:
+    if calibration is not None:
+        raise ValueError("method='int8' uses no calibration data; pass calibration=None "
+                         "(outlier statistics: lightning_quant.algorithms.llm_int8.outlier_statistics).")
+    if spec.bits != 8 or spec.group_size != -1:
+        raise ValueError(f"method='int8' stores row-wise 8-bit weights; got {spec}. "
+                         "Pass QuantSpec(bits=8, group_size=-1) (INT8_METHOD_SPEC).")
+    config = config or LLMInt8Config()
+    weights = {}
+    for name, module in targets.items():
+        qw = int8_rowwise_quantize(linear_weight(module).detach(), name)
+        qw.extras["threshold"] = config.threshold
+        weights[name] = qw
+    return weights
+
+
+def swap_in_int8(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
+    """Replace each named linear by an ``Int8OutlierLinear`` (threshold from ``qw.extras``); returns the old modules."""
+    from lightning_quant.layers.int8 import Int8OutlierLinear
+
+    replaced = {}
+    for name, qw in weights.items():
+        old = model.get_submodule(name)
+        kind = linear_kind(old)
+        bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
+        new = Int8OutlierLinear.from_quantized(qw, bias, threshold=qw.extras.get("threshold", DEFAULT_THRESHOLD))
+        replaced[name] = set_submodule(model, name, new)
+    return replaced
+
+
+def convert_to_int8(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, include: Sequence[str] | None = None,
+                    exclude: Sequence[str] | None = DEFAULT_EXCLUDE) -> dict[str, QuantizedWeight]:
+    """Swap the selected linear layers of ``model`` for ``Int8OutlierLinear`` in place."""
+    from lightning_quant.api import quantize_model
+
+    return quantize_model(model, INT8_METHOD_SPEC, "int8", include=include, exclude=exclude,
+                          config=LLMInt8Config(threshold))
+
+
+register_method("int8", _int8_method, needs_calibration=False, config_type=LLMInt8Config, swap=swap_in_int8)
