@@ -11,7 +11,7 @@ __all__ = ["perplexity", "kl_to_reference", "reference_logits", "evaluate_agains
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
-    out = model(input_ids=ids)
+    out = model(ids)
     return out.logits if hasattr(out, "logits") else out
 
 
@@ -70,7 +70,7 @@ def layer_output_errors(
     try:
         for ids in batches:
             captured.clear()
-            float_model(input_ids=ids)
+            float_model(ids)
             for n in names:
                 x, y = captured[n]
                 metric.update(n, y, quant_model.get_submodule(n)(x))

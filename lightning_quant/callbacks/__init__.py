@@ -10,6 +10,7 @@ import importlib
 
 #: public name -> module that defines it (one line per callback)
 _EXPORTS: dict[str, str] = {
+    "QuantizationReport": "lightning_quant.callbacks.report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,70 @@
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from lightning_quant import QuantSpec, quantize_model
+from lightning_quant.callbacks import QuantizationReport
+from lightning_quant.testing import byte_text_loaders, make_lightning_module, tiny_llama
+from tests.integrations.wandb_reader import offline_run_dir, read_history
+
+
+class _RTNAtFitEnd(pl.Callback):
+    """Test double for a conversion callback: real RTN conversion at on_fit_end."""
+
+    def on_fit_end(self, trainer, pl_module):
+        quantize_model(pl_module.model, QuantSpec(4, 32))
+
+
+def _fit(tmp_path, loggers, report):
+    train, val = byte_text_loaders(seq_len=32, n_train=8, n_val=4)
+    module = make_lightning_module(tiny_llama())
+    # report listed *before* the converter: it must not depend on callback order
+    trainer = pl.Trainer(max_steps=2, logger=loggers, callbacks=[report, _RTNAtFitEnd()], default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train, val)
+    return trainer
+
+
+def test_report_files_and_wandb_offline_run(tmp_path):
+    wb = WandbLogger(save_dir=str(tmp_path), offline=True, project="lq-test")
+    report = QuantizationReport(output_dir=str(tmp_path / "report"), num_batches=1)
+    _fit(tmp_path, [wb, CSVLogger(tmp_path)], report)
+    wb.experiment.finish()
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "quant/ppl_after" in md and "model.layers.0.self_attn.q_proj" in md
+    for name in ("layer_errors.png", "worst_layers.png", "bits_per_weight.png"):
+        png = tmp_path / "report" / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    summary = report.data.summary()
+    # an almost untrained tiny model: 4-bit moves perplexity, but not in a predictable direction
+    assert summary["quant/ppl_after"] != summary["quant/ppl_before"]
+    assert 1 < summary["quant/ppl_before"] < 300 and abs(summary["quant/ppl_after"] / summary["quant/ppl_before"] - 1) < 0.2
+    assert 0.1 < summary["quant/size_ratio"] < 1
+    hist = read_history(offline_run_dir(tmp_path))
+    merged = {k: v for row in hist for k, v in row.items()}
+    assert merged["quant/bits_per_weight"] == pytest.approx(summary["quant/bits_per_weight"])
+    assert merged["quant/ppl_before"] == pytest.approx(summary["quant/ppl_before"])
+    assert merged["quant/layers.nrows"] == 14 and merged["quant/layers._type"] == "table-file"
+    assert any(k.startswith("quant/report") for k in merged)  # the images
+
+
+def test_report_without_wandb_logs_same_figures_to_csv(tmp_path):
+    report = QuantizationReport(num_batches=1)
+    trainer = _fit(tmp_path, [CSVLogger(tmp_path, name="csv")], report)
+    text = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert "quant/ppl_after" in text and "quant/layers/model.model.layers.1.mlp.down_proj/relative_error" in text
+    assert (tmp_path / "quant_report" / "report.md").exists()
+    assert trainer.state.finished
+
+
+def test_report_bad_args_and_unconverted_model(tmp_path):
+    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+        QuantizationReport(num_batches=0)
+    with pytest.raises(ValueError, match="worst_k must be a positive int"):
+        QuantizationReport(worst_k=-1)
+    train, val = byte_text_loaders(seq_len=32, n_train=4, n_val=2)
+    trainer = pl.Trainer(max_steps=1, logger=False, callbacks=[QuantizationReport()], default_root_dir=tmp_path,
+                         enable_checkpointing=False, enable_progress_bar=False)
+    with pytest.raises(ValueError, match="no quantized layers.*convert it before reporting"):
+        trainer.fit(make_lightning_module(tiny_llama()), train, val)
