@@ -14,25 +14,12 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_quant.calibration.data import to_batches
 from lightning_quant.integrations import tracking
 from lightning_quant.report import build_report, write_report
 from lightning_quant.targets import set_submodule
 
-__all__ = ["QuantizationReport", "batch_input_ids"]
-
-
-def batch_input_ids(batch) -> torch.Tensor:
-    """Token ids from a batch: a LongTensor, a dict with ``input_ids``, or a ``(x, y)`` tuple."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict) and "input_ids" in batch:
-        return batch["input_ids"]
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], torch.Tensor):
-        return batch[0]
-    raise TypeError(
-        f"Cannot find token ids in a batch of type {type(batch).__name__}; batches must be a LongTensor, "
-        "a dict with 'input_ids', or an (input_ids, labels) tuple."
-    )
+__all__ = ["QuantizationReport", "float_snapshot"]
 
 
 def float_snapshot(module: torch.nn.Module) -> torch.nn.Module:
@@ -89,12 +76,7 @@ class QuantizationReport(Callback):
         if loader is None:
             raise ValueError("QuantizationReport needs validation data: give the Trainer a val dataloader or datamodule.")
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        out = []
-        for batch in loader:
-            out.append(batch_input_ids(batch))
-            if len(out) == self.num_batches:
-                break
-        return out
+        return [b.input_ids for b in to_batches(loader, max_batches=self.num_batches)]
 
     def _log(self, trainer: Trainer) -> None:
         tracking.log_scalars(trainer, self.data.summary())
