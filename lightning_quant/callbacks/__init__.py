@@ -10,6 +10,7 @@ import importlib
 
 #: public name -> module that defines it (one line per callback)
 _EXPORTS: dict[str, str] = {
+    "QuantizationAwareTraining": "lightning_quant.callbacks.qat",
     "QuantizationReport": "lightning_quant.callbacks.report",
 }
 

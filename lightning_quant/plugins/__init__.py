@@ -10,6 +10,7 @@ import importlib
 
 #: public name -> module that defines it (one line per callback)
 _EXPORTS: dict[str, str] = {
+    "QuantizationPrecision": "lightning_quant.plugins.precision",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,1 +1,14 @@
-"""qat."""
+"""Quantization-aware training: fake-quant layers, injection / removal, conversion to packed layers.
+
+Public functions: :func:`inject`, :func:`remove`, :func:`convert`, :func:`fake_quant_modules`,
+:func:`set_enabled`; the layer :class:`FakeQuantLinear`; options :class:`QATConfig`.
+See ``docs/qat.md``.
+"""
+
+from lightning_quant.qat.config import QATConfig
+from lightning_quant.qat.fake_quant import FakeQuantLinear
+from lightning_quant.qat.surgery import convert, fake_quant_modules, inject, inject_config, remove, set_enabled
+from lightning_quant.targets import DEFAULT_EXCLUDE
+
+__all__ = ["DEFAULT_EXCLUDE", "FakeQuantLinear", "QATConfig", "convert", "fake_quant_modules", "inject",
+           "inject_config", "remove", "set_enabled"]

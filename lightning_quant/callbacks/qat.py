@@ -1,0 +1,62 @@
+"""``QuantizationAwareTraining``: the Lightning adapter for :mod:`lightning_quant.qat` (no math here)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_quant import qat
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import ActivationSpec, QuantSpec
+from lightning_quant.targets import DEFAULT_EXCLUDE
+
+__all__ = ["QuantizationAwareTraining"]
+
+
+class QuantizationAwareTraining(Callback):
+    """Fake-quantize the model's linear layers during ``fit``; optionally convert to packed layers at the end.
+
+    Injection happens in :meth:`setup` — before DDP/FSDP wrapping and before Lightning loads
+    ``ckpt_path`` weights — so a mid-QAT checkpoint (observer state, LSQ scales, ``enabled`` flags)
+    resumes through ordinary ``state_dict`` loading.
+
+    Args:
+        spec: weight :class:`QuantSpec`.
+        act_spec: optional int8 per-token :class:`ActivationSpec` (W4A8 / W8A8).
+        include / exclude: module-name filters; ``lm_head`` excluded by default.
+        observer: ``"minmax"``, ``"moving_average"``, ``"mse"`` or ``"lsq"`` (see :mod:`lightning_quant.observers`).
+        lora: ``"merged"`` (fake-quantize ``W + scaling·B@A``) or ``"separate"`` (base weight only).
+        start_step: fake quant runs from this ``trainer.global_step`` on (float warm-up before).
+        convert_on_fit_end: swap in :class:`~lightning_quant.layers.packed.PackedLinear` layers built from the
+            QAT-learned qparams when ``fit`` ends; the :class:`QuantizedWeight` s land in :attr:`quantized_weights`.
+    """
+
+    def __init__(self, spec: QuantSpec, act_spec: ActivationSpec | None = None,
+                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
+                 observer: str = "minmax", lora: str = "merged", start_step: int = 0,
+                 convert_on_fit_end: bool = True) -> None:
+        if not isinstance(convert_on_fit_end, bool):
+            raise ValueError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}.")
+        self.config = qat.QATConfig(spec, act_spec, include, exclude, observer, lora, start_step)
+        self.convert_on_fit_end = convert_on_fit_end
+        self.quantized_weights: dict[str, QuantizedWeight] = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if not qat.fake_quant_modules(pl_module):
+            qat.inject_config(pl_module, self.config)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        self._update_enabled(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.convert_on_fit_end:
+            self._convert(pl_module)
+
+    def _update_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        qat.set_enabled(pl_module, trainer.global_step >= self.config.start_step)
+
+    def _convert(self, pl_module: pl.LightningModule) -> None:
+        qat.set_enabled(pl_module, True)
+        self.quantized_weights = qat.convert(pl_module)
