@@ -1,0 +1,272 @@
+"""GPTQ: one-shot weight quantization with second-order error feedback.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", ICLR 2023 (arXiv:2210.17323), Algorithm 1.
+
+For a linear layer with weight ``W [out, in]`` and calibration inputs ``X [n, in]``, GPTQ minimises
+``||X W^T - X Q^T||^2`` column by column. With the Hessian ``H = 2 X^T X / n`` (eq. 1; dampened by
+``λ = damp_percent · mean(diag H)``), each column ``j`` is rounded and the error
+``e = (w_j - q_j) / [H^-1]_jj`` is spread over the not-yet-quantized columns through the row ``j``
+of the upper Cholesky factor ``U`` of ``H^-1`` (eq. 3 with the Cholesky reformulation of §3,
+"Step 3"). Columns go in blocks of ``block_size`` ("lazy batch updates", §3 "Step 2").
+
+Options: group-wise qparams computed on the *updated* weights when a group starts; act-order
+(columns by descending ``diag H``; with ``static_groups`` qparams come from the original weight
+in natural groups, else groups follow the processing order and ``g_idx`` records them); dead
+inputs (``diag H == 0``) get ``H_jj = 1`` and ``w_j = 0``.
+
+Pure tensors: no Lightning, no model — :mod:`lightning_quant.algorithms.gptq_method` drives it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lightning_quant import primitives as P
+from lightning_quant.algorithms.rtn import rtn_quantize
+from lightning_quant.calibration.distributed import all_reduce_sum
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+
+__all__ = ["GPTQConfig", "GPTQResult", "HessianAccumulator", "gptq_quantize", "output_error"]
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """GPTQ settings (validated at construction).
+
+    Args:
+        damp_percent: dampening ``λ = damp_percent · mean(diag H)`` added to ``diag H``, in ``[0, 1)``.
+        damp_retries: times the Cholesky is retried with 10x more damping before falling back to RTN.
+        block_size: columns per lazy-update block (rounded to a multiple of the group size).
+        act_order: process columns by descending ``diag H`` ("desc_act").
+        static_groups: with ``act_order``, qparams from the original weight in natural groups
+            (no ``g_idx`` needed at inference).
+        true_sequential: inside a block, quantize linears in call order groups ([q,k,v], [o],
+            [gate,up], [down]) so each group's Hessian sees the earlier groups' quantized outputs.
+        batch_size: rows per batch when the calibration data is one ``[N, T]`` tensor.
+        block_path: dotted path of the decoder block list for models the finder misses.
+        device: compute device for one block at a time (default: where the blocks are).
+        progress: show a progress bar of blocks done.
+    """
+
+    damp_percent: float = 0.01
+    damp_retries: int = 3
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    batch_size: int = 8
+    block_path: str | None = None
+    device: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.damp_percent, (int, float)) or not 0.0 <= self.damp_percent < 1.0:
+            raise ValueError(f"GPTQConfig.damp_percent={self.damp_percent!r} must be in [0, 1); 0.01 is typical.")
+        for name in ("damp_retries", "block_size", "batch_size"):
+            v = getattr(self, name)
+            low = 0 if name == "damp_retries" else 1
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"GPTQConfig.{name}={v!r} must be an int >= {low}.")
+        for name in ("act_order", "static_groups", "true_sequential", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.static_groups and not self.act_order:
+            raise ValueError("GPTQConfig.static_groups=True only applies with act_order=True; set act_order=True or drop it.")
+
+
+@dataclass
+class GPTQResult:
+    """``qweight``; ``dequantized`` ``[out, in]`` float32 (what the solver committed to);
+    ``loss`` = ``tr(D H D^T) / 2`` with ``D = W − Q`` (= mean per-token squared output error,
+    since ``H = 2 X^T X / n``); ``damp`` the dampening fraction used; ``fallback`` True if RTN was used."""
+
+    qweight: QuantizedWeight
+    dequantized: Tensor
+    loss: float
+    damp: float
+    fallback: bool = False
+
+
+class HessianAccumulator:
+    """Running ``Σ x x^T`` (float64) and token count for one layer; ``H = 2 Σ x x^T / n``.
+
+    Adding batch by batch equals adding all rows at once (up to float64 rounding).
+    """
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", name: str = "layer") -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
+        self.count = torch.zeros((), dtype=torch.float64, device=device)
+        self.name = name
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate inputs ``x [tokens, in]`` (any leading shape is flattened)."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        if x.shape[1] != self.sum.shape[0]:
+            raise ValueError(f"{self.name}: inputs have {x.shape[1]} features, expected {self.sum.shape[0]}.")
+        P.check_finite(x, f"Calibration inputs of {self.name}")
+        x = x.to(self.sum.device, torch.float64)
+        self.sum.addmm_(x.t(), x)
+        self.count += x.shape[0]
+
+    def all_reduce(self) -> None:
+        """Sum statistics over DDP ranks (no-op in one process)."""
+        all_reduce_sum(self.sum)
+        all_reduce_sum(self.count)
+
+    def hessian(self) -> Tensor:
+        """``H = 2 Σ x x^T / n`` as float32 ``[in, in]``."""
+        if float(self.count) == 0:
+            raise ValueError(f"{self.name} saw no calibration tokens; give calibration data that reaches this layer.")
+        return (2.0 * self.sum / self.count).float()
+
+
+def output_error(weight: Tensor, q: Tensor, hessian: Tensor) -> float:
+    """``tr(D H D^T) / 2`` for ``D = weight − q`` (``[out, in]``), ``H [in, in]``."""
+    d = weight.float() - q.float()
+    return float(((d @ hessian.float()) * d).sum() / 2)
+
+
+def _upper_inverse_factor(h: Tensor, damp: float) -> Tensor | None:
+    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1``, or ``None`` if not positive definite."""
+    hd = h.clone()
+    hd.diagonal().add_(damp * float(h.diagonal().mean()))
+    lower, info = torch.linalg.cholesky_ex(hd)
+    if int(info) != 0:
+        return None
+    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+    if int(info) != 0 or not torch.isfinite(upper).all():
+        return None
+    return upper
+
+
+def _group_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
+    """Row-wise ``(scale, zero)`` ``[out]`` of the columns ``w [out, cols]`` (zero = midpoint if symmetric)."""
+    s, z = P.qparams_from_minmax(w.amin(1, keepdim=True), w.amax(1, keepdim=True), spec)
+    z = torch.full_like(s, float(spec.midpoint)) if z is None else z
+    return s[:, 0], z[:, 0]
+
+
+def _column_groups(in_f: int, spec: QuantSpec, perm: Tensor | None, static: bool) -> list[int]:
+    """Group of the column at each *processing* position ``j``."""
+    if spec.group_size == -1:
+        return [0] * in_f
+    gs = spec.group_size
+    if static and perm is not None:
+        return (perm // gs).tolist()
+    return [j // gs for j in range(in_f)]
+
+
+def _solve(w: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: Tensor, zeros: Tensor,
+           groups: list[int], dynamic: bool) -> tuple[Tensor, Tensor]:
+    """Algorithm 1 on ``w [out, in]`` (processing order, modified in place) with ``upper = chol(H^-1)^T``.
+
+    ``scales`` / ``zeros`` ``[out, G]`` are read (precomputed groups) or filled (``dynamic``: computed on
+    the error-updated weights when a group starts). Returns codes (float) and dequantized ``[out, in]``.
+    """
+    out_f, in_f = w.shape
+    gs = spec.effective_group_size(in_f)
+    bs = cfg.block_size if spec.group_size == -1 else max(gs, cfg.block_size // gs * gs)
+    codes = torch.empty_like(w)
+    dq = torch.empty_like(w)
+    qmax = float(spec.qmax)
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        w1 = w[:, i1:i2].clone()  # [out, bs]
+        err = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            j = i1 + i
+            if dynamic and j % gs == 0:  # groups never straddle blocks (bs is a multiple of gs)
+                s_g, z_g = _group_params(w1[:, i : i + gs], spec)
+                scales[:, j // gs], zeros[:, j // gs] = s_g, z_g
+            s, z = scales[:, groups[j]], zeros[:, groups[j]]
+            q = torch.clamp(torch.round(w1[:, i] / s) + z, 0, qmax)
+            d = (q - z) * s
+            codes[:, j], dq[:, j] = q, d
+            e = (w1[:, i] - d) / u1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)  # error feedback inside the block
+            err[:, i] = e
+        w[:, i2:] -= err @ upper[i1:i2, i2:]  # lazy batch update of the remaining columns
+    return codes, dq
+
+
+def _damp_schedule(cfg: GPTQConfig) -> list[float]:
+    base = max(cfg.damp_percent, 1e-3)
+    return [cfg.damp_percent] + [base * 10.0**k for k in range(1, cfg.damp_retries + 1)]
+
+
+def _fallback(weight: Tensor, hessian: Tensor, spec: QuantSpec, cfg: GPTQConfig, name: str) -> GPTQResult:
+    warnings.warn(
+        f"GPTQ: the dampened Hessian of {name} is not positive definite even with damp_percent up to "
+        f"{_damp_schedule(cfg)[-1]:g}; {name} was quantized with RTN instead. Raise GPTQConfig.damp_percent "
+        f"(now {cfg.damp_percent}) or damp_retries, or give more / more varied calibration data.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    qw = rtn_quantize(weight.detach(), spec, name=name)
+    dq = qw.dequantize(torch.float32)
+    return GPTQResult(qw, dq, output_error(weight, dq, hessian), float("nan"), fallback=True)
+
+
+def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQConfig | None = None,
+                  name: str = "weight") -> GPTQResult:
+    """GPTQ-quantize ``weight [out, in]`` given ``hessian [in, in]`` (``2 X^T X / n``).
+
+    Returns a :class:`GPTQResult`; its ``qweight.dequantize()`` equals ``dequantized`` exactly. With
+    ``act_order`` the ``QuantizedWeight`` carries ``perm`` (processing order) and, without static
+    groups, ``g_idx`` (group of each original column).
+    """
+    cfg = config or GPTQConfig()
+    if weight.dim() != 2 or tuple(hessian.shape) != (weight.shape[1], weight.shape[1]):
+        raise ValueError(f"{name}: need weight [out, in] and hessian [in, in]; got {tuple(weight.shape)} and "
+                         f"{tuple(hessian.shape)}.")
+    out_f, in_f = weight.shape
+    spec.check_in_features(in_f)
+    P.check_finite(weight, name)
+    P.check_finite(hessian, f"Hessian of {name}")
+    w = weight.detach().float().clone()
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h.diagonal()[dead] = 1.0
+    w[:, dead] = 0.0
+    n_groups = spec.num_groups(in_f)
+    scales = torch.empty(out_f, n_groups, device=w.device)
+    zeros = torch.empty(out_f, n_groups, device=w.device)
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.act_order else None
+    precomputed = spec.group_size == -1 or cfg.static_groups
+    if precomputed:  # per channel, or static groups: qparams of the original weight, natural groups
+        gs = spec.effective_group_size(in_f)
+        for g in range(n_groups):
+            scales[:, g], zeros[:, g] = _group_params(w[:, g * gs : (g + 1) * gs], spec)
+    if perm is not None:
+        w, h = w[:, perm], h[perm][:, perm]
+    for damp in _damp_schedule(cfg):
+        upper = _upper_inverse_factor(h, damp)
+        if upper is not None:
+            break
+    else:
+        return _fallback(weight, hessian, spec, cfg, name)
+    groups = _column_groups(in_f, spec, perm, cfg.static_groups)
+    codes, dq = _solve(w, upper, spec, cfg, scales, zeros, groups, dynamic=not precomputed)
+    return _result(weight, hessian, spec, cfg, codes, dq, scales, zeros, perm, damp)
+
+
+def _result(weight, hessian, spec, cfg, codes, dq, scales, zeros, perm, damp) -> GPTQResult:
+    """Back to the original column order and into a :class:`QuantizedWeight`."""
+    in_f = weight.shape[1]
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        codes, dq = codes[:, inv], dq[:, inv]
+        if spec.group_size != -1 and not cfg.static_groups:
+            g_idx = torch.empty(in_f, dtype=torch.long, device=perm.device)
+            g_idx[perm] = torch.arange(in_f, device=perm.device) // spec.group_size
+    qw = QuantizedWeight(codes=codes.to(torch.uint8), scales=scales, zeros=None if spec.symmetric else zeros,
+                         spec=spec, g_idx=g_idx, perm=perm, dtype=weight.dtype)
+    return GPTQResult(qw, dq, output_error(weight, dq, hessian), damp)

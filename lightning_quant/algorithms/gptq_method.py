@@ -1,0 +1,74 @@
+"""Model-level GPTQ: the calibration engine feeds :func:`~lightning_quant.algorithms.gptq.gptq_quantize`.
+
+Registered as ``method="gptq"`` (``needs_calibration=True``, ``config_type=GPTQConfig``). Block by
+block (:func:`~lightning_quant.calibration.run_sequential`): for each true-sequential group of the
+block's target linears, accumulate Hessians from real inputs, all-reduce them across DDP ranks,
+solve, and write the dequantized weights into the block so later groups and blocks see the
+quantization error. The model's weights are restored afterwards; swapping in packed layers is the
+caller's job (:func:`lightning_quant.quantize_model`).
+
+Each ``QuantizedWeight.extras`` gets ``gptq_loss`` (``tr(D H D^T)/2``), ``gptq_damp`` and
+``gptq_fallback``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from lightning_quant.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from lightning_quant.algorithms.registry import register_method
+from lightning_quant.algorithms.rtn import rtn_quantize
+from lightning_quant.calibration import BlockContext, run_sequential
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import linear_weight
+
+__all__ = ["gptq_method", "GPTQConfig"]
+
+
+def _quantize_group(ctx: BlockContext, modules: dict[str, nn.Module], spec: QuantSpec, cfg: GPTQConfig,
+                    out: dict[str, QuantizedWeight]) -> None:
+    acc = {n: HessianAccumulator(linear_weight(m).shape[1], ctx.device, n) for n, m in modules.items()}
+    with ctx.hook_linears(modules, lambda n, m, x, y: acc[n].add(x)):
+        ctx.forward()
+    for n, m in modules.items():
+        acc[n].all_reduce()
+        w = linear_weight(m)
+        res = gptq_quantize(w, acc[n].hessian(), spec, cfg, name=n)
+        res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
+        out[n] = res.qweight.to("cpu")
+        ctx.set_weight(m, res.dequantized.to(w.dtype))
+
+
+def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
+                config: GPTQConfig | None) -> dict[str, QuantizedWeight]:
+    """``{name: QuantizedWeight}`` for ``targets``; leaves the model's weights unchanged."""
+    cfg = config or GPTQConfig()
+    out: dict[str, QuantizedWeight] = {}
+
+    def process(ctx: BlockContext) -> None:
+        lin = ctx.linears(targets)
+        if not lin:
+            return
+        groups = ctx.sequential_groups(lin) if cfg.true_sequential else [list(lin)]
+        for group in groups:
+            _quantize_group(ctx, {n: lin[n] for n in group}, spec, cfg, out)
+
+    run_sequential(model, calibration, process, block_path=cfg.block_path, device=cfg.device,
+                   progress=cfg.progress, batch_size=cfg.batch_size)
+    outside = [n for n in targets if n not in out]
+    if outside:
+        warnings.warn(
+            f"GPTQ calibrates decoder blocks only; {outside} lie outside them and were quantized with RTN. "
+            "Add them to exclude=... to keep them in float.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        for n in outside:
+            out[n] = rtn_quantize(linear_weight(targets[n]).detach(), spec, name=n)
+    return out
+
+
+register_method("gptq", gptq_method, needs_calibration=True, config_type=GPTQConfig)
