@@ -1,16 +1,29 @@
 """int8 x int8 -> int32 matrix multiply (the core of LLM.int8() / W8A8 layers).
 
 ``int8_matmul(a [M, K] int8, b [N, K] int8) -> int32 [M, N]`` computes ``a @ b.T`` exactly in
-integer arithmetic. The pure-torch reference below is the CPU path (and the oracle for the
-Triton kernel, which the packed-layer work adds to this file).
+integer arithmetic (LLM.int8(), Dettmers et al. 2022, eq. 1 before the outer-product rescale).
+
+* :func:`int8_matmul_reference` — pure torch (int64 products, exact for ``K < 2^17``): the CPU path
+  and the oracle of the Triton kernel.
+* ``lightning_quant::int8_matmul`` — ``torch.library`` op: reference on CPU, Triton on CUDA; a fake
+  implementation lets ``torch.compile`` trace it.
+* :func:`int8_matmul_triton` — the kernel launcher (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``):
+  ``[BLOCK_M, BLOCK_N]`` tiles, ``tl.dot`` on int8 operands with an int32 accumulator (the tensor
+  cores' IMMA path), autotuned over a small config set keyed by a power-of-two row bucket.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
-__all__ = ["int8_matmul", "int8_matmul_reference"]
+from lightning_quant.kernels import _runtime
+
+__all__ = ["int8_matmul", "int8_matmul_reference", "int8_matmul_triton"]
+
+tl = None  # triton.language, bound on the first kernel build (lazy import)
 
 
 def int8_matmul_reference(a: Tensor, b: Tensor) -> Tensor:
@@ -18,14 +31,87 @@ def int8_matmul_reference(a: Tensor, b: Tensor) -> Tensor:
     return (a.to(torch.int64) @ b.to(torch.int64).t()).to(torch.int32)
 
 
+def _int8_kernel(a_ptr, b_ptr, c_ptr, M, N, K, M_BUCKET,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``C[m-tile, n-tile] = sum_k A[m, k] · B[n, k]`` with an int32 accumulator."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
+        b = tl.load(b_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _configs(triton):
+    shapes = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 3), (64, 64, 128, 4, 4),
+              (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+@functools.cache
+def _build(interpret: bool):
+    global tl
+    triton, tl = _runtime.load_triton()
+    jit = triton.jit(_int8_kernel)
+    if interpret:
+        return {"jit": jit}
+    return {"jit": jit, "tuned": triton.autotune(configs=_configs(triton), key=["M_BUCKET", "N", "K"])(jit)}
+
+
+def int8_matmul_triton(a: Tensor, b: Tensor, config: dict | None = None) -> Tensor:
+    """Launch the Triton kernel; ``config`` (``BLOCK_M/N/K``) skips autotuning (required when interpreting)."""
+    _check(a, b)
+    a, b = a.contiguous(), b.contiguous()
+    m, k = a.shape
+    n = b.shape[0]
+    out = torch.empty(m, n, dtype=torch.int32, device=a.device)
+    kernels = _build(_runtime.interpreting())
+    bucket = min(1 << max(m - 1, 0).bit_length(), 4096)
+    if config is not None or "tuned" not in kernels:
+        if config is None:
+            raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M': .., 'BLOCK_N': .., 'BLOCK_K': ..}.")
+        grid = (-(-m // config["BLOCK_M"]), -(-n // config["BLOCK_N"]))
+        kernels["jit"][grid](a, b, out, m, n, k, bucket, **config)
+    else:
+        kernels["tuned"][lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]))](a, b, out, m, n, k, bucket)
+    return out
+
+
+@torch.library.custom_op("lightning_quant::int8_matmul", mutates_args=())
+def _int8_matmul_op(a: Tensor, b: Tensor) -> Tensor:
+    if a.device.type == "cuda":
+        return int8_matmul_triton(a, b)
+    return int8_matmul_reference(a, b)
+
+
+@_int8_matmul_op.register_fake
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=torch.int32)
+
+
 def _check(a: Tensor, b: Tensor) -> None:
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         raise TypeError(f"int8_matmul takes int8 tensors, got {a.dtype} and {b.dtype}.")
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[1]:
         raise ValueError(f"int8_matmul needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}.")
+    _runtime.check_device(a, b)
 
 
-def int8_matmul(a: Tensor, b: Tensor) -> Tensor:
-    """``a [M, K] int8 @ b [N, K]^T int8 -> int32 [M, N]``."""
+def int8_matmul(a: Tensor, b: Tensor, force_reference: bool | None = None) -> Tensor:
+    """``a [M, K] int8 @ b [N, K]^T int8 -> int32 [M, N]``: Triton on CUDA, the reference on CPU.
+
+    ``force_reference=True`` or ``LIGHTNING_QUANT_FORCE_REFERENCE=1`` forces the reference.
+    """
     _check(a, b)
-    return int8_matmul_reference(a, b)
+    if _runtime.reference_forced(force_reference):
+        return int8_matmul_reference(a, b)
+    return _int8_matmul_op(a.contiguous(), b.contiguous())

@@ -1,0 +1,61 @@
+"""Runtime selection shared by the kernel families: Triton on CUDA, the pure-torch reference elsewhere.
+
+* ``LIGHTNING_QUANT_FORCE_REFERENCE=1`` (read at every call) forces the reference everywhere;
+  every public wrapper also takes ``force_reference=True`` for one call.
+* On CPU the wrappers always run the reference (the CPU path *is* the reference); the Triton
+  launchers themselves can be called directly on CPU tensors under ``TRITON_INTERPRET=1``.
+* ``TRITON_INTERPRET=1`` runs the Triton kernels on CPU tensors through Triton's interpreter
+  (slow; used by the tests on small shapes). It is read when a kernel is first *built*, so each
+  family keeps one compiled and one interpreted build.
+
+Triton is imported lazily, the first time a kernel is built (``import lightning_quant`` never
+imports it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+__all__ = ["FORCE_REFERENCE_ENV", "force_reference_from_env", "interpreting", "load_triton", "reference_forced", "check_device"]
+
+FORCE_REFERENCE_ENV = "LIGHTNING_QUANT_FORCE_REFERENCE"
+_TRUE = {"1", "true", "yes", "on"}
+
+
+def force_reference_from_env() -> bool:
+    """True when ``LIGHTNING_QUANT_FORCE_REFERENCE`` is set to 1/true/yes/on."""
+    return os.environ.get(FORCE_REFERENCE_ENV, "0").strip().lower() in _TRUE
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in _TRUE
+
+
+def load_triton():
+    """``(triton, triton.language)``, imported on first use, with an install hint when missing."""
+    try:
+        import triton
+        import triton.language as tl
+    except ImportError as err:  # pragma: no cover - triton is a Linux dependency
+        raise ImportError(
+            "The CUDA kernels of lightning_quant need Triton: `pip install triton` (Linux), or pass "
+            f"force_reference=True / set {FORCE_REFERENCE_ENV}=1 to use the pure-torch reference."
+        ) from err
+    return triton, tl
+
+
+def reference_forced(force_reference: bool | None) -> bool:
+    """The per-call argument when given (``True``/``False``), else the environment variable."""
+    return force_reference_from_env() if force_reference is None else bool(force_reference)
+
+
+def check_device(*tensors: Tensor | None) -> torch.device:
+    """All tensors on one device; returns it."""
+    devs = {t.device for t in tensors if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"Kernel inputs must live on one device, got {sorted(str(d) for d in devs)}; move them with .to().")
+    return devs.pop()

@@ -1,0 +1,301 @@
+"""Weight-only quantized matmul (W4A16 / W8A16, also W2A16): fused dequantize-GEMM in Triton.
+
+``y [M, N] = x [M, K] @ W^T + b`` where ``W [N, K]`` lives as packed integer codes:
+
+* ``qweight`` int32 ``[ceil(K·b/32), N]`` — :func:`~lightning_quant.packing.pack_rows` layout (the GPTQ
+  ``qweight`` layout: ``32/b`` consecutive input features per word, LSB first), in *kernel order*;
+* ``scales`` ``[G, N]`` (float16/bfloat16/float32);
+* ``qzeros`` int32 ``[G, ceil(N·b/32)]`` (:func:`~lightning_quant.packing.pack_cols`) or ``None``
+  (symmetric: implicit zero ``2^(b-1)``);
+* ``perm`` int64 ``[K]`` or ``None`` — act-order: kernel column ``k`` multiplies input feature
+  ``perm[k]``. The Triton path gathers the input once per call; the kernel's group of column ``k``
+  is always ``k // group_size`` (contiguous groups), so scales are never gathered by ``g_idx``.
+
+Dequantization is ``w = (q − z)·s`` in float32 (the project's one convention, see
+:mod:`lightning_quant.spec`), cast to the activation dtype, then multiplied with float32 accumulation
+(the "W4A16" scheme of GPTQ, Frantar et al. 2023, and AWQ, Lin et al. 2024).
+
+Two launch paths share one kernel, dispatched by rows:
+
+* ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program;
+* ``"splitk"`` (decode, ``M <= 16``): ``BLOCK_M = 16`` and the ``K`` loop split over ``SPLIT_K``
+  programs that ``atomic_add`` float32 partials — a GEMV that keeps all SMs busy streaming the
+  weight when ``N / BLOCK_N`` alone would leave most idle.
+
+The pure-torch :func:`wq_linear_reference` (dequantize, then ``F.linear``) is the CPU path and the
+tests' oracle. The ``torch.library`` op ``lightning_quant::wq_linear`` runs the reference on CPU and
+the Triton kernel on CUDA; its fake implementation lets ``torch.compile`` trace it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from lightning_quant import packing
+from lightning_quant.kernels import _runtime
+
+__all__ = ["wq_linear", "wq_linear_reference", "wq_linear_triton", "dequantize_packed", "KERNEL_BITS",
+           "DECODE_MAX_ROWS"]
+
+#: Code widths the Triton kernel handles (codes never straddle words); 3-bit uses the reference.
+KERNEL_BITS = (2, 4, 8)
+#: Inputs with at most this many rows take the split-K (GEMV) path.
+DECODE_MAX_ROWS = 16
+_PER_CHANNEL_GROUP = 1 << 30  # "one group": k // 2^30 == 0 for every column, aligned with any BLOCK_K
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+tl = None  # triton.language, bound on the first kernel build (lazy import)
+
+
+# ---- reference ----------------------------------------------------------------------------
+
+
+def dequantize_packed(qweight: Tensor, scales: Tensor, qzeros: Tensor | None, bits: int, group_size: int,
+                      in_features: int, dtype: torch.dtype, perm: Tensor | None = None) -> Tensor:
+    """The float weight ``[N, K]`` (original input order) of packed codes; ``(q − z)·s`` in float32, then ``dtype``.
+
+    ``group_size = -1`` means one group (per channel); otherwise kernel column ``k`` uses group ``k // group_size``.
+    """
+    n_out = scales.shape[1]
+    codes = packing.unpack_rows(qweight, bits, in_features).t().contiguous()  # [K, N] -> [N, K] (kernel order)
+    if group_size == -1:
+        g = torch.zeros(in_features, dtype=torch.long, device=qweight.device)
+    else:
+        g = torch.arange(in_features, device=qweight.device) // group_size
+    s = scales.float().t().index_select(1, g)  # [N, G] -> [N, K]
+    if qzeros is None:
+        z = torch.full((), float(1 << (bits - 1)), device=qweight.device)
+    else:
+        z = packing.unpack_cols(qzeros, bits, n_out).t().float().index_select(1, g)  # [G, N] -> [N, K]
+    w = ((codes.float() - z) * s).to(dtype)
+    if perm is not None:  # kernel column k holds input feature perm[k]: undo it
+        w = w.index_select(1, torch.argsort(perm))
+    return w
+
+
+def wq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
+                        bias: Tensor | None, bits: int, group_size: int) -> Tensor:
+    """Dequantize then ``F.linear`` in ``x.dtype``: ``x [M, K] -> [M, N]`` (bit-exact CPU path)."""
+    w = dequantize_packed(qweight, scales, qzeros, bits, group_size, x.shape[-1], x.dtype, perm)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ---- Triton kernel (built lazily) -----------------------------------------------------------
+
+
+def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, stride_zg,
+               BITS: tl.constexpr, ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+               PRECISION: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile over the ``K`` range of split ``program_id(2)``."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    PER: tl.constexpr = 32 // BITS
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kk in range(0, k_span, BLOCK_K):
+        k0 = pid_k * k_span + kk
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        mkn = mask_k[:, None] & mask_n[None, :]
+        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mkn, other=0)
+        q = ((words >> ((offs_k % PER) * BITS)[:, None]) & QMASK).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        if GROUP_SIZE % BLOCK_K == 0:  # the whole K block lies in one group: load one scale row
+            g = k0 // GROUP_SIZE
+            row_mask = mask_n & ((offs_n * 0 + k0) < K)  # tensor-shaped: the interpreter needs it
+            s = tl.load(s_ptr + g * N + offs_n, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+            if ASYM:
+                zw = tl.load(z_ptr + g * stride_zg + offs_n // PER, mask=row_mask, other=0)
+                z = ((zw >> ((offs_n % PER) * BITS)) & QMASK).to(tl.float32)[None, :]
+            else:
+                z = 1 << (BITS - 1)
+        else:  # groups smaller than (or straddling) the K block
+            g2 = (offs_k // GROUP_SIZE)[:, None]
+            s = tl.load(s_ptr + g2 * N + offs_n[None, :], mask=mkn, other=0.0).to(tl.float32)
+            if ASYM:
+                zw = tl.load(z_ptr + g2 * stride_zg + (offs_n // PER)[None, :], mask=mkn, other=0)
+                z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
+            else:
+                z = 1 << (BITS - 1)
+        w = ((q - z) * s).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        bias = tl.load(b_ptr + offs_n, mask=mask_n & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
+        acc = acc + bias[None, :]
+    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(out_ptrs, acc, mask=mask_out)
+    else:
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+
+
+def _gemm_configs(triton):
+    c = triton.Config
+    shapes = [(64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+              (32, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
+    return [c({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": 1}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in shapes]
+
+
+def _splitk_configs(triton):
+    c = triton.Config
+    shapes = [(64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 4, 4, 3), (32, 256, 8, 4, 3),
+              (128, 256, 2, 8, 3), (64, 128, 8, 4, 4), (256, 128, 1, 8, 3), (32, 128, 16, 4, 3)]
+    return [c({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+            for n, k, sk, w, s in shapes]
+
+
+@functools.cache
+def _build(interpret: bool):
+    """``{"jit": kernel, "gemm": autotuned, "splitk": autotuned}`` for the compiled or interpreted mode."""
+    global tl
+    triton, tl = _runtime.load_triton()
+    jit = triton.jit(_wq_kernel)
+    if interpret:  # the interpreter cannot benchmark: callers pass a fixed config
+        return {"jit": jit}
+    key = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
+    return {
+        "jit": jit,
+        "gemm": triton.autotune(configs=_gemm_configs(triton), key=key)(jit),
+        "splitk": triton.autotune(configs=_splitk_configs(triton), key=key, reset_to_zero=["out_ptr"])(jit),
+    }
+
+
+def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
+                     bias: Tensor | None, bits: int, group_size: int, path: str = "auto",
+                     config: dict | None = None) -> Tensor:
+    """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); inputs as :func:`wq_linear`.
+
+    ``config`` (``BLOCK_M/N/K``, ``SPLIT_K``) skips autotuning; it is required under the interpreter.
+    """
+    if bits not in KERNEL_BITS:
+        raise ValueError(f"The Triton kernel handles bits in {KERNEL_BITS}, got {bits}; use wq_linear_reference.")
+    m, k = x.shape
+    n = scales.shape[1]
+    if perm is not None:
+        x = x.index_select(1, perm)  # one gather of the input per call: kernel order
+    x = x.contiguous()
+    path = ("splitk" if m <= DECODE_MAX_ROWS else "gemm") if path == "auto" else path
+    atomic = path == "splitk"
+    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(m, n)
+    kernels = _build(_runtime.interpreting())
+    const = dict(BITS=bits, ASYM=qzeros is not None, HAS_BIAS=bias is not None,
+                 GROUP_SIZE=_PER_CHANNEL_GROUP if group_size == -1 else group_size,
+                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ATOMIC=atomic)
+    args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias, out, m, n, k,
+            min(triton_next_pow2(m), 4096), 0 if qzeros is None else qzeros.shape[1])
+    if config is not None or "gemm" not in kernels:
+        if config is None:
+            raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M':..,'BLOCK_N':..,'BLOCK_K':..,'SPLIT_K':..}.")
+        if not atomic and config.get("SPLIT_K", 1) != 1:
+            raise ValueError("path='gemm' needs SPLIT_K=1; use path='splitk' to split K.")
+        grid = (_cdiv(m, config["BLOCK_M"]), _cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
+        kernels["jit"][grid](*args, **const, **config)
+    else:
+        def grid(meta):
+            return (_cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
+
+        kernels[path][grid](*args, **const)
+    return out.to(x.dtype) if atomic else out
+
+
+def _cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# ---- torch.library op -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lightning_quant::wq_linear", mutates_args=())
+def _wq_linear_op(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
+                  bias: Tensor | None, bits: int, group_size: int, path: str) -> Tensor:
+    if x.device.type == "cuda" and bits in KERNEL_BITS:
+        return wq_linear_triton(x, qweight, scales, qzeros, perm, bias, bits, group_size, path)
+    return wq_linear_reference(x, qweight, scales, qzeros, perm, bias, bits, group_size)
+
+
+@_wq_linear_op.register_fake
+def _(x, qweight, scales, qzeros, perm, bias, bits, group_size, path):
+    return x.new_empty(x.shape[0], scales.shape[1])
+
+
+def _setup_context(ctx, inputs, output):
+    x, qweight, scales, qzeros, perm, bias, bits, group_size, _ = inputs
+    ctx.save_for_backward(qweight, scales, qzeros, perm)
+    ctx.meta = (bits, group_size, x.shape[1])
+
+
+def _backward(ctx, grad):
+    """``∂L/∂x = ∂L/∂y · W`` with the dequantized weight; packed buffers get no gradient."""
+    qweight, scales, qzeros, perm = ctx.saved_tensors
+    bits, group_size, k = ctx.meta
+    w = dequantize_packed(qweight, scales, qzeros, bits, group_size, k, grad.dtype, perm)
+    return grad @ w, None, None, None, None, None, None, None, None
+
+
+_wq_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public wrapper ---------------------------------------------------------------------------
+
+
+def _check(x, qweight, scales, qzeros, perm, bias, bits, group_size, path) -> None:
+    _runtime.check_device(x, qweight, scales, qzeros, perm, bias)
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"wq_linear takes float16/bfloat16/float32 activations, got {x.dtype}.")
+    if bits not in packing._PACK_BITS:
+        raise ValueError(f"bits={bits} is not supported; use one of {packing._PACK_BITS}.")
+    k, n = x.shape[-1], scales.shape[-1]
+    if qweight.dtype != torch.int32 or tuple(qweight.shape) != (packing.packed_len(k, bits), n):
+        raise ValueError(f"qweight must be int32 [ceil(K·b/32), N] = {(packing.packed_len(k, bits), n)} for K={k}, "
+                         f"got {qweight.dtype} {tuple(qweight.shape)}; pack with packing.pack_rows(codes.T, bits).")
+    n_groups = 1 if group_size == -1 else _cdiv(k, group_size)
+    if group_size == 0 or group_size < -1 or scales.dim() != 2 or scales.shape[0] != n_groups:
+        raise ValueError(f"scales must be [G, N] with G = ceil(K / group_size) = {n_groups} "
+                         f"(group_size={group_size}, K={k}), got {tuple(scales.shape)}.")
+    if qzeros is not None and (qzeros.dtype != torch.int32
+                               or tuple(qzeros.shape) != (n_groups, packing.packed_len(n, bits))):
+        raise ValueError(f"qzeros must be int32 [G, ceil(N·b/32)] = {(n_groups, packing.packed_len(n, bits))}, "
+                         f"got {qzeros.dtype} {tuple(qzeros.shape)}.")
+    if perm is not None and (perm.dtype != torch.int64 or tuple(perm.shape) != (k,)):
+        raise ValueError(f"perm must be int64 [K] = ({k},), got {perm.dtype} {tuple(perm.shape)}.")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape [N] = ({n},), got {tuple(bias.shape)}.")
+    for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous; call .contiguous() once when building the layer.")
+    if path not in ("auto", "gemm", "splitk"):
+        raise ValueError(f"path={path!r} is not one of 'auto', 'gemm', 'splitk'.")
+
+
+def wq_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None = None, *, bits: int,
+              group_size: int, perm: Tensor | None = None, bias: Tensor | None = None,
+              force_reference: bool | None = None, path: str = "auto") -> Tensor:
+    """``x [..., K] -> [..., N]`` through packed weights (layouts in the module docstring).
+
+    Triton on CUDA (``path="auto"`` picks split-K for ``<= 16`` rows, the tiled GEMM above), the
+    reference on CPU; ``force_reference=True`` or ``LIGHTNING_QUANT_FORCE_REFERENCE=1`` forces the
+    reference. Differentiable in ``x`` (LoRA on a packed base needs that).
+    """
+    _check(x, qweight, scales, qzeros, perm, bias, bits, group_size, path)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if _runtime.reference_forced(force_reference) and x2.device.type != "cpu":
+        y = wq_linear_reference(x2, qweight, scales, qzeros, perm, bias, bits, group_size)
+    else:
+        y = _wq_linear_op(x2, qweight, scales, qzeros, perm, bias, bits, group_size, path)
+    return y.reshape(*lead, y.shape[-1])
