@@ -1,1 +1,94 @@
-"""export."""
+"""Export quantized models to formats real inference stacks load, and load them back.
+
+``save(model, path, format=...)`` writes an HF-style directory (``gptq``, ``gptq_v2``, ``awq``,
+``compressed-tensors``, ``int8``) or an ONNX model (``onnx``) atomically; ``load(path)`` reads any
+of them back (safetensors and JSON only, never pickle). See ``docs/formats.md``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lightning_quant.export.registry import (
+    ExportFormat,
+    SaveOptions,
+    available_formats,
+    detect_format,
+    get_format,
+    register_format,
+)
+
+__all__ = ["save", "load", "from_pretrained", "available_formats", "register_format", "ExportFormat",
+           "SaveOptions", "ExportConfig", "export_after_fit"]
+
+
+def save(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "gptq",
+    *,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+    dtype: Any = None,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write ``model`` (with packed / int8 layers) to the directory ``path`` in ``format``.
+
+    Args:
+        model: a transformers model whose quantized layers are ``PackedLinear`` (gptq, awq,
+            compressed-tensors, onnx) or ``Int8OutlierLinear`` (int8).
+        format: one of :func:`available_formats`.
+        tokenizer: optional tokenizer; its files are written next to the weights.
+        overwrite: replace an existing export (atomically) instead of raising.
+        dtype: cast non-quantized float tensors to this dtype (e.g. ``torch.float16``).
+        max_shard_bytes: split ``model.safetensors`` above this size.
+
+    Returns:
+        The export directory. The write is atomic: on any failure the previous content of
+        ``path`` is left intact.
+    """
+    from lightning_quant.export.io import atomic_directory, write_json
+
+    fmt = get_format(format)
+    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes)
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        fmt.save(model, tmp, options)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if not (tmp / "config.json").exists():
+            write_json(tmp / "config.json", {"lightning_quant_format": fmt.name})
+    return Path(path)
+
+
+def load(path: str | os.PathLike) -> nn.Module:
+    """Read an export written by :func:`save` (any format, detected from ``config.json``).
+
+    Returns a model with ``PackedLinear`` / ``Int8OutlierLinear`` layers (for ``onnx``: an
+    onnxruntime-backed module with the same call signature). Raises ``ValueError`` naming the
+    problem for unknown formats, missing or mis-shaped tensors, wrong dtypes and non-safetensors files.
+    """
+    from lightning_quant.export.io import read_json
+
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{str(directory)!r} is not an export directory (written by lightning_quant.export.save).")
+    config = read_json(directory / "config.json")
+    return detect_format(config).load(directory, config)
+
+
+def from_pretrained(path: str | os.PathLike, device: Any = "cpu") -> nn.Module:
+    """``load(path)`` moved to ``device`` in eval mode — the ``from_pretrained`` spelling."""
+    model = load(path)
+    return model.to(device).eval() if isinstance(model, nn.Module) else model
+
+
+def __getattr__(name: str):
+    if name in ("ExportConfig", "export_after_fit"):
+        from lightning_quant.export import fit
+
+        return getattr(fit, name)
+    raise AttributeError(f"module 'lightning_quant.export' has no attribute {name!r}")

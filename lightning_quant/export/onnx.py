@@ -1,0 +1,176 @@
+"""ONNX export with packed low-bit weights (onnxruntime's ``com.microsoft::MatMulNBits``).
+
+Each :class:`~lightning_quant.layers.packed.PackedLinear` becomes one ``MatMulNBits`` node whose
+weight stays packed (2/4/8 bits). Operand layout, for ``K = in``, ``N = out``, block size ``bs``
+(the group size; per-channel uses the next power of two ``>= K``), ``nb = ceil(K / bs)``:
+
+* ``B`` uint8 ``[N, nb, bs·bits/8]``: codes of row ``n`` block ``j`` packed LSB-first in bytes
+  (at 4 bits: element ``2i`` in the low nibble of byte ``i``); ``K`` is zero-padded to ``nb·bs``;
+* ``scales`` float ``[N·nb]``; ``zero_points`` uint8 ``[N · ceil(nb·bits/8)]`` packed the same way
+  (asymmetric only; symmetric omits it and onnxruntime uses ``2^(bits−1)``).
+
+``y = x · ((q − z) · s)ᵀ`` — the same numbers as ours. Act-order layers gather ``x`` by the
+kernel permutation first (groups are then contiguous). Explicit input scales and per-token
+activation quant are exported as ordinary ONNX ops. The graph takes ``input_ids`` and
+``attention_mask`` (``[batch, seq]``, dynamic) and returns ``logits``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quant import packing
+from lightning_quant.export.hf import model_dtype, quantized_layers
+from lightning_quant.export.io import read_json, write_json
+from lightning_quant.export.registry import ExportFormat, SaveOptions
+from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.targets import set_submodule
+
+__all__ = ["ONNX", "OnnxCausalLM", "matmulnbits_operands", "ONNX_BITS"]
+
+ONNX_BITS = (2, 4, 8)
+_FILE = "model.onnx"
+_KEY = "lightning_quant_export"
+
+
+def _block_size(layer: PackedLinear, name: str) -> int:
+    gs = layer.spec.group_size
+    if gs == -1:
+        return max(16, 1 << math.ceil(math.log2(layer.in_features)))
+    if gs < 16 or gs & (gs - 1):
+        raise ValueError(f"onnxruntime's MatMulNBits needs a power-of-two group size >= 16, layer {name!r} has "
+                         f"group_size={gs}; quantize with 32, 64 or 128.")
+    return gs
+
+
+def _pack_bytes(codes: Tensor, bits: int) -> Tensor:
+    """``[..., n]`` codes -> uint8 ``[..., ceil(n·bits/8)]``, LSB-first within each byte."""
+    per = 8 // bits
+    n = codes.shape[-1]
+    codes = nn.functional.pad(codes.to(torch.int32), (0, (-n) % per))
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    return (codes.view(*codes.shape[:-1], -1, per) << shifts).sum(-1).to(torch.uint8)
+
+
+def matmulnbits_operands(layer: PackedLinear, name: str = "layer") -> dict[str, Tensor | int]:
+    """``B``, ``scales``, optional ``zero_points`` and the attributes for one layer (kernel column order)."""
+    bits = layer.spec.bits
+    if bits not in ONNX_BITS:
+        raise ValueError(f"ONNX export holds {ONNX_BITS}-bit weights (MatMulNBits); layer {name!r} has bits={bits}. "
+                         "Use format='gptq' or 'compressed-tensors' for 3-bit weights.")
+    bs = _block_size(layer, name)
+    k, n = layer.in_features, layer.out_features
+    nb = math.ceil(k / bs)
+    codes = packing.unpack_rows(layer.qweight, bits, k).t()  # [in, out] -> [N, K] (kernel order)
+    codes = nn.functional.pad(codes, (0, nb * bs - k)).reshape(n, nb, bs)  # [N, nb, bs]
+    scales = layer.scales.t().float()  # [G, N] -> [N, G]
+    scales = nn.functional.pad(scales, (0, nb - scales.shape[1]), value=1.0)  # per-channel: G=1=nb
+    ops: dict[str, Tensor | int] = {"B": _pack_bytes(codes, bits), "scales": scales.reshape(-1).contiguous(),
+                                    "K": k, "N": n, "bits": bits, "block_size": bs}
+    if layer.qzeros is not None:
+        zeros = packing.unpack_cols(layer.qzeros, bits, n).t()  # [N, G]
+        ops["zero_points"] = _pack_bytes(zeros, bits).reshape(-1).contiguous()
+    return ops
+
+
+class _MatMulNBits(torch.autograd.Function):
+    """Traced as one ``com.microsoft::MatMulNBits`` node; eager forward is the dequantized matmul."""
+
+    @staticmethod
+    def forward(ctx, x, b, scales, zero_points, weight_kernel_order, attrs):
+        return x @ weight_kernel_order.t().to(x.dtype)
+
+    @staticmethod
+    def symbolic(g, x, b, scales, zero_points, weight_kernel_order, attrs):
+        k, n, bits, bs, has_zp = attrs
+        inputs = [x, b, scales] + ([zero_points] if has_zp else [])
+        return g.op("com.microsoft::MatMulNBits", *inputs, K_i=k, N_i=n, bits_i=bits, block_size_i=bs)
+
+
+class _OnnxPackedLinear(nn.Module):
+    """Export-time stand-in for a PackedLinear (kept only while tracing)."""
+
+    def __init__(self, layer: PackedLinear, name: str) -> None:
+        super().__init__()
+        self.layer = layer
+        ops = matmulnbits_operands(layer, name)
+        self.register_buffer("b", ops["B"])
+        self.register_buffer("scales", ops["scales"].to(layer.compute_dtype))
+        self.register_buffer("zero_points", ops.get("zero_points", torch.zeros(1, dtype=torch.uint8)))
+        self.attrs = (ops["K"], ops["N"], ops["bits"], ops["block_size"], "zero_points" in ops)
+        w = layer.dequantize()
+        self.register_buffer("w_kernel", w if layer.perm is None else w[:, layer.perm])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layer._prepare_input(x)
+        if self.layer.perm is not None:
+            x = x.index_select(-1, self.layer.perm)
+        y = _MatMulNBits.apply(x, self.b, self.scales.to(x.dtype), self.zero_points, self.w_kernel, self.attrs)
+        return y if self.layer.bias is None else y + self.layer.bias.to(x.dtype)
+
+
+class _LogitsOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+
+def _save(model: nn.Module, directory: Path, options: SaveOptions) -> None:
+    if options.dtype is not None and options.dtype != model_dtype(model):
+        raise ValueError("format='onnx' exports the model in its own dtype; cast the model instead of passing dtype=.")
+    layers = quantized_layers(model, PackedLinear, "onnx")
+    swapped = {n: set_submodule(model, n, _OnnxPackedLinear(m, n)) for n, m in layers.items()}
+    was_training = model.training
+    try:
+        model.eval()
+        ids = torch.zeros(1, 8, dtype=torch.long)
+        with torch.no_grad():
+            torch.onnx.export(_LogitsOnly(model), (ids, torch.ones_like(ids)), str(directory / _FILE), dynamo=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=17,
+                              dynamic_axes={"input_ids": {0: "batch", 1: "seq"},
+                                            "attention_mask": {0: "batch", 1: "seq"},
+                                            "logits": {0: "batch", 1: "seq"}},
+                              custom_opsets={"com.microsoft": 1})
+    finally:
+        for n, m in swapped.items():
+            set_submodule(model, n, m)
+        model.train(was_training)
+    cfg = model.config.to_dict() if hasattr(model, "config") else {}
+    cfg[_KEY] = {"format": "onnx", "file": _FILE, "inputs": ["input_ids", "attention_mask"], "output": "logits",
+                 "op": "com.microsoft::MatMulNBits"}
+    write_json(directory / "config.json", cfg)
+
+
+class OnnxCausalLM(nn.Module):
+    """Runs an exported ``model.onnx`` with onnxruntime (CPU); ``forward`` returns an object with ``.logits``."""
+
+    def __init__(self, directory: str | Path) -> None:
+        super().__init__()
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ImportError("Running ONNX exports needs onnxruntime: pip install onnxruntime") from None
+        directory = Path(directory)
+        self.config = read_json(directory / "config.json")
+        self.session = ort.InferenceSession(str(directory / self.config[_KEY]["file"]),
+                                            providers=["CPUExecutionProvider"])
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object):
+        from transformers.modeling_outputs import CausalLMOutput
+
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        feeds = {"input_ids": input_ids.cpu().long().numpy(), "attention_mask": attention_mask.cpu().long().numpy()}
+        logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
+        return CausalLMOutput(logits=logits)
+
+
+ONNX = ExportFormat(name="onnx", save=_save, load=lambda d, c: OnnxCausalLM(d),
+                    detect=lambda c: isinstance(c.get(_KEY), dict) and c[_KEY].get("format") == "onnx")

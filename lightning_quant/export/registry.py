@@ -1,0 +1,107 @@
+"""Export formats by name: ``format -> (save, load, detect)``.
+
+Built-in formats are imported on first use (no import-time work); others can be added with
+:func:`register_format`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+__all__ = ["ExportFormat", "SaveOptions", "register_format", "get_format", "available_formats", "detect_format"]
+
+
+@dataclass(frozen=True)
+class SaveOptions:
+    """Options every format receives.
+
+    Args:
+        dtype: cast the non-quantized floating tensors (embeddings, norms, biases, ``lm_head``) to
+            this dtype (``None`` keeps the model's own); the config records it.
+        max_shard_bytes: ``model.safetensors`` is split into shards above this size.
+    """
+
+    dtype: Any = None
+    max_shard_bytes: int = 5 * 1024**3
+
+    def __post_init__(self) -> None:
+        import torch
+
+        if self.dtype is not None and not (isinstance(self.dtype, torch.dtype) and self.dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype (torch.float16, ...) or None, got {self.dtype!r}.")
+        if isinstance(self.max_shard_bytes, bool) or not isinstance(self.max_shard_bytes, int) or self.max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be a positive int, got {self.max_shard_bytes!r}.")
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """A named on-disk format.
+
+    Attributes:
+        name: the ``format=`` spelling.
+        save: ``(model, directory, options) -> None`` writes into an (empty, temporary) directory.
+        load: ``(directory, config) -> model`` reads it back (``config`` is the parsed config.json).
+        detect: ``(config) -> bool``, True when ``config.json`` describes this format.
+    """
+
+    name: str
+    save: Callable[[nn.Module, Path, SaveOptions], None]
+    load: Callable[[Path, dict], Any]
+    detect: Callable[[dict], bool]
+
+
+#: name -> "module:attribute" of the built-in formats (imported lazily)
+_BUILTIN: dict[str, str] = {
+    "gptq": "lightning_quant.export.gptq:GPTQ_V1",
+    "gptq_v2": "lightning_quant.export.gptq:GPTQ_V2",
+    "awq": "lightning_quant.export.awq:AWQ",
+    "compressed-tensors": "lightning_quant.export.compressed_tensors:COMPRESSED_TENSORS",
+    "int8": "lightning_quant.export.int8:INT8",
+    "onnx": "lightning_quant.export.onnx:ONNX",
+}
+_FORMATS: dict[str, ExportFormat] = {}
+
+
+def register_format(fmt: ExportFormat) -> None:
+    """Add (or replace) a format."""
+    if not isinstance(fmt, ExportFormat):
+        raise TypeError(f"register_format takes an ExportFormat, got {type(fmt).__name__}.")
+    _FORMATS[fmt.name] = fmt
+
+
+def available_formats() -> list[str]:
+    return sorted(set(_BUILTIN) | set(_FORMATS))
+
+
+def get_format(name: str) -> ExportFormat:
+    if name in _FORMATS:
+        return _FORMATS[name]
+    if name not in _BUILTIN:
+        raise ValueError(f"Unknown export format {name!r}; available: {available_formats()}.")
+    module, attr = _BUILTIN[name].split(":")
+    fmt = getattr(importlib.import_module(module), attr)
+    _FORMATS[name] = fmt
+    return fmt
+
+
+def detect_format(config: dict) -> ExportFormat:
+    """The format whose ``detect`` accepts ``config`` (parsed ``config.json``)."""
+    for name in available_formats():
+        fmt = get_format(name)
+        if fmt.detect(config):
+            return fmt
+    qc = config.get("quantization_config")
+    desc = "no quantization_config" if qc is None else f"quantization_config={_short(qc)}"
+    raise ValueError(f"config.json has {desc}, which matches no known export format {available_formats()}; "
+                     "was this directory written by lightning_quant.export.save?")
+
+
+def _short(d: Any) -> str:
+    s = repr(d)
+    return s if len(s) < 200 else s[:200] + "..."
