@@ -1,0 +1,228 @@
+"""AWQ solver (Lin et al., 2024, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"), pure tensors: statistics of a group's captured inputs in, scales / clips /
+:class:`~lightning_quant.quantized.QuantizedWeight` out. No Lightning, no model surgery.
+
+A *group* is a set of linear layers that read the same input ``X [N, in]`` (q/k/v after the
+attention norm, gate/up after the MLP norm, o after v, down after up). With a per-input-channel
+scale ``s [in]`` the group computes ``Q(W diag(s)) (diag(s)^-1 x)``; the ``diag(s)^-1`` is folded
+into whatever produced ``x`` (or applied explicitly), so only the quantization error changes.
+
+1. Scale search (§3.2, eq. 4-5): ``s = mean|x|^α`` (normalised so ``sqrt(max·min) = 1``), ``α`` on a
+   grid of ``n_grid`` points in ``[0, 1)``; pick the ``α`` minimising the group's output error
+   ``Σ_layers tr(D H D^T)/2`` with ``D = W − Q(W diag(s)) diag(s)^-1`` and ``H = 2 X^T X / N``
+   (:func:`lightning_quant.algorithms.gptq.output_error`: mean per-token squared output error).
+   ``α = 0`` is ``s = 1``, i.e. plain RTN, so the chosen point is never worse than no scaling.
+2. Clip search: for each layer of the scaled group, shrink each (row, weight-group) range by
+   ``c = 1 − max_shrink·i/clip_grid`` and keep, per (row, group), the ``c`` with the least output
+   error of that group's input columns (block-diagonal part of ``H``). The clipped result is kept
+   only if the layer's full output error does not grow (so clipping never makes a layer worse).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightning_quant import primitives as P
+from lightning_quant.algorithms.gptq import HessianAccumulator, output_error
+from lightning_quant.calibration.distributed import all_reduce_sum
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+
+__all__ = ["AWQConfig", "AWQStats", "AWQGroupResult", "awq_scales", "search_scales", "search_clip",
+           "awq_quantize_group"]
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    """AWQ settings (validated at construction).
+
+    Args:
+        n_grid: points of the scale-exponent grid ``α = i / n_grid``, ``i = 0..n_grid-1`` (20 in the paper).
+        clip_grid: shrink factors tried per (row, group) in the clip search; 0 disables clipping.
+        max_shrink: the smallest range tried is ``(1 − max_shrink)·max``; in ``[0, 1)``.
+        batch_size: rows per batch when the calibration data is one ``[N, T]`` tensor.
+        block_path: dotted path of the decoder block list for models the finder misses.
+        device: compute device for one block at a time (default: where the blocks are).
+        progress: show a progress bar of blocks done.
+    """
+
+    n_grid: int = 20
+    clip_grid: int = 10
+    max_shrink: float = 0.5
+    batch_size: int = 8
+    block_path: str | None = None
+    device: str | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_grid", 1), ("clip_grid", 0), ("batch_size", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"AWQConfig.{name}={v!r} must be an int >= {low} (defaults: n_grid=20, clip_grid=10).")
+        if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) \
+                or not 0.0 <= self.max_shrink < 1.0:
+            raise ValueError(f"AWQConfig.max_shrink={self.max_shrink!r} must be in [0, 1); 0.5 is typical.")
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"AWQConfig.progress must be True or False, got {self.progress!r}.")
+
+
+class AWQStats:
+    """Statistics of one group's inputs: ``Σ x x^T`` and token count (a GPTQ
+    :class:`~lightning_quant.algorithms.gptq.HessianAccumulator`) plus ``Σ |x|`` per channel ``[in]``."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu", name: str = "group") -> None:
+        self.gram = HessianAccumulator(in_features, device, name)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.name = name
+
+    @property
+    def in_features(self) -> int:
+        return self.abs_sum.shape[0]
+
+    def add(self, x: Tensor) -> None:
+        """Accumulate inputs ``x [tokens, in]`` (checks shape and finiteness)."""
+        self.gram.add(x)  # raises on a feature-count mismatch or NaN/Inf
+        self.abs_sum += x.detach().reshape(-1, x.shape[-1]).to(self.abs_sum.device, torch.float64).abs().sum(0)
+
+    def all_reduce(self) -> None:
+        """Sum over DDP ranks (no-op in one process)."""
+        self.gram.all_reduce()
+        all_reduce_sum(self.abs_sum)
+
+    def hessian(self) -> Tensor:
+        """``H = 2 X^T X / N`` float32 ``[in, in]``."""
+        return self.gram.hessian()
+
+    def mean_abs(self) -> Tensor:
+        """``mean |x|`` per input channel, float32 ``[in]``."""
+        return (self.abs_sum / self.gram.count.clamp_min(1)).float()
+
+    @classmethod
+    def from_inputs(cls, x: Tensor, name: str = "group") -> "AWQStats":
+        st = cls(x.shape[-1], x.device, name)
+        st.add(x)
+        return st
+
+
+@dataclass
+class AWQGroupResult:
+    """What :func:`awq_quantize_group` found for one group.
+
+    ``scales [in]`` (quantize ``W diag(s)``, feed ``x / s``), ``ratio`` (the chosen ``α``),
+    ``grid_errors`` (group output error for each grid point; index 0 is ``s = 1``),
+    ``clips {name: [out, G]}``, ``qweights {name: QuantizedWeight of W diag(s)}``,
+    ``error`` / ``rtn_error`` (group output error of AWQ and of plain RTN on the same inputs).
+    """
+
+    scales: Tensor
+    ratio: float
+    grid_errors: list[float]
+    clips: dict[str, Tensor] = field(default_factory=dict)
+    qweights: dict[str, QuantizedWeight] = field(default_factory=dict)
+    error: float = 0.0
+    rtn_error: float = 0.0
+
+
+def awq_scales(mean_abs: Tensor, ratio: float) -> Tensor:
+    """``s = mean|x|^α`` normalised by ``sqrt(max(s)·min(s))`` (float32 ``[in]``; ``α = 0`` gives ones)."""
+    s = mean_abs.float().clamp_min(1e-4).pow(ratio)
+    return s / (s.max() * s.min()).sqrt()
+
+
+def _fake_rtn(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Tensor:
+    scale, zero = P.compute_qparams(w, spec, clip=clip)
+    return P.fake_quantize(w, scale, zero, spec)
+
+
+def _check_group(weights: dict[str, Tensor], in_features: int) -> None:
+    if not weights:
+        raise ValueError("An AWQ group needs at least one weight.")
+    for n, w in weights.items():
+        if w.dim() != 2 or w.shape[1] != in_features:
+            shapes = {k: tuple(v.shape) for k, v in weights.items()}
+            raise ValueError(f"AWQ group weights must all be [out, {in_features}] (the inputs' feature count); "
+                             f"{n!r} disagrees: {shapes}. Group only layers that read the same input.")
+        P.check_finite(w, n)
+
+
+def search_scales(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec,
+                  n_grid: int = 20) -> tuple[Tensor, float, list[float]]:
+    """Grid search of ``α`` (module docstring, step 1): ``(scales [in], α, errors per grid point)``."""
+    _check_group(weights, stats.in_features)
+    h, mean_abs = stats.hessian(), stats.mean_abs()
+    errors, best = [], (float("inf"), None, 0.0)
+    for i in range(n_grid):
+        ratio = i / n_grid
+        s = awq_scales(mean_abs, ratio)
+        err = sum(output_error(w, _fake_rtn(w.float() * s, spec) / s, h) for w in weights.values())
+        errors.append(err)
+        if err < best[0]:
+            best = (err, s, ratio)
+    if best[1] is None:
+        raise ValueError(f"{stats.name}: AWQ output errors are not finite ({errors}); check the inputs and weights.")
+    return best[1], best[2], errors
+
+
+def _group_blocks(h: Tensor, in_f: int, gs: int) -> Tensor:
+    """Diagonal blocks of ``h [in, in]`` per weight group, zero-padded: ``[G, gs, gs]``."""
+    n_groups = -(-in_f // gs)
+    pad = n_groups * gs - in_f
+    hp = torch.nn.functional.pad(h, (0, pad, 0, pad))  # [G·gs, G·gs]
+    idx = torch.arange(n_groups, device=h.device)
+    return hp.view(n_groups, gs, n_groups, gs)[idx, :, idx, :]  # [G, gs, gs]
+
+
+def search_clip(w: Tensor, h: Tensor, spec: QuantSpec, clip_grid: int = 10, max_shrink: float = 0.5) -> Tensor:
+    """Per (row, weight-group) shrink factor ``[out, G]`` of ``w [out, in]`` (module docstring, step 2)."""
+    out_f, in_f = w.shape
+    gs = spec.effective_group_size(in_f)
+    n_groups = spec.num_groups(in_f)
+    blocks = _group_blocks(h.float(), in_f, gs)  # [G, gs, gs]
+    best_err = torch.full((out_f, n_groups), float("inf"), device=w.device)
+    best_clip = torch.ones(out_f, n_groups, device=w.device)
+    for i in range(max(clip_grid, 1)):
+        c = 1.0 - max_shrink * i / max(clip_grid, 1)
+        d = w.float() - _fake_rtn(w, spec, clip=c)
+        d = torch.nn.functional.pad(d, (0, n_groups * gs - in_f)).view(out_f, n_groups, gs)  # [out, G, gs]
+        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_clip = torch.where(better, torch.full_like(best_clip, c), best_clip)
+    return best_clip
+
+
+def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec,
+                       config: AWQConfig | None = None) -> AWQGroupResult:
+    """AWQ for one group: scale search, then clip search per layer, then quantization.
+
+    Args:
+        stats: the group's input statistics (:class:`AWQStats`, all-reduced under DDP).
+        weights: ``{name: W [out, in]}`` of the layers reading that input (shapes must agree on ``in``).
+        spec: the weight :class:`QuantSpec`.
+    Returns:
+        :class:`AWQGroupResult`; each ``qweights[name]`` quantizes ``W diag(scales)``.
+    """
+    cfg = config or AWQConfig()
+    for w in weights.values():
+        spec.check_in_features(w.shape[-1])
+    s, ratio, grid = search_scales(stats, weights, spec, cfg.n_grid)
+    h = stats.hessian()
+    h_scaled = h / s.unsqueeze(0) / s.unsqueeze(1)  # inputs become x / s: H -> diag(1/s) H diag(1/s)
+    res = AWQGroupResult(scales=s, ratio=ratio, grid_errors=grid)
+    for n, w in weights.items():
+        ws = w.float() * s  # [out, in] · [in]
+        clip = torch.ones(w.shape[0], spec.num_groups(w.shape[1]), device=w.device)
+        if cfg.clip_grid > 0:
+            cand = search_clip(ws, h_scaled, spec, cfg.clip_grid, cfg.max_shrink)
+            if output_error(ws, _fake_rtn(ws, spec, cand), h_scaled) <= output_error(ws, _fake_rtn(ws, spec), h_scaled):
+                clip = cand
+        scale, zero = P.compute_qparams(ws, spec, clip=clip)
+        qw = QuantizedWeight.from_float(ws, spec, scale, zero)
+        qw.dtype = w.dtype
+        res.clips[n], res.qweights[n] = clip, qw
+        res.error += output_error(w, qw.dequantize(torch.float32) / s, h)
+        res.rtn_error += output_error(w, _fake_rtn(w.float(), spec), h)
+    return res

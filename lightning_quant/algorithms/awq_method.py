@@ -1,0 +1,195 @@
+"""Model-level AWQ: the calibration engine and fold discovery feed :func:`~lightning_quant.algorithms.awq.awq_quantize_group`.
+
+Registered as ``method="awq"`` (``needs_calibration=True``, ``config_type=AWQConfig``, own ``swap``).
+Block by block (:func:`~lightning_quant.calibration.run_sequential`, float propagation as in the paper):
+
+1. :func:`~lightning_quant.calibration.awq_mapping.discover_groups` finds the groups sharing an input
+   and where each group's scales fold (norm weight, a preceding linear's rows) or, failing that,
+   that the group needs an explicit input scale — with the reason;
+2. one forward collects each group's input statistics (:class:`~lightning_quant.algorithms.awq.AWQStats`),
+   all-reduced over DDP ranks;
+3. groups are solved in *reverse* call order, so a group whose scales fold into a linear of an
+   earlier group (v -> o, up -> down) has already set that linear's row scaling when the earlier
+   group is searched: every search sees the weights that will actually be quantized.
+
+The model is not changed by the method. Each ``QuantizedWeight.extras["awq"]`` is an
+:class:`AWQLayerScaling`; :func:`swap_in_awq` (the method's swap) applies the folds and installs
+``PackedLinear`` layers (with ``input_scale`` for explicit groups); :func:`fold_awq_scales` applies
+the same scalings to the *float* model (outputs unchanged: the exactness check);
+:func:`awq_summary` reports which groups were folded and which got explicit scales.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quant.algorithms.awq import AWQConfig, AWQStats, awq_quantize_group
+from lightning_quant.algorithms.registry import register_method
+from lightning_quant.algorithms.rtn import rtn_quantize
+from lightning_quant.calibration import BlockContext, run_sequential
+from lightning_quant.calibration.awq_mapping import (FoldPlan, discover_groups, fold_into_producer, model_type,
+                                                     scale_input_columns)
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import linear_kind, linear_weight, set_submodule
+
+__all__ = ["AWQConfig", "AWQLayerScaling", "awq_method", "swap_in_awq", "fold_awq_scales", "awq_summary"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AWQLayerScaling:
+    """How one layer's quantized weight relates to its float weight ``W [out, in]``.
+
+    The codes quantize ``diag(1/row_scale) W diag(scales)``. ``plan`` says where ``1/scales`` goes
+    (``plan.producer``) or that the layer divides its input explicitly (``plan.producer is None``).
+    ``row_scale [out]`` is set when a later group's scales were folded into this layer's rows.
+    """
+
+    scales: Tensor
+    plan: FoldPlan
+    row_scale: Tensor | None = None
+    ratio: float = 0.0
+    error: float = 0.0
+    rtn_error: float = 0.0
+
+
+def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, cfg: AWQConfig, family: str | None,
+                 out: dict[str, QuantizedWeight]) -> None:
+    plans = discover_groups(ctx.block, ctx.name, lin, ctx.inputs[0], family)
+    stats = {p.group[0]: AWQStats(linear_weight(lin[p.group[0]]).shape[1], ctx.device, p.group[0]) for p in plans}
+    with ctx.hook_linears({n: lin[n] for n in stats}, lambda n, m, x, y: stats[n].add(x)):
+        ctx.forward()
+    row_scale: dict[str, Tensor] = {}
+    solved: dict[str, QuantizedWeight] = {}
+    for plan in reversed(plans):
+        st = stats[plan.group[0]]
+        st.all_reduce()
+        weights = {}
+        for n in plan.group:
+            w = linear_weight(lin[n]).detach().float()
+            weights[n] = w / row_scale[n].unsqueeze(1) if n in row_scale else w  # [out, in] / [out, 1]
+        res = awq_quantize_group(st, weights, spec, cfg)
+        if plan.kind == "linear" and plan.producer in lin:
+            row_scale[plan.producer] = res.scales
+        for n in plan.group:
+            qw = res.qweights[n]
+            qw.dtype = linear_weight(lin[n]).dtype
+            qw.extras["awq"] = AWQLayerScaling(res.scales, plan, None, res.ratio, res.error, res.rtn_error)
+            solved[n] = qw
+    for n, rs in row_scale.items():
+        solved[n].extras["awq"].row_scale = rs
+    for p in plans:  # call order
+        log.info("AWQ %s: %s", list(p.group), p.reason)
+        out.update((n, solved[n]) for n in p.group)
+
+
+def awq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
+               config: AWQConfig | None) -> dict[str, QuantizedWeight]:
+    """``{name: QuantizedWeight}`` for ``targets`` (codes of the scaled weights); the model is unchanged."""
+    cfg = config or AWQConfig()
+    family = model_type(model)
+    out: dict[str, QuantizedWeight] = {}
+
+    def process(ctx: BlockContext) -> None:
+        lin = ctx.linears(targets)
+        if lin:
+            _solve_block(ctx, lin, spec, cfg, family, out)
+
+    run_sequential(model, calibration, process, block_path=cfg.block_path, device=cfg.device,
+                   progress=cfg.progress, batch_size=cfg.batch_size)
+    for qw in out.values():
+        info = qw.extras["awq"]
+        qw.extras["awq"] = AWQLayerScaling(info.scales.cpu(), info.plan,
+                                           None if info.row_scale is None else info.row_scale.cpu(),
+                                           info.ratio, info.error, info.rtn_error)
+    out = {n: qw.to("cpu") for n, qw in out.items()}
+    outside = [n for n in targets if n not in out]
+    if outside:
+        warnings.warn(f"AWQ calibrates decoder blocks only; {outside} lie outside them and were quantized with RTN. "
+                      "Add them to exclude=... to keep them in float.", RuntimeWarning, stacklevel=2)
+        for n in outside:
+            out[n] = rtn_quantize(linear_weight(targets[n]).detach(), spec, name=n)
+    return out
+
+
+def _infos(weights: dict[str, QuantizedWeight]) -> dict[str, AWQLayerScaling]:
+    return {n: qw.extras["awq"] for n, qw in weights.items() if "awq" in qw.extras}
+
+
+@torch.no_grad()
+def _apply_folds(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+    """Fold each group's ``1/scales`` into its producer and companions (once per group); linears
+    that are themselves quantized get their row scaling through their codes instead."""
+    done = set()
+    for info in _infos(weights).values():
+        plan = info.plan
+        if plan.producer is None or plan.group in done:
+            continue
+        done.add(plan.group)
+        s = info.scales
+        prod = model.get_submodule(plan.producer)
+        if plan.kind == "norm" or plan.producer not in weights:
+            fold_into_producer(prod, plan.kind, s.to(prod.weight.device))
+        for c in plan.companions:
+            scale_input_columns(model.get_submodule(c), s)
+
+
+def _bias(module: nn.Module, info: AWQLayerScaling | None) -> Tensor | None:
+    kind = linear_kind(module)
+    bias = kind.bias(module) if kind is not None else getattr(module, "bias", None)
+    if bias is None:
+        return None
+    bias = bias.detach()
+    return bias / info.row_scale.to(bias) if info is not None and info.row_scale is not None else bias
+
+
+@torch.no_grad()
+def fold_awq_scales(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
+    """Apply AWQ's scalings to the *float* model in place: producers divided, quantized layers'
+    float weights set to ``diag(1/row_scale) W diag(scales)`` (explicit groups: unscaled columns).
+    The model's outputs are unchanged up to float rounding — the check that every fold is exact."""
+    _apply_folds(model, weights)
+    for n, info in _infos(weights).items():
+        m = model.get_submodule(n)
+        w, b = linear_weight(m), _bias(m, info)
+        if info.row_scale is not None:
+            w.div_(info.row_scale.to(w).unsqueeze(1))
+        if info.plan.producer is not None:
+            w.mul_(info.scales.to(w).unsqueeze(0))
+        if b is not None:
+            linear_kind(m).bias(m).copy_(b)
+
+
+def swap_in_awq(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
+    """The ``"awq"`` method's swap: apply folds, then install ``PackedLinear`` layers (explicit
+    groups get ``input_scale = scales``). Returns the replaced modules."""
+    from lightning_quant.layers.packed import PackedLinear
+
+    _apply_folds(model, weights)
+    replaced = {}
+    for n, qw in weights.items():
+        old = model.get_submodule(n)
+        info = qw.extras.get("awq")
+        explicit = info is not None and info.plan.producer is None
+        new = PackedLinear.from_quantized(qw, _bias(old, info), input_scale=info.scales if explicit else None)
+        replaced[n] = set_submodule(model, n, new)
+    return replaced
+
+
+def awq_summary(weights: dict[str, QuantizedWeight]) -> dict[str, dict[str, str]]:
+    """``{"folded": {group: reason}, "explicit": {group: reason}}`` with groups as comma-joined names."""
+    report: dict[str, dict[str, str]] = {"folded": {}, "explicit": {}}
+    for info in _infos(weights).values():
+        key = ", ".join(info.plan.group)
+        report["folded" if info.plan.folded else "explicit"][key] = info.plan.reason
+    return report
+
+
+register_method("awq", awq_method, needs_calibration=True, config_type=AWQConfig, swap=swap_in_awq)

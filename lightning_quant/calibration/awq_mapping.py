@@ -1,0 +1,228 @@
+"""Where AWQ's input scales go: groups of linears sharing an input, and what produced that input.
+
+AWQ quantizes ``W diag(s)`` and needs the group's input divided by ``s``. That division is free
+when the input is the output of a *foldable* operation (Lin et al. 2024, §3.2):
+
+* ``"norm"``: a normalisation whose output is ``f(x) · weight (+ bias)`` per channel (RMSNorm,
+  LayerNorm): divide its ``weight`` (and ``bias``) by ``s``;
+* ``"linear"``: a linear whose output reaches the group unchanged or through per-channel linear /
+  positively homogeneous steps (v -> attention -> o; up -> ``act(gate)·up`` -> down; OPT's
+  fc1 -> ReLU -> fc2): divide its output rows (and bias) by ``s``.
+
+Discovery is generic and data-driven, no per-architecture code:
+
+1. **Trace** one block forward: targets fed the *same tensor object* form a group (call order);
+   the module that *returned* that tensor is a direct producer candidate; other linear-like
+   modules reading it (excluded linears, LoRA ``lora_A``) are *companions* whose input columns
+   are multiplied by ``s`` to compensate.
+2. **Indirect pairs as data**: :data:`INDIRECT_FOLDS` maps a ``config.model_type`` to
+   ``(producer, consumer)`` name pairs inside a block (v -> o, up -> down); unknown families use
+   :data:`GENERIC_INDIRECT_FOLDS`.
+3. **Verify numerically**: every candidate fold is applied with random positive scales to the
+   float block on real inputs; if the block output moves by more than ``FOLD_RTOL`` (relative L2)
+   the group gets an *explicit* input scale instead (``PackedLinear.input_scale``), with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lightning_quant.calibration.distributed import all_reduce_sum
+from lightning_quant.targets import is_linear_like, linear_weight
+
+__all__ = ["FoldPlan", "INDIRECT_FOLDS", "GENERIC_INDIRECT_FOLDS", "FOLD_RTOL", "discover_groups",
+           "fold_into_producer", "scale_input_columns", "model_type"]
+
+_LLAMA_LIKE = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
+#: ``config.model_type`` -> ``(producer, consumer)`` pairs (names relative to the block) whose fold
+#: passes through attention (linear in v per channel) or an elementwise product / ReLU.
+INDIRECT_FOLDS: dict[str, tuple[tuple[str, str], ...]] = {
+    "llama": _LLAMA_LIKE, "mistral": _LLAMA_LIKE, "qwen2": _LLAMA_LIKE, "qwen3": _LLAMA_LIKE,
+    "gemma": _LLAMA_LIKE, "gemma2": _LLAMA_LIKE, "olmo": _LLAMA_LIKE, "smollm3": _LLAMA_LIKE,
+    "opt": (("self_attn.v_proj", "self_attn.out_proj"), ("fc1", "fc2")),
+    "gpt2": (),  # fused c_attn (q|k|v in one linear) and GELU between c_fc and c_proj: nothing indirect
+}
+#: Used for a model type not in :data:`INDIRECT_FOLDS` (every pair is still verified numerically).
+GENERIC_INDIRECT_FOLDS: tuple[tuple[str, str], ...] = _LLAMA_LIKE
+#: Largest relative L2 change of the block output a verified fold may cause (float32 rounding only).
+FOLD_RTOL = 1e-4
+_WRAPPER_SUFFIX = ".base_layer"  # peft keeps the original linear here
+
+
+@dataclass
+class FoldPlan:
+    """One group of targets sharing an input and where its scales go.
+
+    ``group``: qualified target names (call order). ``producer``: qualified name of the module the
+    scales fold into, or ``None`` (explicit input scaling). ``kind``: ``"norm"`` / ``"linear"`` /
+    ``None``. ``companions``: other linear-like readers of the input (scaled by ``s`` on their input
+    columns). ``reason``: why the group is folded or explicit (for the report).
+    """
+
+    group: tuple[str, ...]
+    producer: str | None
+    kind: str | None
+    companions: tuple[str, ...]
+    reason: str
+
+    @property
+    def folded(self) -> bool:
+        return self.producer is not None
+
+
+def model_type(model: nn.Module) -> str | None:
+    """``config.model_type`` of an HF model (also through peft wrappers), else ``None``."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "model_type", None) if cfg is not None else None
+
+
+# ---- applying a fold (shared by verification, the swap and the float-exactness helper) --------
+@torch.no_grad()
+def fold_into_producer(module: nn.Module, kind: str, s: Tensor) -> None:
+    """Divide the producer's output channels by ``s [C]``: a norm's weight/bias or a linear's rows/bias."""
+    if kind == "linear":
+        linear_weight(module).div_(s.to(module.weight.dtype).unsqueeze(1))  # [out, in] / [out, 1]
+    else:
+        module.weight.div_(s.to(module.weight.dtype))
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, Tensor):
+        bias.div_(s.to(bias.dtype))
+
+
+@torch.no_grad()
+def scale_input_columns(module: nn.Module, s: Tensor) -> None:
+    """Multiply a linear-like module's input columns by ``s [in]`` (``W <- W diag(s)``)."""
+    w = linear_weight(module)
+    w.mul_(s.to(w.dtype).unsqueeze(0))
+
+
+def _norm_like(m: nn.Module, width: int) -> bool:
+    w = getattr(m, "weight", None)
+    return isinstance(w, Tensor) and w.dim() == 1 and w.shape[0] == width and not is_linear_like(m)
+
+
+# ---- discovery -----------------------------------------------------------------------------------
+def _trace(block: nn.Module, inp) -> tuple[list[tuple[str, Tensor]], list[tuple[str, Tensor]]]:
+    """One forward of ``block`` recording (name, tensor) of every module's first input and output."""
+    ins, outs, handles = [], [], []
+    for name, mod in block.named_modules():
+        if not name:
+            continue
+
+        def pre(m, args, _n=name):
+            if args and isinstance(args[0], Tensor):
+                ins.append((_n, args[0]))
+
+        def post(m, args, out, _n=name):
+            if isinstance(out, Tensor):
+                outs.append((_n, out))
+
+        handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        with torch.no_grad():
+            block(inp.hidden, *inp.args, **inp.kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs
+
+
+def _direct_candidate(key: Tensor, width: int, rel_group: set[str], ins, outs, block: nn.Module):
+    producer = next((n for n, t in outs if t is key), None)  # innermost module returning the tensor
+    companions = tuple(n for n, t in ins if t is key and n not in rel_group and is_linear_like(block.get_submodule(n)))
+    if producer is None:
+        return None, None, companions, "its input is not a module's output"
+    mod = block.get_submodule(producer)
+    if is_linear_like(mod) and linear_weight(mod).shape[0] == width:
+        return producer, "linear", companions, f"folded into linear {producer}"
+    if _norm_like(mod, width):
+        return producer, "norm", companions, f"folded into {type(mod).__name__} {producer}"
+    return None, None, companions, f"its producer {producer} ({type(mod).__name__}) has no per-channel weight"
+
+
+def _indirect_candidate(rel_group: list[str], width: int, pairs, block: nn.Module):
+    for prod, cons in pairs:
+        if not any(r == cons or r.endswith("." + cons) for r in rel_group):
+            continue
+        try:
+            mod = block.get_submodule(prod)
+        except AttributeError:
+            return None, f"mapped producer {prod} does not exist in the block"
+        if not is_linear_like(mod):
+            return None, f"mapped producer {prod} is a {type(mod).__name__}, not a plain linear (e.g. a LoRA wrapper)"
+        if linear_weight(mod).shape[0] != width:
+            return None, (f"mapped producer {prod} has {linear_weight(mod).shape[0]} outputs but the group reads "
+                          f"{width} features (grouped-query attention)")
+        return prod, f"folded into linear {prod} (indirect pair {prod} -> {cons})"
+    return None, "no foldable producer"
+
+
+def _verify(block: nn.Module, inp, plan_rel: tuple, modules: list[nn.Module], width: int, seed: int) -> bool:
+    """Apply the fold with random scales, compare the block output, undo. True if within FOLD_RTOL."""
+    producer, kind = plan_rel
+    pmod = block.get_submodule(producer)
+    touched = [pmod] + modules
+    saved = [(t, t.detach().clone()) for m in touched for t in (m.weight, getattr(m, "bias", None))
+             if isinstance(t, Tensor)]
+    g = torch.Generator().manual_seed(seed)
+    s = torch.exp(torch.rand(width, generator=g) - 0.5).to(pmod.weight.device)
+    with torch.no_grad():
+        ref = _run(block, inp)
+        try:
+            fold_into_producer(pmod, kind, s)
+            for m in modules:
+                scale_input_columns(m, s)
+            out = _run(block, inp)
+        finally:
+            for t, v in saved:
+                t.copy_(v)
+    rel = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
+    ok = torch.tensor([0.0 if rel <= FOLD_RTOL else 1.0])
+    return float(all_reduce_sum(ok)) == 0.0  # every DDP rank must agree
+
+
+def _run(block, inp) -> Tensor:
+    out = block(inp.hidden, *inp.args, **inp.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module], inp,
+                    family: str | None = None) -> list[FoldPlan]:
+    """Fold plans for the target ``members`` (qualified name -> module) of ``block`` in call order.
+
+    ``prefix`` is the block's qualified name; ``inp`` one calibration input of the block (a
+    :class:`~lightning_quant.calibration.BlockInput`); ``family`` a ``config.model_type``.
+    """
+    rel = {n: n[len(prefix) + 1:] for n in members}
+    by_rel = {r: n for n, r in rel.items()}
+    ins, outs = _trace(block, inp)
+    groups: list[tuple[Tensor, list[str]]] = []
+    for r, t in ins:
+        if r not in by_rel or any(r in g for _, g in groups):
+            continue
+        same = next((g for key, g in groups if key is t), None)
+        same.append(r) if same is not None else groups.append((t, [r]))
+    missing = [by_rel[r] for r in by_rel if not any(r in g for _, g in groups)]
+    if missing:
+        raise RuntimeError(f"AWQ: {missing} never ran in the block's forward; exclude them or check block_path.")
+    pairs = INDIRECT_FOLDS.get(family, GENERIC_INDIRECT_FOLDS) if family else GENERIC_INDIRECT_FOLDS
+    plans = []
+    for i, (key, group) in enumerate(groups):
+        width = key.shape[-1]
+        prod, kind, comps, reason = _direct_candidate(key, width, set(group), ins, outs, block)
+        if prod is None:
+            stripped = [r[: -len(_WRAPPER_SUFFIX)] if r.endswith(_WRAPPER_SUFFIX) else r for r in group]
+            prod, reason2 = _indirect_candidate(stripped, width, pairs, block)
+            kind, comps = ("linear", ()) if prod is not None else (None, comps)
+            reason = reason2 if prod is not None else f"{reason}; {reason2}"
+        if prod is not None:
+            mods = [block.get_submodule(r) for r in group + list(comps)]
+            if not _verify(block, inp, (prod, kind), mods, width, seed=i):
+                reason = f"fold into {prod} failed the numerical check (block output moved > {FOLD_RTOL:g})"
+                prod, kind = None, None
+        plans.append(FoldPlan(tuple(by_rel[r] for r in group), None if prod is None else f"{prefix}.{prod}", kind,
+                              tuple(f"{prefix}.{c}" for c in comps), reason))
+    return plans
