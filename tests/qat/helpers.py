@@ -6,7 +6,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_quant import testing
+from lightning_quant import qat, testing
 
 
 class TinyCausalLM(pl.LightningModule):
@@ -15,8 +15,10 @@ class TinyCausalLM(pl.LightningModule):
     def __init__(self, model: torch.nn.Module | None = None, lr: float = 0.05) -> None:
         super().__init__()
         self.model = model if model is not None else testing.tiny_llama()
+        self.model.train()  # Lightning 2.6 keeps the modes it finds; observers update in training mode only
         self.lr = lr
         self.losses: list[float] = []
+        self.enabled_log: list[bool] = []  # fake quant on/off as seen by each training step
 
     def forward(self, ids):
         return self.model(input_ids=ids).logits
@@ -26,6 +28,9 @@ class TinyCausalLM(pl.LightningModule):
         logits = self(ids)[:, :-1]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         self.losses.append(loss.item())
+        fqs = list(qat.fake_quant_modules(self).values())
+        if fqs:
+            self.enabled_log.append(all(bool(fq.enabled) for fq in fqs))
         return loss
 
     def configure_optimizers(self):
