@@ -16,6 +16,15 @@ Storage (all buffers, so ``state_dict`` round-trips and ``.to(device)`` works):
 
 ``act_spec`` (optional :class:`~lightning_quant.spec.ActivationSpec`): inputs are quantized per
 token at runtime (W4A8 / W8A8), exactly as QAT's activation fake quant does.
+
+Forward goes through :func:`lightning_quant.kernels.wq_matmul.wq_linear`: on CPU it is the exact
+reference (dequantize, then ``F.linear`` in ``x.dtype``); on CUDA the Triton kernels for 2/4/8-bit
+codes (split-K GEMV for ``<= 16`` rows, tiled GEMM above), the reference for 3-bit.
+``force_reference=True`` (per layer, or per call ``layer(x, force_reference=True)``) or
+``LIGHTNING_QUANT_FORCE_REFERENCE=1`` forces the reference.
+
+Act-order weights must have *equal-size groups* once sorted (what GPTQ's ``desc_act`` produces:
+``g_idx[perm[i]] = i // group_size``), so that kernel column ``k`` is in group ``k // group_size``.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quant import packing
+from lightning_quant.kernels.wq_matmul import wq_linear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.primitives import fake_quantize_activation
 from lightning_quant.spec import ActivationSpec, QuantSpec
@@ -45,6 +55,7 @@ class PackedLinear(nn.Module):
         device: torch.device | str | None = None,
         act_spec: ActivationSpec | None = None,
         input_scale: bool = False,
+        force_reference: bool | None = None,
     ) -> None:
         super().__init__()
         spec.check_in_features(in_features)
@@ -77,6 +88,7 @@ class PackedLinear(nn.Module):
             self.input_scale = None
         self.act_spec = act_spec
         self.compute_dtype = dtype
+        self.force_reference = force_reference
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
@@ -98,6 +110,12 @@ class PackedLinear(nn.Module):
         codes, g_idx = qw.codes, qw.group_index()
         if act_order:
             perm = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[perm], qw.group_index_default()):
+                raise ValueError(
+                    "PackedLinear needs act-order groups of equal size (g_idx[perm[i]] == i // group_size, as "
+                    "GPTQ desc_act produces); this g_idx has groups of other sizes. Re-quantize with "
+                    "contiguous groups or use QuantizedWeight.dequantize() in a float nn.Linear."
+                )
             codes = codes[:, perm]
             layer.perm.copy_(perm)
             layer.g_idx.copy_(g_idx.to(torch.int32))
@@ -137,10 +155,12 @@ class PackedLinear(nn.Module):
             x = fake_quantize_activation(x, self.act_spec)
         return x
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, force_reference: bool | None = None) -> Tensor:
+        """``x [..., in] -> [..., out]``; see the module docstring for kernel selection."""
         x = self._prepare_input(x)
-        w = self.dequantize(x.dtype)
-        return nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        force = self.force_reference if force_reference is None else force_reference
+        return wq_linear(x, self.qweight, self.scales, self.qzeros, bits=self.spec.bits,
+                         group_size=self.spec.group_size, perm=self.perm, bias=self.bias, force_reference=force)
 
     @property
     def weight(self) -> Tensor:

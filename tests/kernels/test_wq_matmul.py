@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from lightning_quant import QuantSpec, packing
+from lightning_quant.kernels import _runtime
+from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear, wq_linear_reference
+from tests.kernels._cases import magnitude_bound, packed_operands
+
+SPECS = [QuantSpec(b, g, s) for b in (2, 3, 4, 8) for g in (-1, 32, 64) for s in (True, False)]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=str)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_reference_is_dequantize_then_matmul(spec, act_order):
+    """The packed reference == ``F.linear(x, QuantizedWeight.dequantize(), b)`` bit for bit (K=96: partial g64)."""
+    qw, qweight, scales, qzeros, perm = packed_operands(40, 96, spec, act_order)
+    x, b = torch.randn(2, 5, 96), torch.randn(40)
+    w = dequantize_packed(qweight, scales, qzeros, spec.bits, spec.group_size, 96, torch.float32, perm)
+    assert torch.equal(w, qw.dequantize())
+    y = wq_linear(x, qweight, scales, qzeros, bits=spec.bits, group_size=spec.group_size, perm=perm, bias=b)
+    assert torch.equal(y, torch.nn.functional.linear(x, qw.dequantize(), b))
+
+
+def test_reference_in_half_precision_dequantizes_in_float32_then_casts():
+    spec = QuantSpec(4, 32, symmetric=False)
+    qw, qweight, scales, qzeros, _ = packed_operands(24, 64, spec)
+    w16 = dequantize_packed(qweight, scales, qzeros, 4, 32, 64, torch.bfloat16)
+    assert w16.dtype == torch.bfloat16 and torch.equal(w16, qw.dequantize().to(torch.bfloat16))
+
+
+def test_gradient_flows_to_the_input_only():
+    spec = QuantSpec(4, 32)
+    qw, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
+    x = torch.randn(3, 64, requires_grad=True)
+    y = wq_linear(x, qweight, scales, qzeros, bits=4, group_size=32, perm=perm)
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ qw.dequantize(), rtol=0, atol=1e-6)
+
+
+def test_torch_compile_traces_the_op_without_graph_breaks():
+    spec = QuantSpec(4, 32, symmetric=False)
+    qw, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
+
+    def f(x):
+        return torch.relu(wq_linear(x, qweight, scales, qzeros, bits=4, group_size=32, perm=perm)) * 2
+
+    x = torch.randn(3, 64)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)  # fullgraph: a graph break raises
+    torch.testing.assert_close(compiled(x), f(x), rtol=0, atol=0)
+
+
+def test_force_reference_argument_overrides_environment(monkeypatch):
+    monkeypatch.delenv(_runtime.FORCE_REFERENCE_ENV, raising=False)
+    assert not _runtime.reference_forced(None) and _runtime.reference_forced(True)
+    monkeypatch.setenv(_runtime.FORCE_REFERENCE_ENV, "1")
+    assert _runtime.reference_forced(None) and not _runtime.reference_forced(False)
+
+
+def test_wrapper_rejects_bad_operands():
+    spec = QuantSpec(4, 32, symmetric=False)
+    _, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
+    x = torch.randn(3, 64)
+    kw = dict(bits=4, group_size=32)
+    with pytest.raises(TypeError, match="float16/bfloat16/float32 activations"):
+        wq_linear(x.long(), qweight, scales, qzeros, **kw)
+    with pytest.raises(ValueError, match=r"qweight must be int32 \[ceil\(K·b/32\), N\] = \(8, 24\) for K=64"):
+        wq_linear(x, qweight[:-1], scales, qzeros, **kw)
+    with pytest.raises(ValueError, match="qweight must be int32"):
+        wq_linear(x, qweight.long(), scales, qzeros, **kw)
+    with pytest.raises(ValueError, match=r"scales must be \[G, N\] with G = ceil\(K / group_size\) = 4"):
+        wq_linear(x, qweight, scales, qzeros, bits=4, group_size=16)
+    with pytest.raises(ValueError, match="qzeros must be int32"):
+        wq_linear(x, qweight, scales, qzeros[:, :1], **kw)
+    with pytest.raises(ValueError, match=r"perm must be int64 \[K\] = \(64,\)"):
+        wq_linear(x, qweight, scales, qzeros, perm=perm.int(), **kw)
+    with pytest.raises(ValueError, match=r"bias must have shape \[N\] = \(24,\)"):
+        wq_linear(x, qweight, scales, qzeros, bias=torch.zeros(23), **kw)
+    with pytest.raises(ValueError, match="scales must be contiguous"):
+        wq_linear(x, qweight, scales.t().contiguous().t(), qzeros, **kw)
+    with pytest.raises(ValueError, match="path='fast' is not one of"):
+        wq_linear(x, qweight, scales, qzeros, path="fast", **kw)
+    with pytest.raises(ValueError, match="bits=5 is not supported"):
+        wq_linear(x, qweight, scales, qzeros, bits=5, group_size=32)
+
+
+# ---- GPU: the compiled kernels on realistic shapes ----------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels compile for GPUs)")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 7, 16, 64, 333])
+@pytest.mark.parametrize("spec,act_order", [(QuantSpec(4, 128), False), (QuantSpec(4, 128, False), True),
+                                            (QuantSpec(8, -1, False), False), (QuantSpec(8, 128), True),
+                                            (QuantSpec(2, 64), False)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_kernels_match_reference(m, spec, act_order, dtype):
+    k, n = 4096, 1376  # n: not a multiple of any BLOCK_N
+    qw, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order, device="cuda")
+    x, b = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
+    w = qw.to("cuda").dequantize(dtype)
+    exact = x.float() @ w.float().t() + b.float()
+    rel = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # one output rounding + fp32 reordering
+    for path in ("auto", "gemm", "splitk"):
+        y = wq_linear(x, qweight, scales, qzeros, bits=spec.bits, group_size=spec.group_size, perm=perm, bias=b,
+                      path=path)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert ((y.float() - exact).abs() <= rel * (magnitude_bound(x, w) + b.float().abs())).all(), path
+    ref = wq_linear(x, qweight, scales, qzeros, bits=spec.bits, group_size=spec.group_size, perm=perm, bias=b,
+                    force_reference=True)
+    assert ((ref.float() - exact).abs() <= rel * (magnitude_bound(x, w) + b.float().abs())).all()
