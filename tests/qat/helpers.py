@@ -50,3 +50,21 @@ def trainer(max_steps: int, **kwargs) -> pl.Trainer:
                     enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0)
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
+
+
+def ddp_worker(rank: int, port: int, out_dir: str, steps: int) -> None:
+    """One rank of a 2-process gloo DDP QAT run (the precision plugin injects before DDP wrapping)."""
+    import os
+
+    from lightning_quant.plugins import QuantizationPrecision
+    from lightning_quant.spec import ActivationSpec, QuantSpec
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    lm = TinyCausalLM()
+    plugin = QuantizationPrecision(QuantSpec(4, 32), ActivationSpec(), observer="lsq")
+    t = trainer(steps, strategy="ddp", devices=2, plugins=[plugin])
+    t.fit(lm, token_loader(n=8))
+    torch.save({"state": lm.state_dict(), "n_fq": len(qat.fake_quant_modules(lm)), "losses": lm.losses},
+               os.path.join(out_dir, f"rank{rank}.pt"))
