@@ -17,6 +17,8 @@ Per layer (``b`` bits, ``G = ceil(in / group_size)``, or 1 per channel):
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -71,6 +73,12 @@ def _config(layers: dict[str, nn.Module], model: nn.Module) -> dict:
                "observer": "minmax"}
     inputs = None if act is None else {"num_bits": act.bits, "type": "int", "symmetric": act.symmetric,
                                         "strategy": "token", "dynamic": True, "observer": None}
+    partial = [n for n, layer in layers.items() if spec.group_size != -1 and layer.in_features % spec.group_size]
+    if partial:
+        warnings.warn(f"Layers {partial[:3]} have a partial last group (in_features % group_size != 0). The file "
+                      "holds it and lightning_quant.export.load reads it, but the compressed-tensors library "
+                      "(<= 0.20) refuses it at decompression; pick a group size that divides in_features for "
+                      "vLLM / transformers.", UserWarning, stacklevel=2)
     ignore = sorted(n for n, m in model.named_modules() if n and is_linear_like(m) and n not in layers)
     return {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": inputs,
