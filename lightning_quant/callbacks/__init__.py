@@ -12,6 +12,7 @@ import importlib
 _EXPORTS: dict[str, str] = {
     "QuantizationAwareTraining": "lightning_quant.callbacks.qat",
     "QuantizationReport": "lightning_quant.callbacks.report",
+    "PackedValidation": "lightning_quant.callbacks.packed_validation",
 }
 
 __all__ = sorted(_EXPORTS)
