@@ -155,6 +155,14 @@ def _splitk_configs(triton):
             for n, k, sk, w, s in shapes]
 
 
+def prune_by_group(configs: list, named_args: dict, **kwargs) -> list:
+    """Autotune pre-filter: keep the configs whose ``BLOCK_K`` divides the group size (one scale row per
+    K block, no per-element scale gather), unless none does."""
+    group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
+    aligned = [c for c in configs if group is not None and group % c.kwargs["BLOCK_K"] == 0]
+    return aligned or list(configs)
+
+
 @functools.cache
 def _build(interpret: bool):
     """``{"jit": kernel, "gemm": autotuned, "splitk": autotuned}`` for the compiled or interpreted mode."""
@@ -164,10 +172,12 @@ def _build(interpret: bool):
     if interpret:  # the interpreter cannot benchmark: callers pass a fixed config
         return {"jit": jit}
     key = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
+    prune = {"early_config_prune": prune_by_group}
     return {
         "jit": jit,
-        "gemm": triton.autotune(configs=_gemm_configs(triton), key=key)(jit),
-        "splitk": triton.autotune(configs=_splitk_configs(triton), key=key, reset_to_zero=["out_ptr"])(jit),
+        "gemm": triton.autotune(configs=_gemm_configs(triton), key=key, prune_configs_by=prune)(jit),
+        "splitk": triton.autotune(configs=_splitk_configs(triton), key=key, prune_configs_by=prune,
+                                  reset_to_zero=["out_ptr"])(jit),
     }
 
 

@@ -111,3 +111,25 @@ def test_cuda_kernels_match_reference(m, spec, act_order, dtype):
     ref = wq_linear(x, qweight, scales, qzeros, bits=spec.bits, group_size=spec.group_size, perm=perm, bias=b,
                     force_reference=True)
     assert ((ref.float() - exact).abs() <= rel * (magnitude_bound(x, w) + b.float().abs())).all()
+
+
+def test_autotune_prefilter_keeps_group_aligned_k_blocks():
+    from types import SimpleNamespace
+
+    from lightning_quant.kernels.wq_matmul import prune_by_group
+
+    configs = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (64, 128, 256)]
+    assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=128)] == [64, 128]
+    assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=1 << 30)] == [64, 128, 256]
+    assert prune_by_group(configs, {}, GROUP_SIZE=32) == configs  # none aligned: keep all (gather path)
+
+
+def test_importing_the_package_does_not_import_triton():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, lightning_quant, lightning_quant.layers; print('triton' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[2]).stdout
+    assert out.strip() == "False"
