@@ -11,6 +11,7 @@ import importlib
 #: public name -> module that defines it (one line per callback)
 _EXPORTS: dict[str, str] = {
     "QuantizationPrecision": "lightning_quant.plugins.precision",
+    "QuantizedCheckpointIO": "lightning_quant.plugins.checkpoint_io",
 }
 
 __all__ = sorted(_EXPORTS)

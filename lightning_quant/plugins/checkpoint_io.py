@@ -1,0 +1,164 @@
+"""Lightning ``.ckpt`` files of converted models: packed tensors, a layer manifest, atomic writes.
+
+A converted model's ``state_dict`` already holds packed tensors (``qweight``, ``scales``, ... — a
+few bits per weight), so its checkpoints are small. What a plain ``.ckpt`` lacks is *which* layers are
+packed and how (bits, group size, act order, ...): a fresh float model cannot load it.
+:class:`QuantizedCheckpointIO` adds that manifest on save and, on load, swaps the matching float
+linears of the model for empty packed layers so ``load_state_dict`` fills them — so
+``Trainer.validate(model, ckpt_path=...)`` / ``Trainer.test(...)`` work on a fresh or converted model.
+
+It is a ``CheckpointIO`` plugin *and* a ``Callback`` (the callback half sees the model); pass the same
+instance in both places::
+
+    io = QuantizedCheckpointIO()
+    trainer = Trainer(plugins=[io], callbacks=[io, ...])
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from lightning_quant.spec import ActivationSpec, QuantSpec
+from lightning_quant.targets import is_linear_like, set_submodule
+
+__all__ = ["QuantizedCheckpointIO", "packed_manifest", "apply_manifest", "MANIFEST_KEY"]
+
+MANIFEST_KEY = "lightning_quant_packed_layers"
+
+
+def packed_manifest(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: plain-JSON description}`` of every packed / int8 layer of ``model``."""
+    from lightning_quant.layers.int8 import Int8OutlierLinear
+    from lightning_quant.layers.packed import PackedLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        base = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                "dtype": str(getattr(m, "compute_dtype", torch.float32)).removeprefix("torch.")} \
+            if isinstance(m, (PackedLinear, Int8OutlierLinear)) else None
+        if isinstance(m, PackedLinear):
+            out[name] = {**base, "kind": "packed", "spec": m.spec.to_dict(), "act_order": m.perm is not None,
+                         "act_spec": None if m.act_spec is None else m.act_spec.to_dict(),
+                         "input_scale": m.input_scale is not None}
+        elif isinstance(m, Int8OutlierLinear):
+            out[name] = {**base, "kind": "int8", "threshold": float(m.threshold)}
+    return out
+
+
+def _empty_layer(entry: dict) -> nn.Module:
+    from lightning_quant.layers.int8 import Int8OutlierLinear
+    from lightning_quant.layers.packed import PackedLinear
+
+    dtype = getattr(torch, entry["dtype"])
+    if entry["kind"] == "int8":
+        return Int8OutlierLinear(entry["in_features"], entry["out_features"], bias=entry["bias"],
+                                 threshold=entry["threshold"], dtype=dtype)
+    act = None if entry["act_spec"] is None else ActivationSpec(**entry["act_spec"])
+    return PackedLinear(entry["in_features"], entry["out_features"], QuantSpec.from_dict(entry["spec"]),
+                        bias=entry["bias"], act_order=entry["act_order"], dtype=dtype, act_spec=act,
+                        input_scale=entry["input_scale"])
+
+
+def apply_manifest(model: nn.Module, manifest: dict[str, dict], source: str = "the checkpoint") -> list[str]:
+    """Swap float linears named in ``manifest`` for empty packed layers of the recorded shape/spec.
+
+    Layers already packed the same way are left alone. Returns the names swapped. Raises when a
+    name is missing from the model, is not a linear-like layer, or is packed differently.
+    """
+    current = packed_manifest(model)
+    swapped = []
+    for name, entry in manifest.items():
+        if current.get(name) == entry:
+            continue
+        if name in current:
+            raise ValueError(f"Layer {name!r} is packed as {current[name]} in the model but {entry} in {source}; "
+                             "convert the model with the same settings or load into a fresh float model.")
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{source} has a packed layer {name!r} that this model lacks; wrong model?") from None
+        if not is_linear_like(module):
+            raise ValueError(f"{source} packs {name!r}, but the model's {name!r} is a {type(module).__name__}.")
+        set_submodule(model, name, _empty_layer(entry).to(next(iter(module.parameters())).device))
+        swapped.append(name)
+    return swapped
+
+
+class QuantizedCheckpointIO(TorchCheckpointIO, Callback):
+    """Torch ``.ckpt`` IO that records packed layers, restores them on load and writes atomically.
+
+    Args:
+        weights_only: passed to ``torch.load`` (default True: tensors and plain containers only, no
+            arbitrary unpickling). Set False only for trusted checkpoints holding custom objects.
+    """
+
+    def __init__(self, weights_only: bool = True) -> None:
+        super().__init__()
+        if not isinstance(weights_only, bool):
+            raise ValueError(f"weights_only must be True or False, got {weights_only!r}.")
+        self.weights_only = weights_only
+        self._module: nn.Module | None = None
+
+    # ---- callback half: sees the model -----------------------------------------------
+    def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        self._module = pl_module
+
+    def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict) -> None:
+        checkpoint[MANIFEST_KEY] = packed_manifest(pl_module)
+
+    def teardown(self, *args: Any, **kwargs: Any) -> None:  # CheckpointIO.teardown() and Callback.teardown(...)
+        if args:
+            self._module = None
+
+    # ---- IO half ----------------------------------------------------------------------
+    def save_checkpoint(self, checkpoint: dict, path: Any, storage_options: Any = None) -> None:
+        """Write to a temporary file next to ``path`` and rename it into place (never a half-written .ckpt)."""
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}.")
+        packed_keys = [k for k in checkpoint.get("state_dict", {}) if k.endswith((".qweight", ".SCB"))]
+        if packed_keys and MANIFEST_KEY not in checkpoint:
+            raise RuntimeError("The checkpoint holds packed layers but no manifest: pass the same "
+                               "QuantizedCheckpointIO instance in Trainer(callbacks=[...]) as well as plugins=[...].")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict:
+        """Load (``weights_only`` by default) and swap in packed layers the checkpoint records."""
+        checkpoint = super().load_checkpoint(path, map_location=map_location or (lambda s, _: s),
+                                             weights_only=self.weights_only if weights_only is None else weights_only)
+        manifest = checkpoint.get(MANIFEST_KEY) or {}
+        if self._module is not None:
+            apply_manifest(self._module, manifest, source=f"checkpoint {str(path)!r}")
+            self._check_not_float(checkpoint, path)
+        elif manifest:
+            raise RuntimeError(f"Checkpoint {str(path)!r} has packed layers, but this QuantizedCheckpointIO never saw "
+                               "the model: pass the same instance in Trainer(callbacks=[...]) as well as plugins=[...].")
+        return checkpoint
+
+    def _check_not_float(self, checkpoint: dict, path: Any) -> None:
+        """A converted model cannot take float weights (e.g. a checkpoint saved before conversion)."""
+        state = checkpoint.get("state_dict", {})
+        stale = [n for n in packed_manifest(self._module)
+                 if f"{n}.weight" in state and state[f"{n}.weight"].is_floating_point()]
+        if stale:
+            raise ValueError(f"Checkpoint {str(path)!r} holds float weights for {stale[:3]} ({len(stale)} layers), but "
+                             "the model is already converted to packed layers. Load that checkpoint before converting "
+                             "(Trainer.validate on the float model), or use a checkpoint saved after conversion.")
