@@ -125,3 +125,21 @@ def test_cuda_forward_uses_kernels_close_to_reference(rows):
     exact = x.float() @ qw.dequantize(torch.float16).float().t() + layer.bias.float()
     bound = 2.0**-10 * (x.float().abs() @ qw.dequantize().abs().t() + layer.bias.float().abs())
     assert ((y.float() - exact).abs() <= bound).all() and ((ref.float() - exact).abs() <= bound).all()
+
+
+@pytest.mark.slow
+def test_packed_smollm2_equals_its_dequantized_float_twin(smollm2, heldout_windows):
+    """Real model, hidden 576 = 4 x 128 + 64 (partial last group): packed logits == float-dequantized logits."""
+    import copy
+
+    from lightning_quant import quantize_model
+
+    packed = copy.deepcopy(smollm2)
+    twin = copy.deepcopy(smollm2)
+    weights = quantize_model(packed, QuantSpec(4, 128, symmetric=False), "rtn")
+    assert len(weights) == 30 * 7
+    with torch.no_grad():
+        for name, qw in weights.items():
+            twin.get_submodule(name).weight.copy_(qw.dequantize())
+        ids = heldout_windows[:1, :64]
+        assert torch.equal(packed(ids).logits, twin(ids).logits)
