@@ -156,3 +156,28 @@ def test_bad_arguments_and_setups_raise():
         _fit(_with_fake_quant(_LM()), [PackedValidation(spec=SPEC)], epochs=1)
     with pytest.raises(ValueError, match="compare_module='nope' is not a submodule"):
         _fit(_with_fake_quant(_LM()), [PackedValidation(compare_module="nope")], epochs=1)
+
+
+@pytest.mark.parametrize("lora", ["merged", "separate"])
+def test_qat_with_peft_lora_packs_hosts_or_bases(lora):
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)  # a non-zero adapter, so merging matters
+    qat.inject(model, SPEC, lora=lora)
+    lm = _LM(model)
+    cb = PackedValidation()
+    seen = {}
+
+    class _Spy(pl.Callback):  # runs after PackedValidation's on_validation_start
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx):
+            q = pl_module.model.base_model.model.model.layers[0].self_attn.q_proj
+            seen["q"] = type(q).__name__, type(getattr(q, "base_layer", q)).__name__
+
+    trainer = _fit(lm, [cb, _Spy()], epochs=1)
+    # merged: the packed layer holds W + s·BA and replaces the peft host; separate: only the base is packed
+    assert seen["q"] == (("PackedLinear", "PackedLinear") if lora == "merged" else ("Linear", "PackedLinear"))
+    assert trainer.callback_metrics["packed/output_rel_err"] < 1e-5  # same codes; float reassociation only
+    assert not any(isinstance(m, PackedLinear) for m in lm.modules())
