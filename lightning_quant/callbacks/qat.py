@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_quant import qat
+from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
@@ -31,14 +32,19 @@ class QuantizationAwareTraining(Callback):
         start_step: fake quant runs from this ``trainer.global_step`` on (float warm-up before).
         convert_on_fit_end: swap in :class:`~lightning_quant.layers.packed.PackedLinear` layers built from the
             QAT-learned qparams when ``fit`` ends; the :class:`QuantizedWeight` s land in :attr:`quantized_weights`.
+        export_on_fit_end: ``{"format": ..., "path": ...}`` (or an :class:`~lightning_quant.export.ExportConfig`):
+            after conversion, export the model (rank 0, atomically) with :func:`lightning_quant.export.export_after_fit`.
     """
 
     def __init__(self, spec: QuantSpec, act_spec: ActivationSpec | None = None,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
                  observer: str = "minmax", lora: str = "merged", start_step: int = 0,
-                 convert_on_fit_end: bool = True) -> None:
+                 convert_on_fit_end: bool = True, export_on_fit_end: dict | ExportConfig | None = None) -> None:
         if not isinstance(convert_on_fit_end, bool):
             raise ValueError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}.")
+        self.export_config = ExportConfig.coerce(export_on_fit_end)
+        if self.export_config is not None and not convert_on_fit_end:
+            raise ValueError("export_on_fit_end needs convert_on_fit_end=True (only packed layers are exported).")
         self.config = qat.QATConfig(spec, act_spec, include, exclude, observer, lora, start_step)
         self.convert_on_fit_end = convert_on_fit_end
         self.quantized_weights: dict[str, QuantizedWeight] = {}
@@ -53,6 +59,8 @@ class QuantizationAwareTraining(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.convert_on_fit_end:
             self._convert(pl_module)
+        if self.export_config is not None:
+            export_after_fit(trainer, pl_module, self.export_config)
 
     def _update_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         qat.set_enabled(pl_module, trainer.global_step >= self.config.start_step)
