@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lightning_quant import QuantSpec, export, quantize_model
 
@@ -38,8 +39,9 @@ def dir_bytes(path: Path, suffixes=(".safetensors", ".onnx")) -> int:
 def float16_bytes(model: torch.nn.Module, out: Path) -> int:
     from safetensors.torch import save_model
 
-    save_model(model.half(), str(out / "fp16.safetensors"))  # dedupes tied weights
-    model.float()
+    nn.Module.half(model)  # the base-class cast (transformers refuses .half() on GGUF-loaded models)
+    save_model(model, str(out / "fp16.safetensors"))  # dedupes tied weights
+    nn.Module.float(model)
     return (out / "fp16.safetensors").stat().st_size
 
 
@@ -66,8 +68,8 @@ def main() -> None:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     if fmt == "onnx":
-                        export.save(model.half(), tmp / fmt, fmt)
-                        model.float()
+                        export.save(nn.Module.half(model), tmp / fmt, fmt)
+                        nn.Module.float(model)
                     else:
                         export.save(model, tmp / fmt, fmt, dtype=torch.float16)
             except ValueError as e:
