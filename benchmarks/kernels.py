@@ -49,7 +49,7 @@ PEAK_BW_GBS = {"H200": 4800.0, "H100": 3350.0, "A100": 2039.0}
 
 def _packed(w: torch.Tensor, spec: QuantSpec, act_order: bool, gen: torch.Generator) -> dict:
     """Kernel operands for ``w [N, K]`` (act-order: GPTQ-style random column order, equal groups)."""
-    n, k = w.shape
+    k = w.shape[1]
     g_idx = None
     if act_order:
         order = torch.randperm(k, generator=gen).to(w.device)
@@ -118,19 +118,19 @@ def bench_shape(k: int, n: int, rows: list[int], measure, device: str, peak_bw: 
     for m in rows:
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         x8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
-        t16 = measure(lambda: torch.nn.functional.linear(x, w16))
+        t16 = measure(lambda x=x: torch.nn.functional.linear(x, w16))
         rows_out = [("fp16", t16, w16.numel() * 2)]
         for name, op in ops.items():
             kw = {key: op[key] for key in ("perm", "bits", "group_size")}
 
-            def fn(op=op, kw=kw):
+            def fn(op=op, kw=kw, x=x):
                 return wq_linear(x, op["qweight"], op["scales"], op["qzeros"], **kw)
 
             exact = x.float() @ op["w"].float().t()
             _check(f"{name} M={m}", fn(), exact, 2.0**-9 * (x.float().abs() @ op["w"].float().abs().t()) + 1e-3)
             rows_out.append((name, measure(fn), _bytes(op)))
         if device == "cuda":
-            rows_out.append(("int8", measure(lambda: int8_matmul(x8, w8)), w8.numel()))
+            rows_out.append(("int8", measure(lambda x8=x8: int8_matmul(x8, w8)), w8.numel()))
         for name, t, wbytes in rows_out:
             moved = wbytes + x.numel() * 2 + m * n * 2
             results.append({"K": k, "N": n, "M": m, "method": name, "ms": t * 1e3, "speedup": t16 / t,

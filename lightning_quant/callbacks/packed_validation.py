@@ -108,7 +108,7 @@ class PackedValidation(Callback):
         if spec is not None and not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec or None, got {type(spec).__name__}.")
         if not isinstance(compare, bool):
-            raise ValueError(f"compare must be True or False, got {compare!r}.")
+            raise TypeError(f"compare must be True or False, got {compare!r}.")
         if compare_module is not None and not isinstance(compare_module, str):
             raise TypeError(f"compare_module must be a dotted module name or None, got {compare_module!r}.")
         self.every_n_epochs = every_n_epochs

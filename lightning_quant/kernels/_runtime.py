@@ -19,7 +19,7 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["FORCE_REFERENCE_ENV", "force_reference_from_env", "interpreting", "load_triton", "reference_forced", "check_device"]
+__all__ = ["FORCE_REFERENCE_ENV", "check_device", "force_reference_from_env", "interpreting", "load_triton", "reference_forced"]
 
 FORCE_REFERENCE_ENV = "LIGHTNING_QUANT_FORCE_REFERENCE"
 _TRUE = {"1", "true", "yes", "on"}

@@ -37,8 +37,14 @@ from torch import Tensor
 from lightning_quant import packing
 from lightning_quant.kernels import _runtime
 
-__all__ = ["wq_linear", "wq_linear_reference", "wq_linear_triton", "dequantize_packed", "KERNEL_BITS",
-           "DECODE_MAX_ROWS"]
+__all__ = [
+    "DECODE_MAX_ROWS",
+    "KERNEL_BITS",
+    "dequantize_packed",
+    "wq_linear",
+    "wq_linear_reference",
+    "wq_linear_triton",
+]
 
 #: Code widths the Triton kernel handles (codes never straddle words); 3-bit uses the reference.
 KERNEL_BITS = (2, 4, 8)
@@ -199,9 +205,9 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
     atomic = path == "splitk"
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(m, n)
     kernels = _build(_runtime.interpreting())
-    const = dict(BITS=bits, ASYM=qzeros is not None, HAS_BIAS=bias is not None,
-                 GROUP_SIZE=_PER_CHANNEL_GROUP if group_size == -1 else group_size,
-                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ATOMIC=atomic)
+    const = {"BITS": bits, "ASYM": qzeros is not None, "HAS_BIAS": bias is not None,
+             "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
+             "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32", "ATOMIC": atomic}
     args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias, out, m, n, k,
             min(triton_next_pow2(m), 4096), 0 if qzeros is None else qzeros.shape[1])
     if config is not None or "gemm" not in kernels:
@@ -244,7 +250,7 @@ def _(x, qweight, scales, qzeros, perm, bias, bits, group_size, path):
 
 
 def _setup_context(ctx, inputs, output):
-    x, qweight, scales, qzeros, perm, bias, bits, group_size, _ = inputs
+    x, qweight, scales, qzeros, perm, _bias, bits, group_size, _path = inputs
     ctx.save_for_backward(qweight, scales, qzeros, perm)
     ctx.meta = (bits, group_size, x.shape[1])
 

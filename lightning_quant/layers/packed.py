@@ -34,8 +34,8 @@ from torch import Tensor, nn
 
 from lightning_quant import packing
 from lightning_quant.kernels.wq_matmul import wq_linear
-from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.primitives import fake_quantize_activation
+from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 
 __all__ = ["PackedLinear"]
@@ -98,7 +98,7 @@ class PackedLinear(nn.Module):
         bias: Tensor | None = None,
         act_spec: ActivationSpec | None = None,
         input_scale: Tensor | None = None,
-    ) -> "PackedLinear":
+    ) -> PackedLinear:
         """Pack a :class:`QuantizedWeight` (and optional bias, activation spec, input scale) into a new layer."""
         act_order = not qw.has_trivial_groups
         layer = cls(qw.in_features, qw.out_features, qw.spec, bias=bias is not None, act_order=act_order,

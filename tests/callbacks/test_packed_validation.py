@@ -148,7 +148,7 @@ def test_bad_arguments_and_setups_raise():
         PackedValidation(every_n_epochs=0)
     with pytest.raises(TypeError, match="spec must be a QuantSpec or None"):
         PackedValidation(spec={"bits": 4})
-    with pytest.raises(ValueError, match="compare must be True or False"):
+    with pytest.raises(TypeError, match="compare must be True or False"):
         PackedValidation(compare=1)
     with pytest.raises(ValueError, match=r"no fake-quant layer .* pass PackedValidation\(spec=QuantSpec"):
         _fit(_LM(), [PackedValidation()], epochs=1)

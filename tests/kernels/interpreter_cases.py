@@ -69,7 +69,7 @@ def test_int8_kernel_is_exact(m, k, n):
 
 
 def test_interpreter_needs_a_config():
-    qw, qweight, scales, qzeros, perm = packed_operands(40, 64, QuantSpec(4, 32))
+    _, qweight, scales, _, _ = packed_operands(40, 64, QuantSpec(4, 32))
     with pytest.raises(ValueError, match="Under TRITON_INTERPRET=1 pass config="):
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32)
     with pytest.raises(ValueError, match="path='gemm' needs SPLIT_K=1"):

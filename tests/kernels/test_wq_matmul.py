@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lightning_quant import QuantSpec, packing
+from lightning_quant import QuantSpec
 from lightning_quant.kernels import _runtime
-from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear, wq_linear_reference
+from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear
 from tests.kernels._cases import magnitude_bound, packed_operands
 
 SPECS = [QuantSpec(b, g, s) for b in (2, 3, 4, 8) for g in (-1, 32, 64) for s in (True, False)]
@@ -40,7 +40,7 @@ def test_gradient_flows_to_the_input_only():
 
 def test_torch_compile_traces_the_op_without_graph_breaks():
     spec = QuantSpec(4, 32, symmetric=False)
-    qw, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
+    _, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
 
     def f(x):
         return torch.relu(wq_linear(x, qweight, scales, qzeros, bits=4, group_size=32, perm=perm)) * 2
@@ -61,7 +61,7 @@ def test_wrapper_rejects_bad_operands():
     spec = QuantSpec(4, 32, symmetric=False)
     _, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
     x = torch.randn(3, 64)
-    kw = dict(bits=4, group_size=32)
+    kw = {"bits": 4, "group_size": 32}
     with pytest.raises(TypeError, match="float16/bfloat16/float32 activations"):
         wq_linear(x.long(), qweight, scales, qzeros, **kw)
     with pytest.raises(ValueError, match=r"qweight must be int32 \[ceil\(K·b/32\), N\] = \(8, 24\) for K=64"):
