@@ -22,7 +22,12 @@ from lightning_quant.models import load_causal_lm, load_tokenizer
 
 __all__ = ["CausalLM", "StdlibText", "TINY_MODELS", "DEFAULT_LORA_TARGETS"]
 
-TINY_MODELS = {"tiny-llama": testing.tiny_llama, "tiny-gpt2": testing.tiny_gpt2, "tiny-opt": testing.tiny_opt}
+#: random tiny models for smoke runs; hidden 256 so that the recipes' group size 128 applies
+TINY_MODELS = {
+    "tiny-llama": lambda: testing.tiny_llama(hidden=256),
+    "tiny-gpt2": lambda: testing.tiny_gpt2(hidden=256),
+    "tiny-opt": lambda: testing.tiny_opt(hidden=256),
+}
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
