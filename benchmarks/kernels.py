@@ -119,7 +119,8 @@ def bench_shape(k: int, n: int, rows: list[int], measure, device: str, peak_bw: 
         x = torch.randn(m, k, device=device, dtype=torch.float16)
         x8 = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
         t16 = measure(lambda x=x: torch.nn.functional.linear(x, w16))
-        rows_out = [("fp16", t16, w16.numel() * 2)]
+        act_bytes = x.numel() * 2 + m * n * 2  # fp16 activations in, fp16 out
+        rows_out = [("fp16", t16, w16.numel() * 2 + act_bytes)]
         for name, op in ops.items():
             kw = {key: op[key] for key in ("perm", "bits", "group_size")}
 
@@ -128,11 +129,10 @@ def bench_shape(k: int, n: int, rows: list[int], measure, device: str, peak_bw: 
 
             exact = x.float() @ op["w"].float().t()
             _check(f"{name} M={m}", fn(), exact, 2.0**-9 * (x.float().abs() @ op["w"].float().abs().t()) + 1e-3)
-            rows_out.append((name, measure(fn), _bytes(op)))
-        if device == "cuda":
-            rows_out.append(("int8", measure(lambda x8=x8: int8_matmul(x8, w8)), w8.numel()))
-        for name, t, wbytes in rows_out:
-            moved = wbytes + x.numel() * 2 + m * n * 2
+            rows_out.append((name, measure(fn), _bytes(op) + act_bytes))
+        if device == "cuda":  # int8 in, int32 out
+            rows_out.append(("int8", measure(lambda x8=x8: int8_matmul(x8, w8)), w8.numel() + x8.numel() + m * n * 4))
+        for name, t, moved in rows_out:
             results.append({"K": k, "N": n, "M": m, "method": name, "ms": t * 1e3, "speedup": t16 / t,
                             "roofline": None if peak_bw is None else moved / (peak_bw * 1e9) / t})
     return results
