@@ -54,7 +54,8 @@ def build_packed_layers(model: nn.Module, spec: QuantSpec | None = None, include
     Fake-quant layers are packed from their own ``quantized_weight()`` (with their ``act_spec``). A
     layer in *merged* LoRA mode (``lora_mode == "merged"``) replaces its peft host: the adapters are
     folded into its quantized weight. Without fake-quant layers, ``spec`` RTN-packs the float linears
-    chosen by ``include`` / ``exclude``.
+    chosen by ``include`` / ``exclude``. A model that already holds ``PackedLinear`` layers and no
+    fake-quant layer (converted) gives ``{}``: there is nothing to swap.
     """
     from lightning_quant.algorithms.rtn import rtn_quantize
 
@@ -63,8 +64,11 @@ def build_packed_layers(model: nn.Module, spec: QuantSpec | None = None, include
         raise ValueError("The model has fake-quant layers, which PackedValidation packs with their own spec; "
                          "drop spec= (it is for float models only).")
     if not fakes and spec is None:
-        raise ValueError("The model has no fake-quant layer (no module with quantized_weight()); add the "
-                         "QuantizationAwareTraining callback or pass PackedValidation(spec=QuantSpec(...)).")
+        if any(isinstance(m, PackedLinear) for m in model.modules()):
+            return {}  # already converted (e.g. PTQ at fit end): validation measures the packed model as is
+        raise ValueError("The model has no fake-quant layer (no module with quantized_weight()) and no "
+                         "PackedLinear; add the QuantizationAwareTraining callback or pass "
+                         "PackedValidation(spec=QuantSpec(...)).")
     packed: dict[str, PackedLinear] = {}
     if fakes:
         hosts = {id(m): n for n, m in model.named_modules()}
@@ -149,7 +153,7 @@ class PackedValidation(Callback):
         self._packed = build_packed_layers(pl_module, self.spec, self.include, self.exclude, self.force_reference)
         self._originals = {path: set_submodule(pl_module, path, layer) for path, layer in self._packed.items()}
         self._sums, self._counts = {}, {}
-        if self.compare:
+        if self.compare and self._originals:
             target = self._compare_target(pl_module)
             self._hook = target.register_forward_hook(self._compare_hook, with_kwargs=True)
 

@@ -150,7 +150,7 @@ def test_bad_arguments_and_setups_raise():
         PackedValidation(spec={"bits": 4})
     with pytest.raises(TypeError, match="compare must be True or False"):
         PackedValidation(compare=1)
-    with pytest.raises(ValueError, match=r"no fake-quant layer .* pass PackedValidation\(spec=QuantSpec"):
+    with pytest.raises(ValueError, match=r"no fake-quant layer .* and no PackedLinear; .* PackedValidation\(spec="):
         _fit(_LM(), [PackedValidation()], epochs=1)
     with pytest.raises(ValueError, match="drop spec="):
         _fit(_with_fake_quant(_LM()), [PackedValidation(spec=SPEC)], epochs=1)
@@ -181,3 +181,15 @@ def test_qat_with_peft_lora_packs_hosts_or_bases(lora):
     assert seen["q"] == (("PackedLinear", "PackedLinear") if lora == "merged" else ("Linear", "PackedLinear"))
     assert trainer.callback_metrics["packed/output_rel_err"] < 1e-5  # same codes; float reassociation only
     assert not any(isinstance(m, PackedLinear) for m in lm.modules())
+
+
+def test_an_already_converted_model_validates_as_is():
+    lm = _with_fake_quant(_LM())
+    qat_free = {n: m for n, m in lm.named_modules() if isinstance(m, _FakeQuant)}
+    for name, m in qat_free.items():
+        set_submodule(lm, name, PackedLinear.from_quantized(m.quantized_weight(), m.bias.detach()
+                                                            if m.bias is not None else None))
+    packed_before = dict(lm.named_modules())
+    cb = PackedValidation()
+    trainer = _fit(lm, [cb], epochs=1)
+    assert dict(lm.named_modules()) == packed_before and "packed/output_rel_err" not in trainer.callback_metrics
