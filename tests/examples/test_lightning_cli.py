@@ -26,7 +26,8 @@ def test_all_recipes_present():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_one_step(recipe, tmp_path):
-    extra: list[str] = []
+    # the tiny data has 2 training batches: calibrate on them (too few samples is an error, tested below)
+    extra = ["--trainer.callbacks.init_args.num_samples", "2"] if ("gptq" in recipe.name or "awq" in recipe.name) else []
     cli = lightning_cli.main(["fit", "--config", str(recipe), *FAST, *extra, "--trainer.default_root_dir", str(tmp_path)])
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     from lightning_quant.layers import PackedLinear
@@ -42,3 +43,9 @@ def test_misspelled_key_names_the_key(tmp_path, capsys):
     with pytest.raises(SystemExit):
         lightning_cli.main(["fit", "--config", str(bad), *FAST])
     assert "group_sise" in capsys.readouterr().err
+
+
+def test_too_little_calibration_data_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="yielded only 2 batch\\(es\\), fewer than num_samples=128"):
+        lightning_cli.main(["fit", "--config", str(ROOT / "callbacks" / "gptq-w4g128.yaml"), *FAST,
+                            "--trainer.default_root_dir", str(tmp_path)])
