@@ -14,12 +14,14 @@ imports it).
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 from torch import Tensor
 
-__all__ = ["FORCE_REFERENCE_ENV", "check_device", "force_reference_from_env", "interpreting", "load_triton", "reference_forced"]
+__all__ = ["FORCE_REFERENCE_ENV", "check_device", "force_reference_from_env", "interpreting", "load_triton",
+           "on_device", "reference_forced"]
 
 FORCE_REFERENCE_ENV = "LIGHTNING_QUANT_FORCE_REFERENCE"
 _TRUE = {"1", "true", "yes", "on"}
@@ -59,3 +61,8 @@ def check_device(*tensors: Tensor | None) -> torch.device:
     if len(devs) != 1:
         raise ValueError(f"Kernel inputs must live on one device, got {sorted(str(d) for d in devs)}; move them with .to().")
     return devs.pop()
+
+
+def on_device(t: Tensor):
+    """Context making ``t``'s CUDA device current (Triton launches on the current device); no-op on CPU."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()

@@ -74,15 +74,20 @@ def int8_matmul_triton(a: Tensor, b: Tensor, config: dict | None = None) -> Tens
     m, k = a.shape
     n = b.shape[0]
     out = torch.empty(m, n, dtype=torch.int32, device=a.device)
+    if m == 0:
+        return out
     kernels = _build(_runtime.interpreting())
     bucket = min(1 << max(m - 1, 0).bit_length(), 4096)
     if config is not None or "tuned" not in kernels:
         if config is None:
             raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M': .., 'BLOCK_N': .., 'BLOCK_K': ..}.")
         grid = (-(-m // config["BLOCK_M"]), -(-n // config["BLOCK_N"]))
-        kernels["jit"][grid](a, b, out, m, n, k, bucket, **config)
+        with _runtime.on_device(a):
+            kernels["jit"][grid](a, b, out, m, n, k, bucket, **config)
     else:
-        kernels["tuned"][lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]))](a, b, out, m, n, k, bucket)
+        with _runtime.on_device(a):
+            kernels["tuned"][lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]))](a, b, out, m, n, k,
+                                                                                               bucket)
     return out
 
 

@@ -204,6 +204,8 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
     path = ("splitk" if m <= DECODE_MAX_ROWS else "gemm") if path == "auto" else path
     atomic = path == "splitk"
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(m, n)
+    if m == 0:
+        return out.to(x.dtype)
     kernels = _build(_runtime.interpreting())
     const = {"BITS": bits, "ASYM": qzeros is not None, "HAS_BIAS": bias is not None,
              "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
@@ -215,13 +217,16 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
             raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M':..,'BLOCK_N':..,'BLOCK_K':..,'SPLIT_K':..}.")
         if not atomic and config.get("SPLIT_K", 1) != 1:
             raise ValueError("path='gemm' needs SPLIT_K=1; use path='splitk' to split K.")
+        config = {"SPLIT_K": 1, **config}
         grid = (_cdiv(m, config["BLOCK_M"]), _cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
-        kernels["jit"][grid](*args, **const, **config)
+        with _runtime.on_device(x):
+            kernels["jit"][grid](*args, **const, **config)
     else:
         def grid(meta):
             return (_cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-        kernels[path][grid](*args, **const)
+        with _runtime.on_device(x):
+            kernels[path][grid](*args, **const)
     return out.to(x.dtype) if atomic else out
 
 

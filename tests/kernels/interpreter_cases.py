@@ -76,3 +76,10 @@ def test_interpreter_needs_a_config():
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32, "gemm", SPLITK)
     with pytest.raises(ValueError, match="The Triton kernel handles bits in"):
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 3, 32, "gemm", GEMM)
+
+
+def test_empty_batches():
+    _, qweight, scales, _, _ = packed_operands(40, 64, QuantSpec(4, 32))
+    y = wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "gemm", GEMM)
+    c = int8_matmul_triton(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8), {})
+    assert y.shape == (0, 40) and c.shape == (0, 5)
