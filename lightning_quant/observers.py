@@ -61,7 +61,8 @@ class Observer(nn.Module):
 
 
 class MinMaxObserver(Observer):
-    """Per-group min-max of the *current* weight; the last result is kept in ``scale`` / ``zero`` buffers."""
+    """Per-group min-max of the *current* weight (computed once per forward, in :meth:`qparams`);
+    the last result is kept in the ``scale`` / ``zero`` buffers."""
 
     def __init__(self, spec: QuantSpec, weight: Tensor) -> None:
         super().__init__(spec, weight)
@@ -69,15 +70,13 @@ class MinMaxObserver(Observer):
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
 
-    @torch.no_grad()
-    def observe(self, w: Tensor) -> None:
-        scale, zero = P.compute_qparams(w.detach(), self.spec)
-        self.scale.copy_(scale)
-        if zero is not None:
-            self.zero.copy_(zero)
-
     def qparams(self, w: Tensor) -> tuple[Tensor, Tensor | None]:
-        return P.compute_qparams(w.detach(), self.spec)
+        scale, zero = P.compute_qparams(w.detach(), self.spec)
+        with torch.no_grad():
+            self.scale.copy_(scale)
+            if zero is not None:
+                self.zero.copy_(zero)
+        return scale, zero
 
 
 class MovingAverageObserver(Observer):

@@ -35,7 +35,7 @@ def test_minmax_is_rtn_qparams_and_tracks_last_weight(spec):
     got = obs.qparams(w)
     assert torch.equal(got[0], ref[0]) and (ref[1] is None or torch.equal(got[1], ref[1]))
     w2 = 2 * w
-    obs.observe(w2)
+    obs.qparams(w2)
     assert torch.equal(obs.scale, P.compute_qparams(w2, spec)[0])
 
 

@@ -125,3 +125,21 @@ def test_bad_input_raises_with_the_fix(tiny_llama):
     qat.remove(tiny_llama)
     with pytest.raises(ValueError, match="call lightning_quant.qat.inject"):
         qat.convert(tiny_llama)
+
+
+def test_activation_quant_refuses_a_layer_kind_without_plain_activations():
+    from lightning_quant import targets
+
+    class Gated(nn.Module):  # a linear-like layer whose input is not a plain activation [..., in]
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(8, 32))
+            self.bias = None
+
+    targets.register_linear_kind(Gated, targets.LinearKind("gated", lambda m: m.weight, lambda m: m.bias))
+    try:
+        with pytest.raises(TypeError, match="act_spec needs a layer whose input is a plain activation.*kind 'gated'"):
+            FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32), ActivationSpec())
+        assert FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32)).kind == "gated"  # weight-only is fine
+    finally:
+        targets._KINDS.pop(Gated)
