@@ -6,6 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: install demo test bench clean
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 demo: install
-	$(PY) -m lightning_quant.demo
+	$(PY) examples/qat_lora_finetune.py $(DEMO_ARGS)
 
 test: install
 	OMP_NUM_THREADS=2 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)

@@ -37,6 +37,16 @@ def build_model(name: str) -> nn.Module:
     return load_causal_lm(name)
 
 
+def with_lora(model: nn.Module, r: int, alpha: int, targets: list[str] | None) -> nn.Module:
+    """``model`` wrapped by peft LoRA (rank ``r``) on ``targets``; unchanged when ``r == 0``."""
+    if not r:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets or DEFAULT_LORA_TARGETS), lora_dropout=0.0)
+    return get_peft_model(model, cfg)
+
+
 class CausalLM(pl.LightningModule):
     """Next-token cross-entropy training of a causal LM on ``[B, T]`` token-id batches.
 
@@ -56,21 +66,16 @@ class CausalLM(pl.LightningModule):
         if lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 disables LoRA), got {lora_r}.")
         self.save_hyperparameters()
-        net = build_model(model)
-        if lora_r:
-            from peft import LoraConfig, get_peft_model
-
-            targets = list(lora_targets or DEFAULT_LORA_TARGETS)
-            net = get_peft_model(net, LoraConfig(r=lora_r, lora_alpha=lora_alpha, target_modules=targets, lora_dropout=0.0))
-        self.model = net
+        self.model = with_lora(build_model(model), lora_r, lora_alpha, lora_targets)
         self.lr = lr
 
     @classmethod
-    def from_model(cls, model: nn.Module, lr: float = 1e-3) -> "CausalLM":
-        """Wrap an already-built model (tests, scripts)."""
+    def from_model(cls, model: nn.Module, lr: float = 1e-3, lora_r: int = 0, lora_alpha: int = 16,
+                   lora_targets: list[str] | None = None) -> "CausalLM":
+        """Wrap an already-built model (tests, scripts), optionally adding LoRA adapters."""
         self = cls.__new__(cls)
         pl.LightningModule.__init__(self)
-        self.model, self.lr = model, lr
+        self.model, self.lr = with_lora(model, lora_r, lora_alpha, lora_targets), lr
         return self
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,15 @@ def quantized_weights_of(model: nn.Module) -> dict[str, QuantizedWeight]:
     return out
 
 
+def _float_weight(module: nn.Module) -> Tensor:
+    """``[out, in]`` float weight of a linear-like module; for a peft LoRA layer, ``W + Σ scaling·B@A``."""
+    from lightning_quant.qat.lora import is_tuner_layer, merged_weight
+
+    if is_tuner_layer(module):
+        return merged_weight(linear_weight(module.get_base_layer()), module)
+    return linear_weight(module)
+
+
 @torch.no_grad()
 def build_report(
     float_model: nn.Module, quant_model: nn.Module, batches: list[Tensor], worst_k: int = 3, eval_ppl: bool = True
@@ -112,7 +121,7 @@ def build_report(
     for r in sorted(rows, key=lambda r: -r.relative_error)[:worst_k]:
         qw = weights[r.layer]
         data.samples[r.layer] = {
-            "float": linear_weight(float_model.get_submodule(r.layer)).detach().float().flatten(),
+            "float": _float_weight(float_model.get_submodule(r.layer)).detach().float().flatten(),
             "dequantized": qw.dequantize(torch.float32).flatten(),
             "scales": qw.scales.flatten(),
         }
