@@ -21,6 +21,8 @@ Pure tensors: no Lightning, no model — :mod:`lightning_quant.algorithms.gptq_m
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -109,8 +111,7 @@ class HessianAccumulator:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[1] != self.sum.shape[0]:
             raise ValueError(f"{self.name}: inputs have {x.shape[1]} features, expected {self.sum.shape[0]}.")
-        P.check_finite(x, f"Calibration inputs of {self.name}")
-        x = x.to(self.sum.device, torch.float64)
+        x = x.to(self.sum.device, torch.float64)  # NaN/Inf propagate into the sum: checked in hessian()
         self.sum.addmm_(x.t(), x)
         self.count += x.shape[0]
 
@@ -123,7 +124,9 @@ class HessianAccumulator:
         """``H = 2 Σ x x^T / n`` as float32 ``[in, in]``."""
         if float(self.count) == 0:
             raise ValueError(f"{self.name} saw no calibration tokens; give calibration data that reaches this layer.")
-        return (2.0 * self.sum / self.count).float()
+        h = (2.0 * self.sum / self.count).float()
+        P.check_finite(h, f"The Hessian of {self.name} (from its calibration inputs)")
+        return h
 
 
 def output_error(weight: Tensor, q: Tensor, hessian: Tensor) -> float:
@@ -133,16 +136,37 @@ def output_error(weight: Tensor, q: Tensor, hessian: Tensor) -> float:
 
 
 def _upper_inverse_factor(h: Tensor, damp: float) -> Tensor | None:
-    """Upper Cholesky factor of ``(H + damp·mean(diag H)·I)^-1``, or ``None`` if not positive definite."""
-    hd = h.clone()
+    """Upper Cholesky factor ``U`` of ``(H + damp·mean(diag H)·I)^-1`` (``H^-1 = U^T U``), or ``None``
+    if the dampened ``H`` is not positive definite.
+
+    One factorisation instead of three: with ``J`` the reversal permutation and ``J H J = L L^T``,
+    ``H^-1 = (J L^-T J)(J L^-1 J)`` and ``U = J L^-1 J`` is upper triangular.
+    """
+    hd = h.flip(0, 1).clone()
     hd.diagonal().add_(damp * float(h.diagonal().mean()))
     lower, info = torch.linalg.cholesky_ex(hd)
     if int(info) != 0:
         return None
-    upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
-    if int(info) != 0 or not torch.isfinite(upper).all():
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    upper = torch.linalg.solve_triangular(lower, eye, upper=False).flip(0, 1)
+    if not torch.isfinite(upper).all():
         return None
     return upper
+
+
+@contextmanager
+def _cpu_single_thread(device: torch.device) -> Iterator[None]:
+    """The column loop is thousands of tiny ops: on CPU, intra-op threads only add overhead (and
+    spin badly on shared machines: ~7x slower measured with 2 threads on a loaded 2-core box)."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _group_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
@@ -190,7 +214,7 @@ def _solve(w: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: T
             d = (q - z) * s
             codes[:, j], dq[:, j] = q, d
             e = (w1[:, i] - d) / u1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * u1[i, i:].unsqueeze(0)  # error feedback inside the block
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # error feedback inside the block: w -= e u_i
             err[:, i] = e
         w[:, i2:] -= err @ upper[i1:i2, i2:]  # lazy batch update of the remaining columns
     return codes, dq
@@ -246,14 +270,15 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
             scales[:, g], zeros[:, g] = _group_params(w[:, g * gs : (g + 1) * gs], spec)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
-    for damp in _damp_schedule(cfg):
-        upper = _upper_inverse_factor(h, damp)
-        if upper is not None:
-            break
-    else:
-        return _fallback(weight, hessian, spec, cfg, name)
-    groups = _column_groups(in_f, spec, perm, cfg.static_groups)
-    codes, dq = _solve(w, upper, spec, cfg, scales, zeros, groups, dynamic=not precomputed)
+    with _cpu_single_thread(w.device):
+        for damp in _damp_schedule(cfg):
+            upper = _upper_inverse_factor(h, damp)
+            if upper is not None:
+                break
+        else:
+            return _fallback(weight, hessian, spec, cfg, name)
+        groups = _column_groups(in_f, spec, perm, cfg.static_groups)
+        codes, dq = _solve(w, upper, spec, cfg, scales, zeros, groups, dynamic=not precomputed)
     return _result(weight, hessian, spec, cfg, codes, dq, scales, zeros, perm, damp)
 
 

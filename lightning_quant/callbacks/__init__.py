@@ -13,6 +13,7 @@ _EXPORTS: dict[str, str] = {
     "QuantizationAwareTraining": "lightning_quant.callbacks.qat",
     "QuantizationReport": "lightning_quant.callbacks.report",
     "PackedValidation": "lightning_quant.callbacks.packed_validation",
+    "GPTQ": "lightning_quant.callbacks.gptq",
 }
 
 __all__ = sorted(_EXPORTS)

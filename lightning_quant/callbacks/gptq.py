@@ -1,0 +1,31 @@
+"""``GPTQ``: GPTQ at the end of ``fit`` (a thin :class:`PostTrainingQuantization`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from lightning_quant.algorithms.gptq import GPTQConfig
+from lightning_quant.callbacks.ptq import PostTrainingQuantization
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import DEFAULT_EXCLUDE
+
+__all__ = ["GPTQ"]
+
+
+class GPTQ(PostTrainingQuantization):
+    """Run GPTQ (:mod:`lightning_quant.algorithms.gptq`) on the trained model and swap in packed layers.
+
+    Example::
+
+        trainer = Trainer(callbacks=[GPTQ(QuantSpec(bits=4, group_size=128), num_samples=128)])
+        trainer.fit(model, datamodule=dm)   # the model holds PackedLinear layers afterwards
+
+    Per-layer losses are logged as ``gptq/<layer>/gptq_loss``. See :class:`PostTrainingQuantization`
+    for the arguments; ``config`` is a :class:`~lightning_quant.algorithms.gptq.GPTQConfig`.
+    """
+
+    def __init__(self, spec: QuantSpec | None = None, config: GPTQConfig | None = None,
+                 include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
+                 num_samples: int = 128, dataloader: Iterable | None = None, when: str = "fit_end") -> None:
+        super().__init__(spec if spec is not None else QuantSpec(), "gptq", config if config is not None else GPTQConfig(),
+                         include, exclude, num_samples, dataloader, when)

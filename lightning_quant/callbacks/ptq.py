@@ -1,0 +1,134 @@
+"""``PostTrainingQuantization``: the generic Lightning adapter for calibrated PTQ (GPTQ, AWQ, int8).
+
+The callback only hooks, loops and logs: it gathers calibration batches, takes this rank's share
+under DDP, calls :func:`lightning_quant.quantize_model` (which swaps in packed layers) and reports
+per-layer figures through the Trainer's loggers. Subclasses (``GPTQ``, ``AWQ``, ...) fix ``method``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from lightning_quant.algorithms.registry import get_method
+from lightning_quant.api import quantize_model
+from lightning_quant.calibration import distributed as dist
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.spec import QuantSpec
+from lightning_quant.targets import DEFAULT_EXCLUDE
+
+__all__ = ["PostTrainingQuantization", "WHEN"]
+
+#: When the callback quantizes: at the end of ``fit``, at the end of training, or only when
+#: :meth:`PostTrainingQuantization.quantize` is called.
+WHEN = ("fit_end", "train_end", "manual")
+
+
+class PostTrainingQuantization(Callback):
+    """Quantize the LightningModule's linear layers with a calibrated method after training.
+
+    Args:
+        spec: weight :class:`QuantSpec`.
+        method: a registered method name (``"gptq"``, ``"awq"``, ...; see ``algorithms.registry``).
+        config: the method's config dataclass, or ``None`` for its defaults.
+        include / exclude: module-name filters (``lm_head`` excluded by default).
+        num_samples: calibration *batches* in total (over all DDP ranks), taken from ``dataloader``,
+            else ``trainer.datamodule.train_dataloader()``, else the Trainer's train dataloader.
+        dataloader: an explicit iterable of calibration batches (see :mod:`lightning_quant.calibration.data`).
+        when: one of :data:`WHEN`.
+    """
+
+    def __init__(self, spec: QuantSpec, method: str, config: Any = None, include: Sequence[str] | None = None,
+                 exclude: Sequence[str] | None = DEFAULT_EXCLUDE, num_samples: int = 128,
+                 dataloader: Iterable | None = None, when: str = "fit_end") -> None:
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128); got {type(spec).__name__}.")
+        m = get_method(method)
+        if config is not None and m.config_type is not None and not isinstance(config, m.config_type):
+            raise TypeError(f"config for method={method!r} must be a {m.config_type.__name__}, got {type(config).__name__}.")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive int (calibration batches), got {num_samples!r}.")
+        if when not in WHEN:
+            raise ValueError(f"when={when!r} is not supported; use one of {WHEN}.")
+        if dataloader is not None and (isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable)):
+            raise TypeError(f"dataloader must be an iterable of batches (e.g. a DataLoader), got {type(dataloader).__name__}.")
+        for name, pats in (("include", include), ("exclude", exclude)):
+            if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) and p for p in pats)):
+                raise ValueError(f"{name} must be a list of non-empty module-name patterns, got {pats!r}.")
+        self.spec, self.method, self.config = spec, method, config
+        self.include, self.exclude = include, exclude
+        self.num_samples, self.dataloader, self.when = num_samples, dataloader, when
+        self.quantized_weights: dict[str, QuantizedWeight] = {}
+
+    # ---- hooks ------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+
+        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"{type(self).__name__} supports single-device and DDP strategies, not "
+                f"{type(trainer.strategy).__name__}; use strategy='ddp' or quantize the saved model with quantize_model()."
+            )
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "train_end":
+            self.quantize(trainer, pl_module)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.when == "fit_end":
+            self.quantize(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"quantized": sorted(self.quantized_weights)}
+
+    # ---- the work -----------------------------------------------------------------------------
+    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:
+        """Calibrate, quantize ``pl_module`` in place (packed layers swapped in) and log per-layer figures."""
+        if self.quantized_weights:
+            raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
+        batches = self.calibration_batches(trainer)
+        self.quantized_weights = quantize_model(pl_module, self.spec, self.method, include=self.include,
+                                                exclude=self.exclude, calibration=batches, config=self.config)
+        self.log_layers(trainer, self.quantized_weights)
+        return self.quantized_weights
+
+    def calibration_batches(self, trainer: pl.Trainer | None) -> list:
+        """This rank's share of ``num_samples`` batches (round-robin over ranks)."""
+        loader, presharded = self._source(trainer)
+        world = dist.world_size()
+        wanted = max(1, self.num_samples // world) if presharded else self.num_samples
+        batches = list(itertools.islice(iter(loader), wanted))
+        if len(batches) < wanted:
+            raise ValueError(
+                f"The calibration dataloader yielded only {len(batches)} batch(es), fewer than num_samples="
+                f"{self.num_samples}{f' / {world} ranks' if presharded else ''}; lower num_samples or give more data."
+            )
+        return batches if presharded else dist.shard(batches)
+
+    def _source(self, trainer: pl.Trainer | None) -> tuple[Iterable, bool]:
+        if self.dataloader is not None:
+            return self.dataloader, False
+        dm = getattr(trainer, "datamodule", None)
+        if dm is not None and type(dm).train_dataloader is not pl.LightningDataModule.train_dataloader:
+            return dm.train_dataloader(), False
+        loader = getattr(trainer, "train_dataloader", None)
+        if loader is not None:  # Lightning's own (already distributed) loader
+            return getattr(loader, "flattened", [loader])[0], True
+        raise ValueError(
+            f"{type(self).__name__} found no calibration data: pass dataloader=..., or fit with a datamodule "
+            "that defines train_dataloader() or with train_dataloaders=..."
+        )
+
+    def log_layers(self, trainer: pl.Trainer | None, weights: dict[str, QuantizedWeight]) -> None:
+        """Send every float figure in ``QuantizedWeight.extras`` (e.g. ``gptq_loss``) to the loggers."""
+        metrics = {f"{self.method}/{name}/{k}": float(v) for name, qw in weights.items()
+                   for k, v in qw.extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if not metrics or trainer is None:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+            logger.save()
