@@ -206,8 +206,8 @@ def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantS
         :class:`AWQGroupResult`; each ``qweights[name]`` quantizes ``W diag(scales)``.
     """
     cfg = config or AWQConfig()
-    for w in weights.values():
-        spec.check_in_features(w.shape[-1])
+    _check_group(weights, stats.in_features)
+    spec.check_in_features(stats.in_features)
     s, ratio, grid = search_scales(stats, weights, spec, cfg.n_grid)
     h = stats.hessian()
     h_scaled = h / s.unsqueeze(0) / s.unsqueeze(1)  # inputs become x / s: H -> diag(1/s) H diag(1/s)

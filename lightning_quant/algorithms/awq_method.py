@@ -82,6 +82,7 @@ def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, 
             qw = res.qweights[n]
             qw.dtype = linear_weight(lin[n]).dtype
             qw.extras["awq"] = AWQLayerScaling(res.scales, plan, None, res.ratio, res.error, res.rtn_error)
+            qw.extras.update(awq_ratio=res.ratio, awq_error=res.error, awq_rtn_error=res.rtn_error)  # group figures
             solved[n] = qw
     for n, rs in row_scale.items():
         solved[n].extras["awq"].row_scale = rs

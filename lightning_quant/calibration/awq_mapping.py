@@ -74,9 +74,13 @@ class FoldPlan:
 
 
 def model_type(model: nn.Module) -> str | None:
-    """``config.model_type`` of an HF model (also through peft wrappers), else ``None``."""
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None) if cfg is not None else None
+    """``config.model_type`` of the outermost HF model inside ``model`` (a LightningModule, a peft
+    wrapper or the HF model itself), else ``None``."""
+    for m in model.modules():
+        kind = getattr(getattr(m, "config", None), "model_type", None)
+        if isinstance(kind, str) and kind:
+            return kind
+    return None
 
 
 # ---- applying a fold (shared by verification, the swap and the float-exactness helper) --------

@@ -14,6 +14,8 @@ _EXPORTS: dict[str, str] = {
     "QuantizationReport": "lightning_quant.callbacks.report",
     "PackedValidation": "lightning_quant.callbacks.packed_validation",
     "GPTQ": "lightning_quant.callbacks.gptq",
+    "AWQ": "lightning_quant.callbacks.awq",
+    "LLMInt8": "lightning_quant.callbacks.llm_int8",
 }
 
 __all__ = sorted(_EXPORTS)

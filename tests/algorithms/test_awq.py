@@ -1,0 +1,243 @@
+import copy
+
+import pytest
+import torch
+
+from lightning_quant import QuantSpec, quantize_model
+from lightning_quant.algorithms.awq import (AWQConfig, AWQStats, awq_quantize_group, awq_scales, search_clip,
+                                            search_scales)
+from lightning_quant.algorithms.awq_method import awq_method, awq_summary, fold_awq_scales
+from lightning_quant.algorithms.rtn import rtn_quantize
+from lightning_quant.calibration.awq_mapping import discover_groups
+from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.targets import linear_weight, select_linears
+from lightning_quant.testing import TINY_VOCAB
+
+SPEC = QuantSpec(4, 32)
+
+
+def _ids(n=8, t=48, seed=0):
+    return torch.randint(0, TINY_VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def _group_inputs(model, ids):
+    """Real captured inputs of every target linear ([tokens, in]) from one float forward."""
+    targets = select_linears(model)
+    xs = {}
+
+    def hook(name):
+        def fn(mod, args):
+            xs.setdefault(name, args[0].reshape(-1, args[0].shape[-1]))  # returns None: args unchanged
+        return fn
+
+    hooks = [m.register_forward_pre_hook(hook(n)) for n, m in targets.items()]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return targets, xs
+
+
+def _out_err(x, w, wq_over_s, s):
+    """Mean per-token squared output error, computed directly on the inputs (no Gram matrix)."""
+    return float(((x @ w.t() - (x / s) @ (wq_over_s * s).t()) ** 2).sum() / x.shape[0])
+
+
+def test_awq_not_worse_than_rtn_on_real_activations_every_group(tiny_model):
+    ids = _ids()
+    targets, xs = _group_inputs(tiny_model, ids)
+    # groups: layers reading the same input tensor (discovered on the first block)
+    block_groups = {}
+    for n in targets:
+        block_groups.setdefault(xs[n].data_ptr(), []).append(n)  # inputs are held alive: pointers are unique
+    assert len(block_groups) >= 6
+    for group in block_groups.values():
+        x = xs[group[0]].float()
+        weights = {n: linear_weight(targets[n]).detach().float() for n in group}
+        res = awq_quantize_group(AWQStats.from_inputs(x), weights, SPEC, AWQConfig())
+        err_awq = sum(_out_err(x, w, res.qweights[n].dequantize() / res.scales, res.scales) for n, w in weights.items())
+        err_rtn = sum(_out_err(x, w, rtn_quantize(w, SPEC).dequantize(), torch.ones(w.shape[1]))
+                      for w in weights.values())
+        assert err_awq <= err_rtn * (1 + 1e-5), (group, err_awq, err_rtn)
+        assert res.error == pytest.approx(err_awq, rel=1e-3)  # tr(D H D^T)/2 with H = 2 X^T X / N
+        assert res.rtn_error == pytest.approx(err_rtn, rel=1e-3)
+
+
+def test_best_grid_point_never_worse_than_unit_scale():
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * torch.linspace(0.1, 8, 64)  # a few salient channels
+    w = torch.randn(48, 64)
+    st = AWQStats.from_inputs(x)
+    s, ratio, errs = search_scales(st, {"w": w}, SPEC, n_grid=20)
+    assert len(errs) == 20
+    assert min(errs) == errs[int(round(ratio * 20))] and min(errs) <= errs[0]
+    assert torch.equal(awq_scales(st.mean_abs(), 0.0), torch.ones(64))
+    h = st.hessian()
+    plain = rtn_quantize(w, SPEC).dequantize()
+    assert errs[0] == pytest.approx(float(((w - plain) @ h * (w - plain)).sum() / 2), rel=1e-6)
+    assert ratio > 0  # salient channels: scaling helps here
+    torch.testing.assert_close(s.max() * s.min(), torch.tensor(1.0))
+
+
+def test_clip_search_grid_and_no_shrink():
+    torch.manual_seed(0)
+    w, x = torch.randn(16, 96), torch.randn(256, 96)
+    h = AWQStats.from_inputs(x).hessian()
+    clip = search_clip(w, h, SPEC, clip_grid=10, max_shrink=0.5)
+    assert clip.shape == (16, 3)  # 96 / 32 groups, per output row
+    allowed = torch.tensor([1 - 0.5 * i / 10 for i in range(10)])
+    assert torch.isin(clip, allowed).all()
+    assert torch.equal(search_clip(w, h, SPEC, clip_grid=10, max_shrink=0.0), torch.ones(16, 3))
+
+
+def test_partial_last_group_and_per_channel():
+    torch.manual_seed(0)
+    x, w = torch.randn(128, 80), torch.randn(8, 80)
+    for spec in (QuantSpec(4, 32), QuantSpec(3, -1, symmetric=False)):
+        res = awq_quantize_group(AWQStats.from_inputs(x), {"w": w}, spec)
+        assert res.qweights["w"].scales.shape == (8, spec.num_groups(80))
+        assert res.error <= res.rtn_error + 1e-9
+
+
+def test_folds_leave_float_model_unchanged(tiny_model):
+    """Exactness: applying every fold to the float model changes logits by < 1e-5 (relative L2)."""
+    ids = _ids()
+    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, ids, AWQConfig(n_grid=4, clip_grid=2))
+    folded = copy.deepcopy(tiny_model)
+    fold_awq_scales(folded, weights)
+    with torch.no_grad():
+        a, b = tiny_model(ids).logits, folded(ids).logits
+    assert float((a - b).norm() / a.norm()) < 1e-5
+    summary = awq_summary(weights)
+    assert summary["folded"], summary
+    n_layers = sum(len(g.split(", ")) for part in summary.values() for g in part)
+    assert n_layers == len(weights)  # every layer is reported, none skipped
+
+
+def test_discovery_per_architecture(tiny_model):
+    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
+    summary = awq_summary(weights)
+    explicit = " | ".join(f"{g}: {r}" for g, r in summary["explicit"].items())
+    kind = tiny_model.config.model_type
+    if kind == "llama":  # GQA: v has 48 outputs, o reads 96 -> explicit, with the reason
+        assert list(summary["explicit"]) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
+        assert "grouped-query attention" in explicit
+    elif kind == "gpt2":  # fused c_attn, GELU before mlp.c_proj
+        assert sorted(summary["explicit"]) == [f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")]
+    else:  # OPT: everything folds (ReLU between fc1 and fc2 is positively homogeneous)
+        assert not summary["explicit"] and len(summary["folded"]) == 8
+
+
+def test_mha_llama_folds_o_into_v():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = _ids(2)
+    weights = quantize_model(model, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=4, clip_grid=2))
+    info = weights["model.layers.0.self_attn.o_proj"].extras["awq"]
+    assert info.plan.producer == "model.layers.0.self_attn.v_proj" and info.plan.kind == "linear"
+    assert weights["model.layers.0.self_attn.v_proj"].extras["awq"].row_scale is not None
+    assert model.model.layers[0].self_attn.o_proj.input_scale is None
+
+
+def test_unverifiable_fold_falls_back_to_explicit(monkeypatch):
+    """A wrong pair in the data mapping (GELU between GPT-2's c_fc and c_proj) is caught numerically."""
+    from lightning_quant.calibration import awq_mapping
+    from lightning_quant.testing import tiny_gpt2
+
+    tiny_model = tiny_gpt2()
+    monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "gpt2", (("mlp.c_fc", "mlp.c_proj"),))
+    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
+    reason = awq_summary(weights)["explicit"]["transformer.h.0.mlp.c_proj"]
+    assert "failed the numerical check" in reason
+
+
+def test_quantize_model_awq_swaps_packed_layers_with_explicit_scales(tiny_model):
+    """The swapped model == the float model with every fold applied and each layer's weight replaced
+    by its dequantized codes (explicit groups: codes / scales on the columns)."""
+    ids = _ids()
+    with torch.no_grad():
+        ref = tiny_model(ids).logits
+    oracle = copy.deepcopy(tiny_model)
+    weights = quantize_model(tiny_model, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=10, clip_grid=5))
+    fold_awq_scales(oracle, weights)
+    with torch.no_grad():
+        for n, qw in weights.items():
+            info, w = qw.extras["awq"], linear_weight(oracle.get_submodule(n))
+            w.copy_(qw.dequantize() / (info.scales if info.plan.producer is None else 1.0))
+        expected = oracle(ids).logits
+    for n, qw in weights.items():
+        layer = tiny_model.get_submodule(n)
+        assert isinstance(layer, PackedLinear)
+        info = qw.extras["awq"]
+        if info.plan.producer is None:
+            assert torch.equal(layer.input_scale, info.scales.to(layer.input_scale.dtype))
+        else:
+            assert layer.input_scale is None
+    with torch.no_grad():
+        out = tiny_model(ids).logits
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert float((out - ref).norm() / ref.norm()) < 0.25  # W4 g32 on random tiny weights
+
+
+def test_peft_wrapped_model(tiny_llama):
+    peft = pytest.importorskip("peft")
+    ids = _ids()
+    cfg = peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"], lora_dropout=0.0, init_lora_weights=False)
+    model = peft.get_peft_model(tiny_llama, cfg).eval()
+    with torch.no_grad():
+        ref = model(ids).logits
+    targets = select_linears(model, exclude=["lm_head", "re:lora_[AB]"])
+    weights = awq_method(model, targets, SPEC, ids, AWQConfig(n_grid=4, clip_grid=2))
+    assert set(weights) == set(targets)
+    qkv = weights["base_model.model.model.layers.0.self_attn.q_proj.base_layer"].extras["awq"].plan
+    assert qkv.kind == "norm" and any(c.endswith("q_proj.lora_A.default") for c in qkv.companions)
+    folded = copy.deepcopy(model)
+    fold_awq_scales(folded, weights)
+    with torch.no_grad():
+        assert float((folded(ids).logits - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_bad_inputs():
+    x = torch.randn(16, 32)
+    with pytest.raises(ValueError, match=r"must all be \[out, 32\].*'b' disagrees"):
+        awq_quantize_group(AWQStats.from_inputs(x), {"a": torch.randn(4, 32), "b": torch.randn(4, 31)}, SPEC)
+    x[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        AWQStats.from_inputs(x)
+    with pytest.raises(ValueError, match=r"AWQConfig.n_grid=0 must be an int >= 1"):
+        AWQConfig(n_grid=0)
+    with pytest.raises(ValueError, match=r"AWQConfig.max_shrink=1.0 must be in \[0, 1\)"):
+        AWQConfig(max_shrink=1.0)
+
+
+def test_method_needs_calibration_and_finite_activations(tiny_llama):
+    with pytest.raises(ValueError, match="method='awq' needs calibration data"):
+        quantize_model(tiny_llama, SPEC, "awq")
+    with torch.no_grad():
+        tiny_llama.model.layers[0].input_layernorm.weight[3] = float("nan")
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        quantize_model(tiny_llama, SPEC, "awq", calibration=_ids(2))
+
+
+@pytest.mark.slow
+def test_smollm2_awq_w4g64_perplexity_below_rtn(smollm2, smollm2_tokenizer, heldout_windows):
+    from lightning_quant.data import stdlib_text, token_windows
+    from lightning_quant.evaluation import perplexity
+
+    spec = QuantSpec(4, 64)
+    ids = smollm2_tokenizer(stdlib_text(300_000, split="train"), return_tensors="pt").input_ids
+    calib = token_windows(ids, 256, 16)
+    windows = heldout_windows[:4]
+    rtn = copy.deepcopy(smollm2)
+    quantize_model(rtn, spec, "rtn")
+    ppl_rtn = perplexity(rtn, windows)
+    del rtn
+    awq = copy.deepcopy(smollm2)
+    quantize_model(awq, spec, "awq", calibration=calib, config=AWQConfig(clip_grid=5))
+    ppl_awq = perplexity(awq, windows)
+    print(f"SmolLM2 W4 g64 held-out ppl: RTN={ppl_rtn:.4f} AWQ={ppl_awq:.4f}")
+    assert ppl_awq < ppl_rtn
