@@ -143,3 +143,17 @@ def test_activation_quant_refuses_a_layer_kind_without_plain_activations():
         assert FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32)).kind == "gated"  # weight-only is fine
     finally:
         targets._KINDS.pop(Gated)
+
+
+@pytest.mark.slow
+def test_smollm2_fake_quant_equals_converted_with_partial_groups(smollm2, heldout_windows):
+    """Real model, hidden 576 = 4 x 128 + 64: the partial last group goes through QAT and conversion."""
+    model = copy.deepcopy(smollm2)
+    fqs = qat.inject(model, QuantSpec(4, 128), ActivationSpec(), include=["re:layers\\.(0|29)\\."], observer="mse")
+    assert len(fqs) == 14 and all(fq.observer.clip.shape[1] in (5, 12) for fq in fqs.values())  # 576/128, 1536/128
+    ids = heldout_windows[:1, :64]
+    with torch.no_grad():
+        fake = model(input_ids=ids).logits
+    qat.convert(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, fake, atol=1e-4, rtol=1e-5)
