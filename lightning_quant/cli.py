@@ -1,0 +1,190 @@
+"""``lightning-quant``: standalone PTQ of a saved model, and held-out perplexity.
+
+    lightning-quant quantize --model DIR --method {rtn,gptq,...} --bits 4 --group-size 64 [--sym]
+                             [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
+    lightning-quant eval --model DIR --data FILE --seq-len 512 [--max-windows N]   # last line: ppl=<value>
+
+``--model`` is an HF model directory, a ``.gguf`` file, ``smollm2`` (the embedded model), or (for
+``eval``) a directory written by ``quantize``. ``--method`` choices come from the method registry.
+
+Output of ``quantize`` (readable by ``eval``; safetensors + JSON only): ``config.json`` (HF config),
+tokenizer files, ``quantization.json`` (``format``, ``version``, ``method``, ``spec``, ``dtype`` and per
+layer ``in_features``, ``out_features``, ``bias``, ``act_order`` and the method's float figures) and
+``model.safetensors`` (all weights; quantized layers as ``PackedLinear`` buffers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["main", "build_parser", "quantize", "evaluate", "save_quantized", "load_quantized"]
+
+FORMAT = "lightning-quant"
+QUANT_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"
+
+
+def _method_names() -> list[str]:
+    from lightning_quant.algorithms.registry import METHODS, _load_builtin_methods
+
+    _load_builtin_methods()
+    return sorted(METHODS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lightning_quant.spec import ALLOWED_BITS
+
+    p = argparse.ArgumentParser(prog="lightning-quant", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("--model", required=True, help="HF model directory, .gguf file, or 'smollm2'")
+    q.add_argument("--method", required=True, choices=_method_names())
+    q.add_argument("--bits", type=int, default=4, choices=ALLOWED_BITS)
+    q.add_argument("--group-size", type=int, default=128, help="-1 for per output channel")
+    q.add_argument("--sym", action="store_true", help="symmetric codes (default: asymmetric with zero points)")
+    q.add_argument("--act-order", action="store_true", help="process columns by descending Hessian diagonal (gptq)")
+    q.add_argument("--calib", help="calibration text file (methods that need calibration)")
+    q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    q.add_argument("--out", required=True, help="output directory")
+    e = sub.add_parser("eval", help="perplexity on non-overlapping windows of a text file")
+    e.add_argument("--model", required=True, help="directory written by 'quantize', HF directory, .gguf or 'smollm2'")
+    e.add_argument("--data", required=True, help="text file")
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--max-windows", type=int, default=None)
+    return p
+
+
+def _positive(name: str, v: int | None) -> None:
+    if v is not None and v < 1:
+        raise SystemExit(f"error: --{name} must be a positive integer, got {v}.")
+
+
+def _windows(tokenizer, path: str, seq_len: int, n: int | None):
+    from lightning_quant.data import token_windows
+
+    text = Path(path).read_text(encoding="utf-8")
+    ids = tokenizer(text, return_tensors="pt").input_ids
+    windows = token_windows(ids, seq_len, n)
+    if n is not None and windows.shape[0] < n:
+        raise SystemExit(f"error: {path} holds only {windows.shape[0]} window(s) of {seq_len} tokens, fewer than "
+                         f"{n}; give more text, or lower --num-samples / --seq-len.")
+    return windows
+
+
+def _method_config(method, act_order: bool):
+    if method.config_type is None or "act_order" not in {f.name for f in dataclasses.fields(method.config_type)}:
+        if act_order:
+            raise SystemExit(f"error: --act-order is not an option of --method {method.name}.")
+        return None
+    return method.config_type(act_order=act_order)
+
+
+def quantize(args: argparse.Namespace) -> Path:
+    """The ``quantize`` subcommand: load, calibrate, quantize, save; returns the output directory."""
+    from lightning_quant.algorithms.registry import get_method
+    from lightning_quant.api import quantize_model
+    from lightning_quant.models import load_causal_lm, load_tokenizer
+    from lightning_quant.spec import QuantSpec
+
+    _positive("num-samples", args.num_samples)
+    _positive("seq-len", args.seq_len)
+    try:
+        spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    method = get_method(args.method)
+    config = _method_config(method, args.act_order)
+    model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
+    calib = None
+    if method.needs_calibration:
+        if not args.calib:
+            raise SystemExit(f"error: --method {args.method} needs --calib FILE (a text file).")
+        calib = _windows(tokenizer, args.calib, args.seq_len, args.num_samples)
+    elif args.calib:
+        print(f"note: --method {args.method} uses no calibration data; --calib ignored.", file=sys.stderr)
+    weights = quantize_model(model, spec, args.method, calibration=calib, config=config)
+    out = save_quantized(model, weights, args.method, args.out, tokenizer)
+    print(f"quantized {len(weights)} layers with {args.method} ({spec}) -> {out}")
+    return out
+
+
+def save_quantized(model: nn.Module, weights: dict, method: str, out: str | Path, tokenizer=None) -> Path:
+    """Write ``model`` (packed layers swapped in) as described in the module docstring."""
+    from safetensors.torch import save_model
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    layers = {}
+    for name, qw in weights.items():
+        layer = model.get_submodule(name)
+        figures = {k: float(v) for k, v in qw.extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        layers[name] = {"in_features": qw.in_features, "out_features": qw.out_features, "bias": layer.bias is not None,
+                        "act_order": layer.perm is not None, "figures": figures}
+    spec = next(iter(weights.values())).spec
+    meta = {"format": FORMAT, "version": 1, "method": method, "spec": spec.to_dict(),
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "layers": layers}
+    (out / QUANT_FILE).write_text(json.dumps(meta, indent=2))
+    save_model(model, str(out / WEIGHTS_FILE))
+    return out
+
+
+def load_quantized(directory: str | Path) -> nn.Module:
+    """Rebuild a model saved by :func:`save_quantized`: HF model from config, ``PackedLinear`` by name, weights."""
+    from safetensors.torch import load_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lightning_quant.layers.packed import PackedLinear
+    from lightning_quant.spec import QuantSpec
+    from lightning_quant.targets import set_submodule
+
+    directory = Path(directory)
+    meta = json.loads((directory / QUANT_FILE).read_text())
+    if meta.get("format") != FORMAT or meta.get("version") != 1:
+        raise ValueError(f"{directory / QUANT_FILE} is not a {FORMAT} v1 file (format={meta.get('format')!r}).")
+    dtype = getattr(torch, meta["dtype"])
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
+    spec = QuantSpec.from_dict(meta["spec"])
+    for name, info in meta["layers"].items():
+        set_submodule(model, name, PackedLinear(info["in_features"], info["out_features"], spec, bias=info["bias"],
+                                                act_order=info["act_order"], dtype=dtype))
+    load_model(model, str(directory / WEIGHTS_FILE), strict=True)
+    return model.eval()
+
+
+def evaluate(args: argparse.Namespace) -> float:
+    """The ``eval`` subcommand: perplexity on non-overlapping ``--seq-len`` windows; prints ``ppl=<value>``."""
+    from lightning_quant.evaluation import perplexity
+    from lightning_quant.models import load_causal_lm, load_tokenizer
+
+    _positive("seq-len", args.seq_len)
+    _positive("max-windows", args.max_windows)
+    is_quantized = Path(args.model).is_dir() and (Path(args.model) / QUANT_FILE).exists()
+    model = load_quantized(args.model) if is_quantized else load_causal_lm(args.model)
+    windows = _windows(load_tokenizer(args.model), args.data, args.seq_len, None)
+    if args.max_windows is not None:
+        windows = windows[: args.max_windows]
+    ppl = perplexity(model, windows)
+    print(f"windows={windows.shape[0]} seq_len={args.seq_len}")
+    print(f"ppl={ppl:.4f}")
+    return ppl
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    {"quantize": quantize, "eval": evaluate}[args.command](args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
