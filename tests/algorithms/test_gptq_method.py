@@ -123,3 +123,14 @@ def test_smollm2_gptq_beats_rtn(smollm2, smollm2_tokenizer, heldout_windows):
     quantize_model(gptq, spec, "gptq", calibration=calib, config=GPTQConfig(true_sequential=False))
     ppl_rtn, ppl_gptq = perplexity(rtn, heldout_windows), perplexity(gptq, heldout_windows)
     assert ppl_gptq < ppl_rtn, (ppl_gptq, ppl_rtn)
+
+
+def test_peft_wrapped_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(testing.tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    targets = select_linears(model, exclude=["lm_head", "re:lora_"])
+    assert any(n.endswith("q_proj.base_layer") for n in targets)
+    weights = gptq_method(model, targets, SPEC, testing.random_token_batches(2, 32, 2), GPTQConfig())
+    assert set(weights) == set(targets)
+    assert all(not qw.extras["gptq_fallback"] for qw in weights.values())
