@@ -17,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning_quant.algorithms.registry import get_method
 from lightning_quant.api import quantize_model
 from lightning_quant.calibration import distributed as dist
+from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
@@ -40,11 +41,15 @@ class PostTrainingQuantization(Callback):
             else ``trainer.datamodule.train_dataloader()``, else the Trainer's train dataloader.
         dataloader: an explicit iterable of calibration batches (see :mod:`lightning_quant.calibration.data`).
         when: one of :data:`WHEN`.
+        export_on_fit_end: ``{"format": ..., "path": ...}`` (or an :class:`~lightning_quant.export.ExportConfig`):
+            export the quantized model at the end of ``fit`` (rank 0, atomically) with
+            :func:`lightning_quant.export.export_after_fit`.
     """
 
     def __init__(self, spec: QuantSpec, method: str, config: Any = None, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = DEFAULT_EXCLUDE, num_samples: int = 128,
-                 dataloader: Iterable | None = None, when: str = "fit_end") -> None:
+                 dataloader: Iterable | None = None, when: str = "fit_end",
+                 export_on_fit_end: dict | ExportConfig | None = None) -> None:
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128); got {type(spec).__name__}.")
         m = get_method(method)
@@ -63,6 +68,10 @@ class PostTrainingQuantization(Callback):
         self.include, self.exclude = include, exclude
         self.num_samples, self.dataloader, self.when = num_samples, dataloader, when
         self.quantized_weights: dict[str, QuantizedWeight] = {}
+        self.export_config = ExportConfig.coerce(export_on_fit_end)
+        if self.export_config is not None and when == "manual":
+            raise ValueError("export_on_fit_end needs when='fit_end' or 'train_end' (with 'manual' nothing is "
+                             "quantized at fit end); call lightning_quant.export.save yourself after quantize().")
 
     # ---- hooks ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -81,6 +90,8 @@ class PostTrainingQuantization(Callback):
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.when == "fit_end":
             self.quantize(trainer, pl_module)
+        if self.export_config is not None:
+            export_after_fit(trainer, pl_module, self.export_config)
 
     def state_dict(self) -> dict:
         return {"quantized": sorted(self.quantized_weights)}

@@ -19,6 +19,9 @@ class LM(L.LightningModule):
         super().__init__()
         self.model = tiny_llama()
 
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
     def training_step(self, batch, _):
         return self.model(input_ids=batch, labels=batch).loss
 
@@ -90,3 +93,13 @@ def test_find_hf_model_requires_transformers_model():
 
     with pytest.raises(ValueError, match="holds no transformers PreTrainedModel"):
         find_hf_model(torch.nn.Linear(2, 2))
+
+
+def test_gptq_callback_exports_on_fit_end(tmp_path, ids):
+    from lightning_quant.callbacks import GPTQ
+
+    cb = GPTQ(QuantSpec(4, 32), num_samples=1, export_on_fit_end={"format": "gptq_v2", "path": str(tmp_path / "g")})
+    module = _fit(tmp_path, [cb])
+    assert torch.equal(export.load(tmp_path / "g")(ids).logits, module.model(ids).logits)
+    with pytest.raises(ValueError, match="export_on_fit_end needs when='fit_end' or 'train_end'"):
+        GPTQ(QuantSpec(4, 32), when="manual", export_on_fit_end={"format": "gptq", "path": "x"})
