@@ -2,6 +2,7 @@
 
     lightning-quant quantize --model DIR --method {rtn,gptq,...} --bits 4 --group-size 64 [--sym]
                              [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
+                             [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,int8,onnx}]
     lightning-quant eval --model DIR --data FILE --seq-len 512 [--max-windows N]   # last line: ppl=<value>
 
 ``--model`` is an HF model directory, a ``.gguf`` file, ``smollm2`` (the embedded model), or (for
@@ -10,7 +11,9 @@
 Output of ``quantize`` (readable by ``eval``; safetensors + JSON only): ``config.json`` (HF config),
 tokenizer files, ``quantization.json`` (``format``, ``version``, ``method``, ``spec``, ``dtype`` and per
 layer ``in_features``, ``out_features``, ``bias``, ``act_order`` and the method's float figures) and
-``model.safetensors`` (all weights; quantized layers as ``PackedLinear`` buffers).
+``model.safetensors`` (all weights; quantized layers as ``PackedLinear`` buffers). With ``--format``
+another value, ``quantize`` writes that format with :func:`lightning_quant.export.save` instead
+(``docs/formats.md``), and ``eval`` reads it with :func:`lightning_quant.export.load`.
 """
 
 from __future__ import annotations
@@ -38,6 +41,12 @@ def _method_names() -> list[str]:
     return sorted(METHODS)
 
 
+def _export_formats() -> list[str]:
+    from lightning_quant.export import available_formats
+
+    return available_formats()
+
+
 def build_parser() -> argparse.ArgumentParser:
     from lightning_quant.spec import ALLOWED_BITS
 
@@ -54,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--format", default=FORMAT, choices=[FORMAT, *_export_formats()],
+                   help=f"on-disk format (default {FORMAT}; others: see docs/formats.md)")
     e = sub.add_parser("eval", help="perplexity on non-overlapping windows of a text file")
     e.add_argument("--model", required=True, help="directory written by 'quantize', HF directory, .gguf or 'smollm2'")
     e.add_argument("--data", required=True, help="text file")
@@ -111,7 +122,15 @@ def quantize(args: argparse.Namespace) -> Path:
     elif args.calib:
         print(f"note: --method {args.method} uses no calibration data; --calib ignored.", file=sys.stderr)
     weights = quantize_model(model, spec, args.method, calibration=calib, config=config)
-    out = save_quantized(model, weights, args.method, args.out, tokenizer)
+    if args.format == FORMAT:
+        out = save_quantized(model, weights, args.method, args.out, tokenizer)
+    else:
+        from lightning_quant import export
+
+        try:
+            out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True)
+        except ValueError as e:
+            raise SystemExit(f"error: --format {args.format}: {e}") from None
     print(f"quantized {len(weights)} layers with {args.method} ({spec}) -> {out}")
     return out
 
@@ -162,6 +181,15 @@ def load_quantized(directory: str | Path) -> nn.Module:
     return model.eval()
 
 
+def _is_export(path: str) -> bool:
+    """A directory written by ``lightning_quant.export.save`` (gptq, awq, compressed-tensors, int8, onnx)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return False
+    data = json.loads(cfg.read_text())
+    return "quantization_config" in data or "lightning_quant_export" in data
+
+
 def evaluate(args: argparse.Namespace) -> float:
     """The ``eval`` subcommand: perplexity on non-overlapping ``--seq-len`` windows; prints ``ppl=<value>``."""
     from lightning_quant.evaluation import perplexity
@@ -170,7 +198,14 @@ def evaluate(args: argparse.Namespace) -> float:
     _positive("seq-len", args.seq_len)
     _positive("max-windows", args.max_windows)
     is_quantized = Path(args.model).is_dir() and (Path(args.model) / QUANT_FILE).exists()
-    model = load_quantized(args.model) if is_quantized else load_causal_lm(args.model)
+    if is_quantized:
+        model = load_quantized(args.model)
+    elif _is_export(args.model):
+        from lightning_quant import export
+
+        model = export.load(args.model)
+    else:
+        model = load_causal_lm(args.model)
     windows = _windows(load_tokenizer(args.model), args.data, args.seq_len, None)
     if args.max_windows is not None:
         windows = windows[: args.max_windows]

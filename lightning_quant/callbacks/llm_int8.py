@@ -34,11 +34,12 @@ class LLMInt8(PostTrainingQuantization):
 
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = DEFAULT_EXCLUDE, stats_batches: int = 0,
-                 dataloader: Iterable | None = None, when: str = "fit_end") -> None:
+                 dataloader: Iterable | None = None, when: str = "fit_end",
+                 export_on_fit_end: dict | None = None) -> None:
         if isinstance(stats_batches, bool) or not isinstance(stats_batches, int) or stats_batches < 0:
             raise ValueError(f"stats_batches must be an int >= 0 (0 disables outlier statistics), got {stats_batches!r}.")
         super().__init__(INT8_METHOD_SPEC, "int8", LLMInt8Config(threshold), include, exclude, max(stats_batches, 1),
-                         dataloader, when)
+                         dataloader, when, export_on_fit_end)
         self.stats_batches = stats_batches
         self.outlier_stats: dict[str, dict[str, float]] = {}
 
