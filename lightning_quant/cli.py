@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["main", "build_parser", "quantize", "evaluate", "save_quantized", "load_quantized"]
+__all__ = ["build_parser", "evaluate", "load_quantized", "main", "quantize", "save_quantized"]
 
 FORMAT = "lightning-quant"
 QUANT_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"

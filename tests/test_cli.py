@@ -70,7 +70,7 @@ def test_rtn_and_float_eval_as_a_console_script(model_dir, tmp_path):
     env = {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     figures = []
     for model in (out, model_dir / "model"):
-        res = subprocess.run(cmd + ["--model", str(model)], capture_output=True, text=True, env=env,
+        res = subprocess.run(cmd + ["--model", str(model)], check=False, capture_output=True, text=True, env=env,
                              cwd=Path(__file__).parents[1], timeout=300)
         assert res.returncode == 0, res.stderr
         figures.append(float(res.stdout.strip().splitlines()[-1].removeprefix("ppl=")))

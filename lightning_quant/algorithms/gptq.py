@@ -77,7 +77,7 @@ class GPTQConfig:
                 raise ValueError(f"GPTQConfig.{name}={v!r} must be an int >= {low}.")
         for name in ("act_order", "static_groups", "true_sequential", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+                raise TypeError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.static_groups and not self.act_order:
             raise ValueError("GPTQConfig.static_groups=True only applies with act_order=True; set act_order=True or drop it.")
 
@@ -193,7 +193,7 @@ def _solve(w: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: T
     ``scales`` / ``zeros`` ``[out, G]`` are read (precomputed groups) or filled (``dynamic``: computed on
     the error-updated weights when a group starts). Returns codes (float) and dequantized ``[out, in]``.
     """
-    out_f, in_f = w.shape
+    in_f = w.shape[1]
     gs = spec.effective_group_size(in_f)
     bs = cfg.block_size if spec.group_size == -1 else max(gs, cfg.block_size // gs * gs)
     codes = torch.empty_like(w)

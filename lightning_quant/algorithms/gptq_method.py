@@ -25,7 +25,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import linear_weight
 
-__all__ = ["gptq_method", "GPTQConfig"]
+__all__ = ["GPTQConfig", "gptq_method"]
 
 
 def _quantize_group(ctx: BlockContext, modules: dict[str, nn.Module], spec: QuantSpec, cfg: GPTQConfig,

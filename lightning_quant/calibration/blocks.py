@@ -64,7 +64,7 @@ def find_blocks(model: nn.Module, override: str | None = None) -> BlockList:
         )
 
     def size(item):
-        name, ml = item
+        ml = item[1]
         return len(ml), sum(p.numel() for p in ml.parameters())
 
     name, ml = max(candidates, key=size)

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_quant.calibration.data import CalibrationBatch
 
-__all__ = ["BlockInput", "ActivationLedger", "call_model", "capture_block_inputs"]
+__all__ = ["ActivationLedger", "BlockInput", "call_model", "capture_block_inputs"]
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CalibrationBatch", "to_batches", "ACCEPTED_FORMS"]
+__all__ = ["ACCEPTED_FORMS", "CalibrationBatch", "to_batches"]
 
 ACCEPTED_FORMS = (
     "a LongTensor [N, T] of token ids, or an iterable of batches that are LongTensors [B, T], "
@@ -42,7 +42,7 @@ class CalibrationBatch:
             return self.input_ids.numel()
         return int(self.attention_mask.bool().sum())
 
-    def to(self, device) -> "CalibrationBatch":
+    def to(self, device) -> CalibrationBatch:
         mask = None if self.attention_mask is None else self.attention_mask.to(device)
         return CalibrationBatch(self.input_ids.to(device), mask)
 

@@ -13,7 +13,7 @@ from typing import TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["is_distributed", "world_size", "rank", "all_reduce_sum", "shard"]
+__all__ = ["all_reduce_sum", "is_distributed", "rank", "shard", "world_size"]
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
 
-__all__ = ["PostTrainingQuantization", "WHEN"]
+__all__ = ["WHEN", "PostTrainingQuantization"]
 
 #: When the callback quantizes: at the end of ``fit``, at the end of training, or only when
 #: :meth:`PostTrainingQuantization.quantize` is called.
@@ -78,7 +78,7 @@ class PostTrainingQuantization(Callback):
         from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
         if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
+            raise TypeError(
                 f"{type(self).__name__} supports single-device and DDP strategies, not "
                 f"{type(trainer.strategy).__name__}; use strategy='ddp' or quantize the saved model with quantize_model()."
             )

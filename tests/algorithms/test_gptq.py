@@ -128,7 +128,7 @@ def test_config_and_input_validation():
         GPTQConfig(block_size=0)
     with pytest.raises(ValueError, match="static_groups=True only applies with act_order=True"):
         GPTQConfig(static_groups=True)
-    with pytest.raises(ValueError, match="act_order must be True or False"):
+    with pytest.raises(TypeError, match="act_order must be True or False"):
         GPTQConfig(act_order=1)
     with pytest.raises(ValueError, match=r"need weight \[out, in\] and hessian \[in, in\]"):
         gptq_quantize(torch.randn(4, 8), torch.eye(4), QuantSpec(4, 8))

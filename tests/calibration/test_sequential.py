@@ -47,7 +47,7 @@ def test_set_weight_propagates_then_restores(tiny_model):
 
     def zero_block0(ctx):
         if ctx.index == 0:
-            for name, mod in ctx.linears(targets).items():
+            for mod in ctx.linears(targets).values():
                 ctx.set_weight(mod, torch.zeros_like(linear_weight(mod)))
         else:
             hidden1["x"] = ctx.inputs[0].hidden.clone()

@@ -59,7 +59,8 @@ def test_gptq_on_fit_end_with_datamodule_logs_layer_losses(tmp_path):
     trainer = _trainer(tmp_path, cb)
     trainer.fit(model, datamodule=DM())
     assert len(_packed(model)) == 14 and set(_packed(model)) == set(cb.quantized_weights)
-    rows = list(csv.DictReader(open(trainer.logger.log_dir + "/metrics.csv")))
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     keys = {k for r in rows for k, v in r.items() if v}
     assert "gptq/model.model.layers.1.mlp.down_proj/gptq_loss" in keys
     assert cb.state_dict() == {"quantized": sorted(cb.quantized_weights)}
@@ -111,3 +112,10 @@ def test_too_small_loader_and_bad_arguments(tmp_path):
         PostTrainingQuantization(SPEC, "nope")
     with pytest.raises(ValueError, match="found no calibration data"):
         GPTQ(SPEC, when="manual").calibration_batches(None)
+
+
+def test_unsupported_strategy_is_rejected_in_setup():
+    from types import SimpleNamespace
+
+    with pytest.raises(TypeError, match="supports single-device and DDP strategies, not object"):
+        GPTQ(SPEC).setup(SimpleNamespace(strategy=object()), LM(), "fit")
