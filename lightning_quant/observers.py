@@ -34,8 +34,16 @@ from torch import Tensor, nn
 from lightning_quant import primitives as P
 from lightning_quant.spec import QuantSpec
 
-__all__ = ["Observer", "MinMaxObserver", "MovingAverageObserver", "MSEObserver", "LearnableScaleObserver",
-           "OBSERVERS", "register_observer", "build_observer"]
+__all__ = [
+    "OBSERVERS",
+    "LearnableScaleObserver",
+    "MSEObserver",
+    "MinMaxObserver",
+    "MovingAverageObserver",
+    "Observer",
+    "build_observer",
+    "register_observer",
+]
 
 
 class Observer(nn.Module):

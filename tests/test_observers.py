@@ -2,8 +2,16 @@ import pytest
 import torch
 
 from lightning_quant import primitives as P
-from lightning_quant.observers import (OBSERVERS, LearnableScaleObserver, MinMaxObserver, MovingAverageObserver,
-                                       MSEObserver, Observer, build_observer, register_observer)
+from lightning_quant.observers import (
+    OBSERVERS,
+    LearnableScaleObserver,
+    MinMaxObserver,
+    MovingAverageObserver,
+    MSEObserver,
+    Observer,
+    build_observer,
+    register_observer,
+)
 from lightning_quant.spec import QuantSpec
 
 SPECS = [QuantSpec(4, 32), QuantSpec(4, 40, symmetric=False), QuantSpec(8, -1)]

@@ -41,7 +41,7 @@ class QuantizationAwareTraining(Callback):
                  observer: str = "minmax", lora: str = "merged", start_step: int = 0,
                  convert_on_fit_end: bool = True, export_on_fit_end: dict | ExportConfig | None = None) -> None:
         if not isinstance(convert_on_fit_end, bool):
-            raise ValueError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}.")
+            raise TypeError(f"convert_on_fit_end must be True or False, got {convert_on_fit_end!r}.")
         self.export_config = ExportConfig.coerce(export_on_fit_end)
         if self.export_config is not None and not convert_on_fit_end:
             raise ValueError("export_on_fit_end needs convert_on_fit_end=True (only packed layers are exported).")

@@ -34,7 +34,7 @@ _INNER = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true"
 def _build_inner(inner: str | Precision, device: str | None) -> Precision:
     if isinstance(inner, Precision):
         if isinstance(inner, QuantizationPrecision):
-            raise ValueError("inner must not itself be a QuantizationPrecision.")
+            raise TypeError("inner must not itself be a QuantizationPrecision; pass the precision it should wrap.")
         return inner
     if inner not in _INNER:
         raise ValueError(f"inner={inner!r} is not supported; use one of {_INNER} or a lightning Precision instance.")

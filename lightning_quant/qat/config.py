@@ -11,7 +11,7 @@ from lightning_quant.observers import check_observer
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
 
-__all__ = ["QATConfig", "LORA_MODES", "ACT_QUANT_WEIGHT_BITS"]
+__all__ = ["ACT_QUANT_WEIGHT_BITS", "LORA_MODES", "QATConfig"]
 
 LORA_MODES = ("merged", "separate")
 #: activation fake quant is defined for the W4A8 / W8A8 schemes only
@@ -22,7 +22,7 @@ def _patterns(value: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
     if isinstance(value, str):
-        raise ValueError(f"{what} must be a list of patterns, got the string {value!r}; write [{value!r}].")
+        raise TypeError(f"{what} must be a list of patterns, got the string {value!r}; write [{value!r}].")
     out = tuple(value)
     for p in out:
         if not isinstance(p, str) or not p:

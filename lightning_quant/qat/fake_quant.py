@@ -24,7 +24,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import linear_kind
 
-__all__ = ["FakeQuantLinear", "ACT_QUANT_KINDS"]
+__all__ = ["ACT_QUANT_KINDS", "FakeQuantLinear"]
 
 #: linear kinds (see ``targets.register_linear_kind``) whose input is a plain activation ``[..., in]``
 #: that per-token activation quant can take
@@ -67,7 +67,7 @@ class FakeQuantLinear(nn.Module):
     @classmethod
     def from_linear(cls, module: nn.Module, spec: QuantSpec, act_spec: ActivationSpec | None = None,
                     observer: str = "minmax", lora_host: nn.Module | None = None,
-                    lora: str = "merged") -> "FakeQuantLinear":
+                    lora: str = "merged") -> FakeQuantLinear:
         """Wrap ``module`` (``nn.Linear`` or ``Conv1D``); ``lora_host`` is the peft layer around it, if any."""
         kind = linear_kind(module)
         if kind is None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["is_tuner_layer", "check_supported_host", "lora_delta", "adapter_output", "active_adapters", "merged_weight"]
+__all__ = ["active_adapters", "adapter_output", "check_supported_host", "is_tuner_layer", "lora_delta", "merged_weight"]
 
 SUPPORTED = "peft LoRA on Linear layers (peft.tuners.lora.layer.Linear, no DoRA/variants, lora_bias=False)"
 

@@ -21,7 +21,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, is_linear_like, matches, set_submodule
 
-__all__ = ["inject", "inject_config", "remove", "convert", "fake_quant_modules", "set_enabled"]
+__all__ = ["convert", "fake_quant_modules", "inject", "inject_config", "remove", "set_enabled"]
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:

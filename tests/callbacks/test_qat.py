@@ -102,7 +102,7 @@ def test_resume_mid_qat_equals_uninterrupted(tmp_path, observer):
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="start_step must be an int >= 0"):
         QuantizationAwareTraining(SPEC, start_step=-1)
-    with pytest.raises(ValueError, match="convert_on_fit_end must be True or False"):
+    with pytest.raises(TypeError, match="convert_on_fit_end must be True or False"):
         QuantizationAwareTraining(SPEC, convert_on_fit_end="yes")
     with pytest.raises(ValueError, match="include pattern 'nope' matched no linear layer"):
         trainer(1, callbacks=[QuantizationAwareTraining(SPEC, include=["nope"])]).fit(TinyCausalLM(), token_loader())

@@ -39,7 +39,7 @@ def test_bad_plugin_arguments_raise():
         QuantizationPrecision(SPEC, inner="fp8")
     with pytest.raises(ValueError, match="device='tpu' is not supported for mixed precision"):
         QuantizationPrecision(SPEC, inner="bf16-mixed", device="tpu")
-    with pytest.raises(ValueError, match="must not itself be a QuantizationPrecision"):
+    with pytest.raises(TypeError, match="must not itself be a QuantizationPrecision"):
         QuantizationPrecision(SPEC, inner=QuantizationPrecision(SPEC))
     with pytest.raises(ValueError, match="start_step must be an int >= 0"):
         QuantizationPrecision(SPEC, start_step=-3)

@@ -46,8 +46,8 @@ def token_loader(n: int = 8, seq_len: int = 24, batch_size: int = 2, seed: int =
 
 
 def trainer(max_steps: int, **kwargs) -> pl.Trainer:
-    defaults = dict(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, deterministic=True, num_sanity_val_steps=0)
+    defaults = {"accelerator": "cpu", "devices": 1, "max_steps": max_steps, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False, "deterministic": True, "num_sanity_val_steps": 0}
     defaults.update(kwargs)
     return pl.Trainer(**defaults)
 

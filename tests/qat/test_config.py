@@ -11,15 +11,15 @@ def test_defaults_and_normalised_filters():
 
 
 @pytest.mark.parametrize("kwargs, err, match", [
-    (dict(spec="w4"), TypeError, "spec must be a QuantSpec"),
-    (dict(act_spec="int8"), TypeError, "act_spec must be an ActivationSpec"),
-    (dict(spec=QuantSpec(3, 32), act_spec=ActivationSpec()), ValueError, "use bits in \\(4, 8\\)"),
-    (dict(include="q_proj"), ValueError, "write \\['q_proj'\\]"),
-    (dict(exclude=[""]), ValueError, "non-empty strings"),
-    (dict(observer="ema"), ValueError, "use one of \\['lsq', 'minmax', 'moving_average', 'mse'"),
-    (dict(lora="qlora"), ValueError, "use one of \\('merged', 'separate'\\)"),
-    (dict(start_step=-1), ValueError, "start_step must be an int >= 0"),
-    (dict(start_step=1.5), ValueError, "start_step must be an int >= 0"),
+    ({"spec": "w4"}, TypeError, "spec must be a QuantSpec"),
+    ({"act_spec": "int8"}, TypeError, "act_spec must be an ActivationSpec"),
+    ({"spec": QuantSpec(3, 32), "act_spec": ActivationSpec()}, ValueError, "use bits in \\(4, 8\\)"),
+    ({"include": "q_proj"}, TypeError, "write \\['q_proj'\\]"),
+    ({"exclude": [""]}, ValueError, "non-empty strings"),
+    ({"observer": "ema"}, ValueError, "use one of \\['lsq', 'minmax', 'moving_average', 'mse'"),
+    ({"lora": "qlora"}, ValueError, "use one of \\('merged', 'separate'\\)"),
+    ({"start_step": -1}, ValueError, "start_step must be an int >= 0"),
+    ({"start_step": 1.5}, ValueError, "start_step must be an int >= 0"),
 ])
 def test_bad_config_raises(kwargs, err, match):
     kwargs = {"spec": QuantSpec(4, 32), **kwargs}
