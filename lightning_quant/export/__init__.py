@@ -22,8 +22,17 @@ from lightning_quant.export.registry import (
     register_format,
 )
 
-__all__ = ["save", "load", "from_pretrained", "available_formats", "register_format", "ExportFormat",
-           "SaveOptions", "ExportConfig", "export_after_fit"]
+__all__ = [
+    "ExportConfig",
+    "ExportFormat",
+    "SaveOptions",
+    "available_formats",
+    "export_after_fit",
+    "from_pretrained",
+    "load",
+    "register_format",
+    "save",
+]
 
 
 def save(
@@ -51,7 +60,7 @@ def save(
         The export directory. The write is atomic: on any failure the previous content of
         ``path`` is left intact.
     """
-    from lightning_quant.export.io import atomic_directory, write_json
+    from lightning_quant.export.io import atomic_directory
 
     fmt = get_format(format)
     options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes)
@@ -60,7 +69,7 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if not (tmp / "config.json").exists():
-            write_json(tmp / "config.json", {"lightning_quant_format": fmt.name})
+            raise RuntimeError(f"Format {fmt.name!r} wrote no config.json; load() could not detect it. Fix the format.")
     return Path(path)
 
 

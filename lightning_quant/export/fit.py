@@ -52,7 +52,7 @@ class ExportConfig:
             raise ValueError(f"tokenizer must have save_pretrained (a transformers tokenizer), got {type(self.tokenizer).__name__}.")
 
     @classmethod
-    def coerce(cls, value: "ExportConfig | dict | None") -> "ExportConfig | None":
+    def coerce(cls, value: ExportConfig | dict | None) -> ExportConfig | None:
         """``None``, an :class:`ExportConfig`, or a dict with its fields (e.g. from a YAML recipe)."""
         if value is None or isinstance(value, cls):
             return value
@@ -78,7 +78,7 @@ def find_hf_model(module: nn.Module) -> nn.Module:
                      "directories, so keep the model as a transformers model attribute of the LightningModule.")
 
 
-def export_after_fit(trainer: Any, pl_module: nn.Module, config: "ExportConfig | dict") -> Path | None:
+def export_after_fit(trainer: Any, pl_module: nn.Module, config: ExportConfig | dict) -> Path | None:
     """Export ``pl_module``'s (converted) transformers model on global rank 0, then barrier.
 
     Returns the export path on rank 0 and None elsewhere.

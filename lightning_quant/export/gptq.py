@@ -24,7 +24,7 @@ from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
-__all__ = ["GPTQ_V1", "GPTQ_V2", "uniform_spec", "spec_from_config"]
+__all__ = ["GPTQ_V1", "GPTQ_V2", "spec_from_config", "uniform_spec"]
 
 
 def uniform_spec(layers: dict[str, nn.Module], fmt_name: str) -> QuantSpec:

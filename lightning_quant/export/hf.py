@@ -20,7 +20,7 @@ from lightning_quant.export import io
 from lightning_quant.export.registry import ExportFormat, SaveOptions
 from lightning_quant.targets import linear_weight, set_submodule
 
-__all__ = ["LayerCodec", "hf_format", "quantized_layers", "check_plain", "take", "build_model", "model_dtype"]
+__all__ = ["LayerCodec", "build_model", "check_plain", "hf_format", "model_dtype", "quantized_layers", "take"]
 
 
 @dataclass(frozen=True)

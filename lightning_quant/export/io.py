@@ -20,8 +20,18 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["atomic_directory", "write_json", "read_json", "write_tensors", "read_tensors",
-           "check_dtype", "check_shape", "SAFE_NAME", "INDEX_NAME", "DEFAULT_MAX_SHARD_BYTES"]
+__all__ = [
+    "DEFAULT_MAX_SHARD_BYTES",
+    "INDEX_NAME",
+    "SAFE_NAME",
+    "atomic_directory",
+    "check_dtype",
+    "check_shape",
+    "read_json",
+    "read_tensors",
+    "write_json",
+    "write_tensors",
+]
 
 SAFE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"

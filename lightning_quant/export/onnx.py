@@ -30,7 +30,7 @@ from lightning_quant.export.registry import ExportFormat, SaveOptions
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.targets import set_submodule
 
-__all__ = ["ONNX", "OnnxCausalLM", "matmulnbits_operands", "ONNX_BITS"]
+__all__ = ["ONNX", "ONNX_BITS", "OnnxCausalLM", "matmulnbits_operands"]
 
 ONNX_BITS = (2, 4, 8)
 _FILE = "model.onnx"

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ExportFormat", "SaveOptions", "register_format", "get_format", "available_formats", "detect_format"]
+__all__ = ["ExportFormat", "SaveOptions", "available_formats", "detect_format", "get_format", "register_format"]
 
 
 @dataclass(frozen=True)

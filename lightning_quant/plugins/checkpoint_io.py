@@ -29,7 +29,7 @@ from torch import nn
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import is_linear_like, set_submodule
 
-__all__ = ["QuantizedCheckpointIO", "packed_manifest", "apply_manifest", "MANIFEST_KEY"]
+__all__ = ["MANIFEST_KEY", "QuantizedCheckpointIO", "apply_manifest", "packed_manifest"]
 
 MANIFEST_KEY = "lightning_quant_packed_layers"
 

@@ -85,8 +85,8 @@ def test_mixed_specs_raise(tmp_path):
 
 def test_non_float16_scales_raise(tmp_path):
     from lightning_quant.spec import QuantSpec
-    from tests.export.conftest import quantize_packed
     from lightning_quant.testing import tiny_llama
+    from tests.export.conftest import quantize_packed
 
     model = quantize_packed(tiny_llama(), QuantSpec(4, 32, True, scale_dtype="float32"))
     with pytest.raises(ValueError, match="scale_dtype='float16'"):

@@ -62,7 +62,7 @@ def test_tokenizer_files_written(tmp_path):
     class Tok:
         def save_pretrained(self, d):
             (tmp_path / "seen").write_text(d)
-            open(f"{d}/tokenizer.json", "w").write("{}")
+            (tmp_path.__class__(d) / "tokenizer.json").write_text("{}")
 
     export.save(packed_tiny(), tmp_path / "m", "gptq", tokenizer=Tok())
     assert (tmp_path / "m" / "tokenizer.json").exists()
