@@ -84,7 +84,8 @@ class AWQStats:
 
     def add(self, x: Tensor) -> None:
         """Accumulate inputs ``x [tokens, in]`` (checks shape and finiteness)."""
-        self.gram.add(x)  # raises on a feature-count mismatch or NaN/Inf
+        P.check_finite(x, f"Calibration inputs of {self.name}")
+        self.gram.add(x)  # raises on a feature-count mismatch
         self.abs_sum += x.detach().reshape(-1, x.shape[-1]).to(self.abs_sum.device, torch.float64).abs().sum(0)
 
     def all_reduce(self) -> None:
@@ -133,8 +134,22 @@ def awq_scales(mean_abs: Tensor, ratio: float) -> Tensor:
 
 
 def _fake_rtn(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Tensor:
-    scale, zero = P.compute_qparams(w, spec, clip=clip)
-    return P.fake_quantize(w, scale, zero, spec)
+    """``dequantize(quantize(w))`` with min-max qparams (shrunk by ``clip``, scalar or ``[out, G]``).
+
+    The same values as ``P.compute_qparams`` + ``P.fake_quantize`` (same qparam formula, same
+    elementwise float32 ops), computed on a zero-padded ``[out, G, gs]`` view instead of gathers —
+    padding with zeros changes no group's qparams, since ranges always contain 0 — because the
+    searches call it hundreds of times per block.
+    """
+    out_f, in_f = w.shape
+    gs = spec.effective_group_size(in_f)
+    n_groups = spec.num_groups(in_f)
+    wg = torch.nn.functional.pad(w.float(), (0, n_groups * gs - in_f)).view(out_f, n_groups, gs)  # [out, G, gs]
+    clip = clip.unsqueeze(-1) if isinstance(clip, Tensor) else clip
+    scale, zero = P.qparams_from_minmax(wg.amin(-1, keepdim=True) * clip, wg.amax(-1, keepdim=True) * clip, spec)
+    zero = torch.full_like(scale, float(spec.midpoint)) if zero is None else zero
+    q = torch.clamp(torch.round(wg / scale) + zero, 0, spec.qmax)
+    return ((q - zero) * scale).view(out_f, n_groups * gs)[:, :in_f]
 
 
 def _check_group(weights: dict[str, Tensor], in_features: int) -> None:

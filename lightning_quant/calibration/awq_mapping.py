@@ -164,7 +164,8 @@ def _indirect_candidate(rel_group: list[str], width: int, pairs, block: nn.Modul
     return None, "no foldable producer"
 
 
-def _verify(block: nn.Module, inp, plan_rel: tuple, modules: list[nn.Module], width: int, seed: int) -> bool:
+def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[nn.Module], width: int,
+            seed: int) -> bool:
     """Apply the fold with random scales, compare the block output, undo. True if within FOLD_RTOL."""
     producer, kind = plan_rel
     pmod = block.get_submodule(producer)
@@ -174,7 +175,6 @@ def _verify(block: nn.Module, inp, plan_rel: tuple, modules: list[nn.Module], wi
     g = torch.Generator().manual_seed(seed)
     s = torch.exp(torch.rand(width, generator=g) - 0.5).to(pmod.weight.device)
     with torch.no_grad():
-        ref = _run(block, inp)
         try:
             fold_into_producer(pmod, kind, s)
             for m in modules:
@@ -213,7 +213,7 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
     if missing:
         raise RuntimeError(f"AWQ: {missing} never ran in the block's forward; exclude them or check block_path.")
     pairs = INDIRECT_FOLDS.get(family, GENERIC_INDIRECT_FOLDS) if family else GENERIC_INDIRECT_FOLDS
-    plans = []
+    plans, ref = [], None
     for i, (key, group) in enumerate(groups):
         width = key.shape[-1]
         prod, kind, comps, reason = _direct_candidate(key, width, set(group), ins, outs, block)
@@ -224,7 +224,10 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
             reason = reason2 if prod is not None else f"{reason}; {reason2}"
         if prod is not None:
             mods = [block.get_submodule(r) for r in group + list(comps)]
-            if not _verify(block, inp, (prod, kind), mods, width, seed=i):
+            if ref is None:
+                with torch.no_grad():
+                    ref = _run(block, inp)
+            if not _verify(block, inp, ref, (prod, kind), mods, width, seed=i):
                 reason = f"fold into {prod} failed the numerical check (block output moved > {FOLD_RTOL:g})"
                 prod, kind = None, None
         plans.append(FoldPlan(tuple(by_rel[r] for r in group), None if prod is None else f"{prefix}.{prod}", kind,

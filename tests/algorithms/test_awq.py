@@ -79,6 +79,20 @@ def test_best_grid_point_never_worse_than_unit_scale():
     torch.testing.assert_close(s.max() * s.min(), torch.tensor(1.0))
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 32, symmetric=False), QuantSpec(3, -1),
+                                  QuantSpec(4, 64, symmetric=False, scale_dtype="bfloat16")], ids=str)
+def test_search_fake_quant_equals_primitives_bit_for_bit(spec):
+    """The searches' padded [out, G, gs] fake quant == primitives.compute_qparams + fake_quantize (partial group)."""
+    from lightning_quant import primitives as P
+    from lightning_quant.algorithms.awq import _fake_rtn
+
+    torch.manual_seed(0)
+    w = torch.randn(40, 80) * 3
+    for clip in (1.0, 0.8, torch.rand(40, spec.num_groups(80)) * 0.5 + 0.5):
+        scale, zero = P.compute_qparams(w, spec, clip=clip)
+        assert torch.equal(_fake_rtn(w, spec, clip), P.fake_quantize(w, scale, zero, spec))
+
+
 def test_clip_search_grid_and_no_shrink():
     torch.manual_seed(0)
     w, x = torch.randn(16, 96), torch.randn(256, 96)
@@ -241,3 +255,45 @@ def test_smollm2_awq_w4g64_perplexity_below_rtn(smollm2, smollm2_tokenizer, held
     ppl_awq = perplexity(awq, windows)
     print(f"SmolLM2 W4 g64 held-out ppl: RTN={ppl_rtn:.4f} AWQ={ppl_awq:.4f}")
     assert ppl_awq < ppl_rtn
+
+
+def _dump(weights):
+    return {n: (q.codes, q.scales, q.extras["awq"].scales) for n, q in weights.items()}
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from lightning_quant.calibration import shard
+    from lightning_quant.testing import random_token_batches, tiny_opt
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_opt()
+        mine = shard(random_token_batches(4, 32, 2), rank, world)
+        torch.save(_dump(awq_method(model, select_linears(model), SPEC, mine, DDP_CFG)), f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+DDP_CFG = AWQConfig(n_grid=10, clip_grid=4)
+
+
+def test_ddp_two_ranks_equal_single_process(tmp_path):
+    """2 gloo ranks, each on half the batches, == one process on all of them (statistics are float64
+    sums all-reduced before solving; we require identical codes and scales equal to 1e-6 relative)."""
+    import torch.multiprocessing as mp
+
+    from lightning_quant.testing import random_token_batches, tiny_opt
+
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    model = tiny_opt()
+    single = _dump(awq_method(model, select_linears(model), SPEC, random_token_batches(4, 32, 2), DDP_CFG))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert set(ranks[0]) == set(single) == set(ranks[1])
+    for name, (codes, scales, awq_s) in single.items():
+        for got in ranks:
+            assert torch.equal(got[name][0], codes), name
+            torch.testing.assert_close(got[name][1], scales, rtol=1e-6, atol=0)
+            torch.testing.assert_close(got[name][2], awq_s, rtol=1e-6, atol=0)
