@@ -88,7 +88,11 @@ class _MatMulNBits(torch.autograd.Function):
     def symbolic(g, x, b, scales, zero_points, weight_kernel_order, attrs):
         k, n, bits, bs, has_zp = attrs
         inputs = [x, b, scales] + ([zero_points] if has_zp else [])
-        return g.op("com.microsoft::MatMulNBits", *inputs, K_i=k, N_i=n, bits_i=bits, block_size_i=bs)
+        out = g.op("com.microsoft::MatMulNBits", *inputs, K_i=k, N_i=n, bits_i=bits, block_size_i=bs)
+        sizes = x.type().varyingSizes()  # [..., K] -> [..., N] for ONNX shape inference
+        if sizes is not None:
+            out.setType(x.type().with_sizes(sizes[:-1] + [n]))
+        return out
 
 
 class _OnnxPackedLinear(nn.Module):

@@ -68,3 +68,25 @@ def test_act_order_raises(tmp_path):
 def test_partial_group_raises_with_valid_sizes(tmp_path):
     with pytest.raises(ValueError, match=r"in_features=96 and group_size=64; use one of \[16, 32\]"):
         export.save(quantize_packed(tiny_llama(), QuantSpec(4, 64, True)), tmp_path / "m", "awq")
+
+
+def test_real_awq_models(tmp_path, ids):
+    """An AWQ-quantized OPT (all scales folded) round-trips through 'awq'; a Llama whose o_proj keeps an
+    explicit input scale (GQA) is refused by 'awq' but exported exactly by 'onnx'."""
+    from lightning_quant import quantize_model
+    from lightning_quant.algorithms.awq import AWQConfig
+    from lightning_quant.testing import random_token_batches, tiny_opt
+
+    calib, cfg = torch.cat(random_token_batches(2, 32, 2)), AWQConfig(n_grid=4, clip_grid=0)  # small grid: speed
+    opt = tiny_opt()
+    quantize_model(opt, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
+    export.save(opt, tmp_path / "opt", "awq")
+    assert torch.equal(export.load(tmp_path / "opt")(ids).logits, opt(ids).logits)
+    llama = tiny_llama()
+    quantize_model(llama, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
+    assert llama.model.layers[0].self_attn.o_proj.input_scale is not None
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.o_proj' has an explicit AWQ input_scale"):
+        export.save(llama, tmp_path / "llama", "awq")
+    pytest.importorskip("onnxruntime")
+    export.save(llama, tmp_path / "onnx", "onnx")
+    torch.testing.assert_close(export.load(tmp_path / "onnx")(ids).logits, llama(ids).logits, rtol=0, atol=1e-4)
