@@ -45,7 +45,7 @@ class FakeQuantLinear(nn.Module):
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None, spec: QuantSpec, kind: str,
                  act_spec: ActivationSpec | None = None, observer: str = "minmax",
-                 lora_host: nn.Module | None = None, lora: str = "merged") -> None:
+                 lora_host: nn.Module | None = None, lora: str = "merged", transposed: bool = False) -> None:
         super().__init__()
         if act_spec is not None and kind not in ACT_QUANT_KINDS:
             raise TypeError(f"act_spec needs a layer whose input is a plain activation (kinds {ACT_QUANT_KINDS}); "
@@ -55,7 +55,7 @@ class FakeQuantLinear(nn.Module):
         self.spec = spec
         self.act_spec = act_spec
         self.kind = kind
-        self.transposed = kind == "conv1d"
+        self.transposed = transposed  # weight stored [in, out] (GPT-2 Conv1D)
         self.lora_mode: str | None = None if lora_host is None else lora
         self.__dict__["_lora_host"] = lora_host  # plain attribute: not a submodule (no state_dict cycle)
         self.__dict__["_orig"] = None
@@ -73,7 +73,12 @@ class FakeQuantLinear(nn.Module):
         if kind is None:
             raise TypeError(f"FakeQuantLinear.from_linear takes nn.Linear or transformers Conv1D (or a type added "
                             f"with targets.register_linear_kind), got {type(module).__name__}.")
-        fq = cls(module.weight, module.bias, spec, kind.name, act_spec, observer, lora_host, lora)
+        w_oi = kind.weight(module)  # the registry says how to read [out, in]
+        transposed = w_oi is not module.weight
+        if transposed and not (w_oi.shape == module.weight.t().shape and torch.equal(w_oi, module.weight.t())):
+            raise TypeError(f"Linear kind {kind.name!r} reads its weight neither as stored nor transposed; "
+                            "FakeQuantLinear supports only those two layouts.")
+        fq = cls(module.weight, module.bias, spec, kind.name, act_spec, observer, lora_host, lora, transposed)
         fq.__dict__["_orig"] = (type(module), {k: v for k, v in module.__dict__.items()
                                                if not k.startswith("_") and k != "training"})
         fq.train(module.training)
