@@ -149,7 +149,9 @@ def save_quantized(model: nn.Module, weights: dict, method: str, out: str | Path
         layer = model.get_submodule(name)
         figures = {k: float(v) for k, v in qw.extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         layers[name] = {"in_features": qw.in_features, "out_features": qw.out_features, "bias": layer.bias is not None,
-                        "act_order": layer.perm is not None, "figures": figures}
+                        "act_order": getattr(layer, "perm", None) is not None, "figures": figures,
+                        "input_scale": getattr(layer, "input_scale", None) is not None,  # AWQ explicit scales
+                        "kind": type(layer).__name__}  # PackedLinear or Int8OutlierLinear (method "int8")
     spec = next(iter(weights.values())).spec
     meta = {"format": FORMAT, "version": 1, "method": method, "spec": spec.to_dict(),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "layers": layers}
@@ -175,8 +177,15 @@ def load_quantized(directory: str | Path) -> nn.Module:
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
     spec = QuantSpec.from_dict(meta["spec"])
     for name, info in meta["layers"].items():
-        set_submodule(model, name, PackedLinear(info["in_features"], info["out_features"], spec, bias=info["bias"],
-                                                act_order=info["act_order"], dtype=dtype))
+        if info.get("kind") == "Int8OutlierLinear":
+            from lightning_quant.layers.int8 import Int8OutlierLinear
+
+            layer = Int8OutlierLinear(info["in_features"], info["out_features"], bias=info["bias"], dtype=dtype,
+                                      threshold=info["figures"].get("threshold", 6.0))
+        else:
+            layer = PackedLinear(info["in_features"], info["out_features"], spec, bias=info["bias"],
+                                 act_order=info["act_order"], dtype=dtype, input_scale=info.get("input_scale", False))
+        set_submodule(model, name, layer)
     load_model(model, str(directory / WEIGHTS_FILE), strict=True)
     return model.eval()
 

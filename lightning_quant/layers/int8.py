@@ -6,16 +6,14 @@ Buffers (bitsandbytes ``Linear8bitLt`` names, ``weight_format`` "row"; see ``sha
 * ``SCB``    float32 ``[out]``: the row absmax;
 * ``bias``   ``[out]`` (optional, in the original dtype).
 
-``threshold`` (float, default 6.0) is kept in the module's extra state, so ``state_dict`` round-trips
-it. At runtime input columns with ``|x| > threshold`` in any token go through a float matmul with
+``threshold`` (a Python float, default 6.0) is mirrored in the float32 scalar buffer
+``outlier_threshold``, so ``state_dict`` (and safetensors files, which hold tensors only) round-trip it. At runtime input columns with ``|x| > threshold`` in any token go through a float matmul with
 their dequantized weight columns; the rest through int8 x int8 -> int32
 (:func:`lightning_quant.kernels.int8_matmul.int8_matmul`, where the Triton kernel plugs in) with
 per-token absmax activation scales. ``threshold = 0`` is pure W8A8.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,8 +36,10 @@ class Int8OutlierLinear(nn.Module):
             raise ValueError(f"in_features and out_features must be positive, got {in_features}, {out_features}.")
         self.in_features = in_features
         self.out_features = out_features
-        self.threshold = check_threshold(threshold)
         self.compute_dtype = dtype
+        self.register_buffer("outlier_threshold", torch.zeros((), dtype=torch.float32, device=device))
+        self.threshold = threshold
+        self.register_load_state_dict_post_hook(Int8OutlierLinear._sync_threshold)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("SCB", torch.ones(out_features, dtype=torch.float32, device=device))
         if bias:
@@ -85,11 +85,19 @@ class Int8OutlierLinear(nn.Module):
         return layer
 
     # ---- state ------------------------------------------------------------------------
-    def get_extra_state(self) -> dict[str, Any]:
-        return {"threshold": self.threshold}
+    @property
+    def threshold(self) -> float:
+        """Outlier threshold (a float, read without a device sync in ``forward``)."""
+        return self._threshold
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        self.threshold = check_threshold(state["threshold"])
+    @threshold.setter
+    def threshold(self, value: float) -> None:
+        self._threshold = check_threshold(value)
+        self.outlier_threshold.fill_(self._threshold)
+
+    @staticmethod
+    def _sync_threshold(module: "Int8OutlierLinear", incompatible_keys) -> None:
+        module._threshold = check_threshold(float(module.outlier_threshold))
 
     # ---- math -------------------------------------------------------------------------
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:

@@ -95,6 +95,14 @@ def test_state_dict_roundtrips_threshold_and_buffers():
     assert torch.equal(a.weight, b.weight) and torch.equal(a.SCB, b.SCB) and torch.equal(a.bias, b.bias)
     x = torch.randn(3, 96) * 4
     assert torch.equal(a(x), b(x))
+    # tensors only (safetensors can store it): the threshold travels as a float32 scalar buffer
+    from safetensors.torch import load, save
+
+    sd = a.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in sd.values()) and float(sd["outlier_threshold"]) == 3.5
+    c = Int8OutlierLinear(96, 40, bias=True)
+    c.load_state_dict(load(save(sd)))
+    assert c.threshold == 3.5 and isinstance(c.threshold, float)
 
 
 def test_from_quantized_matches_from_linear():
