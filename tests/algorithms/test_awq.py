@@ -297,3 +297,15 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
             assert torch.equal(got[name][0], codes), name
             torch.testing.assert_close(got[name][1], scales, rtol=1e-6, atol=0)
             torch.testing.assert_close(got[name][2], awq_s, rtol=1e-6, atol=0)
+
+
+def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path):
+    from lightning_quant.cli import load_quantized, save_quantized
+
+    ids = _ids(2)
+    weights = quantize_model(tiny_llama, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=2, clip_grid=0))
+    save_quantized(tiny_llama, weights, "awq", tmp_path)
+    back = load_quantized(tmp_path)
+    assert back.model.layers[0].self_attn.o_proj.input_scale is not None
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, tiny_llama(ids).logits)

@@ -103,3 +103,16 @@ def test_smollm2_int8_perplexity_within_one_percent(smollm2, heldout_windows):
     ppl_int8 = perplexity(model, windows)
     print(f"SmolLM2 held-out ppl float={ppl_float:.4f} int8(t=6)={ppl_int8:.4f} ({ppl_int8 / ppl_float - 1:+.3%})")
     assert abs(ppl_int8 / ppl_float - 1) < 0.01
+
+
+def test_cli_format_roundtrips_int8_layers(tiny_llama, tmp_path):
+    from lightning_quant.cli import load_quantized, save_quantized
+
+    ids = random_token_batches(1)[0]
+    weights = convert_to_int8(tiny_llama, threshold=2.5)
+    save_quantized(tiny_llama, weights, "int8", tmp_path)
+    back = load_quantized(tmp_path)
+    layer = back.model.layers[1].mlp.down_proj
+    assert isinstance(layer, Int8OutlierLinear) and layer.threshold == 2.5
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, tiny_llama(ids).logits)
