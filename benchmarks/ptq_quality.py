@@ -1,4 +1,4 @@
-"""PTQ quality and cost on SmolLM2-135M: float vs RTN vs GPTQ.
+"""PTQ quality and cost on SmolLM2-135M: float vs RTN vs GPTQ vs AWQ vs LLM.int8().
 
 Prints a markdown table: held-out perplexity (WikiText-2 test from ../shared/data when present,
 else held-out stdlib source), mean per-token KL to the float model, quantization wall time, and
@@ -10,6 +10,10 @@ peak resident memory while quantizing (Linux VmHWM, reset before each method).
 Speed goal (issue 4): GPTQ on CPU at least 2x faster than llm-compressor's GPTQ on the same model
 and data, with no worse perplexity. llm-compressor lives in its own venv; pass its python with
 ``--llmcompressor-python`` to add its row (see docs/ptq.md), otherwise the row is omitted.
+
+Goals (issue 5): AWQ perplexity at least as good as llm-compressor's AWQ on the same model and data;
+LLM.int8 (``--methods ...,int8``: one row, weights are always row-wise int8, threshold 6.0)
+perplexity change <= 0.5 % vs float.
 """
 
 from __future__ import annotations
@@ -67,10 +71,23 @@ def _texts(tokenizer, args):
     return held_name, held, calib
 
 
+def _int8_row(model, ref, held) -> tuple:
+    from lightning_quant.algorithms.llm_int8_method import convert_to_int8
+
+    q = copy.deepcopy(model)
+    _reset_peak()
+    t0 = time.perf_counter()
+    convert_to_int8(q, threshold=6.0)
+    wall, peak = time.perf_counter() - t0, _peak_mb()
+    r = evaluate_against(q, ref, held)
+    print(f"done int8 (threshold 6.0): ppl={r['ppl']:.3f} kl={r['kl']:.4f} time={wall:.1f}s", flush=True)
+    return ("int8", "row-wise W8, t=6.0", r["ppl"], r["kl"], wall, peak)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
-    p.add_argument("--methods", default="rtn,gptq")
+    p.add_argument("--methods", default="rtn,gptq,awq,int8", help="registered methods; int8 gives one row")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -86,6 +103,8 @@ def main() -> None:
     for name in args.configs.split(","):
         spec = CONFIGS[name]
         for method in args.methods.split(","):
+            if method == "int8":  # independent of the weight config: one row after the loop
+                continue
             q = copy.deepcopy(model)
             _reset_peak()
             t0 = time.perf_counter()
@@ -97,6 +116,8 @@ def main() -> None:
             rows.append((method, name, r["ppl"], r["kl"], wall, peak))
             print(f"done {method} {name}: ppl={r['ppl']:.3f} kl={r['kl']:.4f} time={wall:.1f}s", flush=True)
             del q
+    if "int8" in args.methods.split(","):
+        rows.append(_int8_row(model, ref, held))
     print(f"\nSmolLM2-135M, held-out: {held_name}, {held.shape[0]} x {args.seq_len} tokens; calibration: "
           f"{args.num_samples} x {args.seq_len} tokens; GPTQ {cfg}; torch threads {torch.get_num_threads()}\n")
     print("| method | config | ppl | KL to float | quantize wall (s) | peak RSS while quantizing (MB) |")
