@@ -38,25 +38,25 @@ def gptq_reference_dequant(t: dict, prefix: str, bits: int, in_f: int, out_f: in
     return ((q - z[g]) * s[g]).T.astype(np.float32)  # [out, in]
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
 @pytest.mark.parametrize("bits,group_size,symmetric,act_order", CASES)
-def test_roundtrip_and_independent_decoder(tmp_path, ids, fmt, bits, group_size, symmetric, act_order):
+def test_roundtrip_and_independent_decoder(tmp_path, ids, bits, group_size, symmetric, act_order):
     model = packed_tiny(bits, group_size, symmetric, act_order)
     ref = model(ids).logits
-    export.save(model, tmp_path / "m", fmt)
-    loaded = export.load(tmp_path / "m")
-    assert torch.equal(loaded(ids).logits, ref)
-    q_proj = loaded.model.layers[0].self_attn.q_proj
-    assert isinstance(q_proj, PackedLinear) and q_proj.spec == model.model.layers[0].self_attn.q_proj.spec
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"]
-    assert cfg["checkpoint_format"] == fmt and cfg["bits"] == bits and cfg["desc_act"] == act_order
-    assert cfg["sym"] == symmetric and cfg["group_size"] == group_size
-    assert json.loads((tmp_path / "m" / "quantize_config.json").read_text()) == cfg
-    tensors = load_file(str(tmp_path / "m" / "model.safetensors"))
-    for name, layer in model.named_modules():
-        if isinstance(layer, PackedLinear):
-            w = gptq_reference_dequant(tensors, name, bits, layer.in_features, layer.out_features, fmt == "gptq")
-            np.testing.assert_array_equal(w, layer.dequantize().numpy())
+    for fmt in ("gptq", "gptq_v2"):
+        export.save(model, tmp_path / fmt, fmt)
+        loaded = export.load(tmp_path / fmt)
+        assert torch.equal(loaded(ids).logits, ref), fmt
+        q_proj = loaded.model.layers[0].self_attn.q_proj
+        assert isinstance(q_proj, PackedLinear) and q_proj.spec == model.model.layers[0].self_attn.q_proj.spec
+        cfg = json.loads((tmp_path / fmt / "config.json").read_text())["quantization_config"]
+        assert cfg["checkpoint_format"] == fmt and cfg["bits"] == bits and cfg["desc_act"] == act_order
+        assert cfg["sym"] == symmetric and cfg["group_size"] == group_size
+        assert json.loads((tmp_path / fmt / "quantize_config.json").read_text()) == cfg
+        tensors = load_file(str(tmp_path / fmt / "model.safetensors"))
+        for name, layer in model.named_modules():
+            if isinstance(layer, PackedLinear):
+                w = gptq_reference_dequant(tensors, name, bits, layer.in_features, layer.out_features, fmt == "gptq")
+                np.testing.assert_array_equal(w, layer.dequantize().numpy())
 
 
 def test_v1_symmetric_4bit_stores_seven(tmp_path):
