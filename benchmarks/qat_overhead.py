@@ -3,8 +3,8 @@
 1. ``overhead``: training-step time (forward + backward + AdamW step) with QAT weight-only (W4 g128) and
    W4A8 vs. the same model without QAT, same precision (float32 on CPU, bf16 autocast on CUDA). Goal on
    GPU: ratio <= 1.2x.
-2. ``lora``: on SmolLM2-135M, how much of the RTN-vs-float gap a short QAT-LoRA run (merged mode, LSQ
-   scales, distillation from the float model on standard-library training text) recovers, measured on
+2. ``lora``: on SmolLM2-135M, how much of the RTN-vs-float gap a short QAT-LoRA run (merged mode,
+   observer selectable, distillation from the float model on standard-library training text) recovers, measured on
    held-out text as perplexity and mean per-token KL to the float model, *after* conversion to packed
    layers. Goal: >= 70 % of the perplexity gap.
 
@@ -88,16 +88,17 @@ def _rtn_model(model):
     return rtn
 
 
-def _qat_lora(model, train_windows, steps: int, lr: float, batch: int):
+def _qat_lora(model, train_windows, steps: int, lr: float, batch: int, observer: str):
     import peft
 
     student = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
         r=16, lora_alpha=32, target_modules=LORA_TARGETS, lora_dropout=0.0))
-    qat.inject(student, SPEC, observer="lsq", lora="merged")
+    qat.inject(student, SPEC, observer=observer, lora="merged")
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     student.train()
     g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
     for step in range(steps):
         ids = train_windows[torch.randint(0, train_windows.shape[0], (batch,), generator=g)]
         with torch.no_grad():
@@ -108,7 +109,7 @@ def _qat_lora(model, train_windows, steps: int, lr: float, batch: int):
         opt.step()
         opt.zero_grad(set_to_none=True)
         if step % 10 == 0 or step == steps - 1:
-            print(f"  step {step:4d}  distillation KL {loss.item():.4f}", flush=True)
+            print(f"  step {step:4d}  distillation KL {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
     student.eval()
     qat.convert(student)  # merged LoRA + learned scales -> packed layers
     return student
@@ -125,8 +126,11 @@ def lora(args) -> None:
     ref = reference_logits(model, heldout)
     t0 = time.perf_counter()
     res = {"float": evaluate_against(model, ref, heldout), "rtn": evaluate_against(_rtn_model(model), ref, heldout)}
-    res["qat-lora"] = evaluate_against(_qat_lora(model, train, args.steps, args.lr, args.batch), ref, heldout)
-    print(f"SmolLM2-135M, {SPEC}, QAT-LoRA r=16 merged + LSQ, {args.steps} steps x {args.batch}x{args.seq_len} "
+    print(f"  float {res['float']}  rtn {res['rtn']}", flush=True)
+    student = _qat_lora(model, train, args.steps, args.lr, args.batch, args.lora_observer)
+    res["qat-lora"] = evaluate_against(student, ref, heldout)
+    print(f"SmolLM2-135M, {SPEC}, QAT-LoRA r=16 merged, observer={args.lora_observer}, {args.steps} steps x "
+          f"{args.batch}x{args.seq_len} "
           f"tokens, lr={args.lr}; held-out: 8 x 256 stdlib tokens ({time.perf_counter() - t0:.0f} s)")
     for k, v in res.items():
         print(f"  {k:9s} ppl {v['ppl']:.4f}   KL {v['kl']:.5f}")
@@ -144,7 +148,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lora-observer", default="minmax", help="observer for --part lora")
     args = ap.parse_args()
     if args.part in ("overhead", "all"):
         overhead(args)
