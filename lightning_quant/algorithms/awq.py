@@ -31,8 +31,15 @@ from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
-__all__ = ["AWQConfig", "AWQStats", "AWQGroupResult", "awq_scales", "search_scales", "search_clip",
-           "awq_quantize_group"]
+__all__ = [
+    "AWQConfig",
+    "AWQGroupResult",
+    "AWQStats",
+    "awq_quantize_group",
+    "awq_scales",
+    "search_clip",
+    "search_scales",
+]
 
 
 @dataclass(frozen=True)
@@ -66,7 +73,7 @@ class AWQConfig:
                 or not 0.0 <= self.max_shrink < 1.0:
             raise ValueError(f"AWQConfig.max_shrink={self.max_shrink!r} must be in [0, 1); 0.5 is typical.")
         if not isinstance(self.progress, bool):
-            raise ValueError(f"AWQConfig.progress must be True or False, got {self.progress!r}.")
+            raise TypeError(f"AWQConfig.progress must be True or False, got {self.progress!r}.")
 
 
 class AWQStats:
@@ -102,7 +109,7 @@ class AWQStats:
         return (self.abs_sum / self.gram.count.clamp_min(1)).float()
 
     @classmethod
-    def from_inputs(cls, x: Tensor, name: str = "group") -> "AWQStats":
+    def from_inputs(cls, x: Tensor, name: str = "group") -> AWQStats:
         st = cls(x.shape[-1], x.device, name)
         st.add(x)
         return st

@@ -32,13 +32,18 @@ from lightning_quant.algorithms.awq import AWQConfig, AWQStats, awq_quantize_gro
 from lightning_quant.algorithms.registry import register_method
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration import BlockContext, run_sequential
-from lightning_quant.calibration.awq_mapping import (FoldPlan, discover_groups, fold_into_producer, model_type,
-                                                     scale_input_columns)
+from lightning_quant.calibration.awq_mapping import (
+    FoldPlan,
+    discover_groups,
+    fold_into_producer,
+    model_type,
+    scale_input_columns,
+)
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import linear_kind, linear_weight, set_submodule
 
-__all__ = ["AWQConfig", "AWQLayerScaling", "awq_method", "swap_in_awq", "fold_awq_scales", "awq_summary"]
+__all__ = ["AWQConfig", "AWQLayerScaling", "awq_method", "awq_summary", "fold_awq_scales", "swap_in_awq"]
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,18 @@ from lightning_quant import primitives as P
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
-__all__ = ["INT8_ROWWISE", "DEFAULT_THRESHOLD", "check_threshold", "int8_rowwise", "int8_rowwise_quantize",
-           "rowwise_to_quantized", "outlier_columns", "absmax_quantize_rows", "int8_outlier_matmul",
-           "outlier_statistics"]
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "INT8_ROWWISE",
+    "absmax_quantize_rows",
+    "check_threshold",
+    "int8_outlier_matmul",
+    "int8_rowwise",
+    "int8_rowwise_quantize",
+    "outlier_columns",
+    "outlier_statistics",
+    "rowwise_to_quantized",
+]
 
 #: The :class:`QuantSpec` of a row-wise absmax int8 weight (codes offset by the implicit zero 128).
 INT8_ROWWISE = QuantSpec(bits=8, group_size=-1, symmetric=True, scale_dtype="float32")

@@ -22,7 +22,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, linear_weight, set_submodule
 
-__all__ = ["LLMInt8Config", "INT8_METHOD_SPEC", "convert_to_int8", "swap_in_int8"]
+__all__ = ["INT8_METHOD_SPEC", "LLMInt8Config", "convert_to_int8", "swap_in_int8"]
 
 #: The spec ``quantize_model(..., method="int8")`` takes (LLM.int8 weights are always row-wise 8-bit).
 INT8_METHOD_SPEC = QuantSpec(bits=8, group_size=-1)

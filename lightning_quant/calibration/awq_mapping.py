@@ -33,8 +33,16 @@ from torch import Tensor, nn
 from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.targets import is_linear_like, linear_weight
 
-__all__ = ["FoldPlan", "INDIRECT_FOLDS", "GENERIC_INDIRECT_FOLDS", "FOLD_RTOL", "discover_groups",
-           "fold_into_producer", "scale_input_columns", "model_type"]
+__all__ = [
+    "FOLD_RTOL",
+    "GENERIC_INDIRECT_FOLDS",
+    "INDIRECT_FOLDS",
+    "FoldPlan",
+    "discover_groups",
+    "fold_into_producer",
+    "model_type",
+    "scale_input_columns",
+]
 
 _LLAMA_LIKE = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
 #: ``config.model_type`` -> ``(producer, consumer)`` pairs (names relative to the block) whose fold
@@ -218,7 +226,7 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
         width = key.shape[-1]
         prod, kind, comps, reason = _direct_candidate(key, width, set(group), ins, outs, block)
         if prod is None:
-            stripped = [r[: -len(_WRAPPER_SUFFIX)] if r.endswith(_WRAPPER_SUFFIX) else r for r in group]
+            stripped = [r.removesuffix(_WRAPPER_SUFFIX) for r in group]
             prod, reason2 = _indirect_candidate(stripped, width, pairs, block)
             kind, comps = ("linear", ()) if prod is not None else (None, comps)
             reason = reason2 if prod is not None else f"{reason}; {reason2}"

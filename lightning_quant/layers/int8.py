@@ -18,8 +18,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.algorithms.llm_int8 import (DEFAULT_THRESHOLD, INT8_ROWWISE, check_threshold, int8_outlier_matmul,
-                                                 int8_rowwise)
+from lightning_quant.algorithms.llm_int8 import (
+    DEFAULT_THRESHOLD,
+    INT8_ROWWISE,
+    check_threshold,
+    int8_outlier_matmul,
+    int8_rowwise,
+)
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import linear_kind
 
@@ -51,7 +56,7 @@ class Int8OutlierLinear(nn.Module):
 
     # ---- construction -----------------------------------------------------------------
     @classmethod
-    def from_linear(cls, module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> "Int8OutlierLinear":
+    def from_linear(cls, module: nn.Module, threshold: float = DEFAULT_THRESHOLD) -> Int8OutlierLinear:
         """Quantize an ``nn.Linear`` or GPT-2 ``Conv1D`` (any registered linear-like module)."""
         kind = linear_kind(module)
         if kind is None:
@@ -63,7 +68,7 @@ class Int8OutlierLinear(nn.Module):
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None,
-                       threshold: float = DEFAULT_THRESHOLD) -> "Int8OutlierLinear":
+                       threshold: float = DEFAULT_THRESHOLD) -> Int8OutlierLinear:
         """Build from a row-wise int8 :class:`QuantizedWeight` (``algorithms.llm_int8.int8_rowwise_quantize``)."""
         if qw.spec != INT8_ROWWISE or int(qw.codes.min()) < 1:
             raise ValueError(f"Int8OutlierLinear needs a row-wise absmax int8 weight (spec {INT8_ROWWISE}, codes in "
@@ -75,7 +80,7 @@ class Int8OutlierLinear(nn.Module):
 
     @classmethod
     def _build(cls, codes: Tensor, scb: Tensor, bias: Tensor | None, threshold: float,
-               dtype: torch.dtype) -> "Int8OutlierLinear":
+               dtype: torch.dtype) -> Int8OutlierLinear:
         out_f, in_f = codes.shape
         layer = cls(in_f, out_f, bias=bias is not None, threshold=threshold, dtype=dtype, device=codes.device)
         layer.weight.copy_(codes)
@@ -96,7 +101,7 @@ class Int8OutlierLinear(nn.Module):
         self.outlier_threshold.fill_(self._threshold)
 
     @staticmethod
-    def _sync_threshold(module: "Int8OutlierLinear", incompatible_keys) -> None:
+    def _sync_threshold(module: Int8OutlierLinear, incompatible_keys) -> None:
         module._threshold = check_threshold(float(module.outlier_threshold))
 
     # ---- math -------------------------------------------------------------------------

@@ -4,11 +4,16 @@ import pytest
 import torch
 
 from lightning_quant import QuantSpec, quantize_model
-from lightning_quant.algorithms.awq import (AWQConfig, AWQStats, awq_quantize_group, awq_scales, search_clip,
-                                            search_scales)
+from lightning_quant.algorithms.awq import (
+    AWQConfig,
+    AWQStats,
+    awq_quantize_group,
+    awq_scales,
+    search_clip,
+    search_scales,
+)
 from lightning_quant.algorithms.awq_method import awq_method, awq_summary, fold_awq_scales
 from lightning_quant.algorithms.rtn import rtn_quantize
-from lightning_quant.calibration.awq_mapping import discover_groups
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.targets import linear_weight, select_linears
 from lightning_quant.testing import TINY_VOCAB
@@ -70,7 +75,7 @@ def test_best_grid_point_never_worse_than_unit_scale():
     st = AWQStats.from_inputs(x)
     s, ratio, errs = search_scales(st, {"w": w}, SPEC, n_grid=20)
     assert len(errs) == 20
-    assert min(errs) == errs[int(round(ratio * 20))] and min(errs) <= errs[0]
+    assert min(errs) == errs[round(ratio * 20)] and min(errs) <= errs[0]
     assert torch.equal(awq_scales(st.mean_abs(), 0.0), torch.ones(64))
     h = st.hessian()
     plain = rtn_quantize(w, SPEC).dequantize()

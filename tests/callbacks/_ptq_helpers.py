@@ -43,5 +43,6 @@ def trainer(tmp_path, cb, **kw):
 def logged_keys(trainer_):
     import csv
 
-    rows = list(csv.DictReader(open(trainer_.logger.log_dir + "/metrics.csv")))
+    with open(trainer_.logger.log_dir + "/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     return {k for r in rows for k, v in r.items() if v}
