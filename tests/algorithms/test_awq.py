@@ -244,19 +244,26 @@ def test_method_needs_calibration_and_finite_activations(tiny_llama):
 
 @pytest.mark.slow
 def test_smollm2_awq_w4g64_perplexity_below_rtn(smollm2, smollm2_tokenizer, heldout_windows):
+    """W4 g64 on the linears of the first 8 of 30 blocks (RTN and AWQ on the same layers), with a
+    cheaper search than the defaults (10 grid points, 4 clip factors, 8 x 256 calibration tokens)
+    to stay inside the test budget. The whole model with the defaults (RTN 30.07 -> AWQ 22.52,
+    float 18.96) is measured by benchmarks/ptq_quality.py / docs/awq.md."""
     from lightning_quant.data import stdlib_text, token_windows
     from lightning_quant.evaluation import perplexity
 
     spec = QuantSpec(4, 64)
-    ids = smollm2_tokenizer(stdlib_text(300_000, split="train"), return_tensors="pt").input_ids
-    calib = token_windows(ids, 256, 16)
+    ids = smollm2_tokenizer(stdlib_text(200_000, split="train"), return_tensors="pt").input_ids
+    calib = token_windows(ids, 256, 8)
     windows = heldout_windows[:4]
     rtn = copy.deepcopy(smollm2)
-    quantize_model(rtn, spec, "rtn")
+    include = [r"re:^model\.layers\.[0-7]\."]
+    quantize_model(rtn, spec, "rtn", include=include)
     ppl_rtn = perplexity(rtn, windows)
     del rtn
     awq = copy.deepcopy(smollm2)
-    quantize_model(awq, spec, "awq", calibration=calib, config=AWQConfig(clip_grid=5))
+    weights = quantize_model(awq, spec, "awq", include=include, calibration=calib,
+                             config=AWQConfig(n_grid=10, clip_grid=4))
+    assert len(weights) == 8 * 7
     ppl_awq = perplexity(awq, windows)
     print(f"SmolLM2 W4 g64 held-out ppl: RTN={ppl_rtn:.4f} AWQ={ppl_awq:.4f}")
     assert ppl_awq < ppl_rtn
