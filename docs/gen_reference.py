@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 OUT = Path(__file__).with_name("reference.md")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 NAMESPACES = ("lightning_quant.callbacks", "lightning_quant.plugins")
 
 

@@ -53,6 +53,9 @@ class QuantizationAwareTraining(Callback):
         if not qat.fake_quant_modules(pl_module):
             qat.inject_config(pl_module, self.config)
 
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._observe_in_training(pl_module)
+
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
         self._update_enabled(trainer, pl_module)
 
@@ -61,6 +64,13 @@ class QuantizationAwareTraining(Callback):
             self._convert(pl_module)
         if self.export_config is not None:
             export_after_fit(trainer, pl_module, self.export_config)
+
+    @staticmethod
+    def _observe_in_training(pl_module: pl.LightningModule) -> None:
+        """Fake-quant layers train (observers update) even when the host model was left in eval mode
+        (transformers' ``from_pretrained`` returns eval models and Lightning keeps the modes it finds)."""
+        for m in qat.fake_quant_modules(pl_module).values():
+            m.train()
 
     def _update_enabled(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         qat.set_enabled(pl_module, trainer.global_step >= self.config.start_step)

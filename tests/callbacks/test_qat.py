@@ -55,6 +55,17 @@ def test_moving_average_observer_updates_during_fit():
         assert not torch.equal(fq.observer.hi, fresh.get_submodule(n).observer.hi)
 
 
+def test_observers_update_when_the_host_model_is_in_eval_mode():
+    """transformers' from_pretrained returns eval models and Lightning keeps modes: the callback trains its layers."""
+    lm = TinyCausalLM().eval()
+    cb = QuantizationAwareTraining(SPEC, observer="moving_average", convert_on_fit_end=False)
+    fresh = TinyCausalLM()
+    qat.inject(fresh, SPEC, observer="moving_average")
+    trainer(3, callbacks=[cb]).fit(lm, token_loader())
+    for n, fq in qat.fake_quant_modules(lm).items():
+        assert not torch.equal(fq.observer.hi, fresh.get_submodule(n).observer.hi), n
+
+
 def test_start_step_warms_up_in_float():
     lm = TinyCausalLM()
     trainer(5, callbacks=[QuantizationAwareTraining(SPEC, start_step=3, convert_on_fit_end=False)]).fit(lm, token_loader())
