@@ -8,6 +8,7 @@ sends the same figures to the Trainer's loggers.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,14 +129,31 @@ def build_report(
     return data
 
 
+def _short_names(rows: list[LayerRow]) -> list[str]:
+    """Layer names without their common dotted prefix (``model.base_model.model.model.layers.``)."""
+    names = [r.layer for r in rows]
+    prefix = os.path.commonprefix(names) if len(names) > 1 else ""
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return [n[len(prefix):] for n in names]
+
+
+def _layer_axis(ax, rows: list[LayerRow], max_labels: int = 60) -> None:
+    """x ticks of a per-layer bar chart: every layer up to ``max_labels``, else every k-th."""
+    step = max(1, -(-len(rows) // max_labels))
+    ticks = list(range(0, len(rows), step))
+    names = _short_names(rows)
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=6)
+    ax.set_xlim(-1, len(rows))
+
+
 def _plot_errors(data: ReportData, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(data.rows)), 4))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.18 * len(data.rows))), 4.5))
     ax.bar(range(len(data.rows)), [r.relative_error for r in data.rows], color="tab:red")
     ax.set_yscale("log")
     ax.set_ylabel("relative output error  ||y_q - y||² / ||y||²")
-    ax.set_xticks(range(len(data.rows)), [r.layer.split(".", 2)[-1] for r in data.rows], rotation=90, fontsize=6)
+    _layer_axis(ax, data.rows)
     ax.set_title("Per-layer quantization error (float inputs)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -168,11 +186,11 @@ def _plot_histograms(data: ReportData, path: Path) -> None:
 def _plot_bits(data: ReportData, path: Path) -> None:
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(data.rows)), 3.5))
+    fig, ax = plt.subplots(figsize=(min(16, max(6, 0.18 * len(data.rows))), 4))
     ax.bar(range(len(data.rows)), [r.bits_per_weight for r in data.rows], color="tab:blue")
     ax.axhline(data.mean_bits_per_weight, color="k", ls="--", lw=1, label=f"mean {data.mean_bits_per_weight:.3f}")
     ax.set_ylabel("bits per weight (incl. scales/zeros)")
-    ax.set_xticks(range(len(data.rows)), [r.layer.split(".", 2)[-1] for r in data.rows], rotation=90, fontsize=6)
+    _layer_axis(ax, data.rows)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
