@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     t = time.perf_counter()
     qat_model, wandb_logger = qat_lora(args, spec, data, out)
     evaluate(f"QAT-LoRA {spec} (packed)", qat_model.eval(), ref, windows, rows, time.perf_counter() - t)
-    print(f"\n| model | held-out ppl | KL to float | size (MiB) | time (s) |\n|---|---|---|---|---|")
+    print("\n| model | held-out ppl | KL to float | size (MiB) | time (s) |\n|---|---|---|---|---|")
     for name, ppl, kl, mb, secs in rows:
         print(f"| {name} | {ppl:.3f} | {kl:.4f} | {mb:.1f} | {secs:.0f} |")
     print(f"\nreport: {out / 'report' / 'report.md'}\nexport (GPTQ format): {out / 'export'}\n"

@@ -10,4 +10,4 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 
 __version__ = "0.1.0"
-__all__ = ["ActivationSpec", "QuantSpec", "QuantizedWeight", "quantize_model", "__version__"]
+__all__ = ["ActivationSpec", "QuantSpec", "QuantizedWeight", "__version__", "quantize_model"]

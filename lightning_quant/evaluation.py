@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.metrics import Perplexity
+from lightning_quant.metrics import LayerQuantizationError, Perplexity
 
-__all__ = ["perplexity", "kl_to_reference", "reference_logits", "evaluate_against", "layer_output_errors"]
+__all__ = ["evaluate_against", "kl_to_reference", "layer_output_errors", "perplexity", "reference_logits"]
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
@@ -49,14 +49,12 @@ def evaluate_against(model: nn.Module, ref: list[Tensor], windows: Tensor, batch
 @torch.no_grad()
 def layer_output_errors(
     float_model: nn.Module, quant_model: nn.Module, names: list[str], batches: list[Tensor]
-) -> "LayerQuantizationError":
+) -> LayerQuantizationError:
     """Per-layer output error of ``quant_model`` vs ``float_model`` on the same inputs.
 
     Each quantized layer is fed the *float* model's input of that layer (captured by hooks), so
     the figure isolates the layer's own quantization error from upstream drift.
     """
-    from lightning_quant.metrics import LayerQuantizationError
-
     metric = LayerQuantizationError(names)
     captured: dict[str, tuple[Tensor, Tensor]] = {}
 

@@ -20,7 +20,7 @@ from lightning_quant import testing
 from lightning_quant.data import stdlib_text, token_windows
 from lightning_quant.models import load_causal_lm, load_tokenizer
 
-__all__ = ["CausalLM", "StdlibText", "TINY_MODELS", "DEFAULT_LORA_TARGETS"]
+__all__ = ["DEFAULT_LORA_TARGETS", "TINY_MODELS", "CausalLM", "StdlibText"]
 
 #: random tiny models for smoke runs; hidden 256 so that the recipes' group size 128 applies
 TINY_MODELS = {
@@ -71,7 +71,7 @@ class CausalLM(pl.LightningModule):
 
     @classmethod
     def from_model(cls, model: nn.Module, lr: float = 1e-3, lora_r: int = 0, lora_alpha: int = 16,
-                   lora_targets: list[str] | None = None) -> "CausalLM":
+                   lora_targets: list[str] | None = None) -> CausalLM:
         """Wrap an already-built model (tests, scripts), optionally adding LoRA adapters."""
         self = cls.__new__(cls)
         pl.LightningModule.__init__(self)

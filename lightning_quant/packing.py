@@ -22,8 +22,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "unpack", "pack_rows", "unpack_rows", "pack_cols", "unpack_cols",
-           "pack_awq", "unpack_awq", "AWQ_ORDER", "AWQ_REVERSE_ORDER", "packed_len"]
+__all__ = [
+    "AWQ_ORDER",
+    "AWQ_REVERSE_ORDER",
+    "pack",
+    "pack_awq",
+    "pack_cols",
+    "pack_rows",
+    "packed_len",
+    "unpack",
+    "unpack_awq",
+    "unpack_cols",
+    "unpack_rows",
+]
 
 #: AutoAWQ's nibble order: slot ``i`` of a word holds column ``8·c + AWQ_ORDER[i]``.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)

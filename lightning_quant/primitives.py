@@ -19,18 +19,18 @@ from lightning_quant.spec import ActivationSpec, QuantSpec
 
 __all__ = [
     "SCALE_EPS",
+    "activation_qparams",
+    "check_finite",
+    "compute_qparams",
     "default_group_index",
+    "dequantize",
     "expand_groups",
+    "fake_quantize",
+    "fake_quantize_activation",
     "group_minmax",
     "qparams_from_minmax",
-    "compute_qparams",
     "quantize",
-    "dequantize",
-    "fake_quantize",
-    "activation_qparams",
-    "fake_quantize_activation",
     "quantize_activation",
-    "check_finite",
 ]
 
 #: Smallest scale we ever produce. Exactly representable in float16, so rounding scales to

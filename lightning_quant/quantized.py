@@ -111,7 +111,7 @@ class QuantizedWeight:
             extra += self.in_features * 32
         return (n * self.spec.bits + extra) / n
 
-    def to(self, device: torch.device | str) -> "QuantizedWeight":
+    def to(self, device: torch.device | str) -> QuantizedWeight:
         def mv(t):
             return None if t is None else t.to(device)
 
@@ -127,7 +127,7 @@ class QuantizedWeight:
         zeros: Tensor | None,
         g_idx: Tensor | None = None,
         perm: Tensor | None = None,
-    ) -> "QuantizedWeight":
+    ) -> QuantizedWeight:
         """Quantize ``weight [out, in]`` with given qparams (no search)."""
         codes = P.quantize(weight, scales, zeros, spec, g_idx)
         return cls(codes=codes, scales=scales.float(), zeros=None if zeros is None else zeros.float(),

@@ -19,7 +19,7 @@ from lightning_quant.evaluation import layer_output_errors, perplexity
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import linear_weight
 
-__all__ = ["LayerRow", "ReportData", "build_report", "write_report", "quantized_weights_of", "model_bytes"]
+__all__ = ["LayerRow", "ReportData", "build_report", "model_bytes", "quantized_weights_of", "write_report"]
 
 
 @dataclass

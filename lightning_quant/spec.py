@@ -31,7 +31,7 @@ ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_ACT_BITS = (8,)
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-__all__ = ["ALLOWED_BITS", "QuantSpec", "ActivationSpec"]
+__all__ = ["ALLOWED_BITS", "ActivationSpec", "QuantSpec"]
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ class QuantSpec:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "QuantSpec":
+    def from_dict(cls, d: dict) -> QuantSpec:
         allowed = {"bits", "group_size", "symmetric", "scale_dtype"}
         unknown = set(d) - allowed
         if unknown:

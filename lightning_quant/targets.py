@@ -18,8 +18,18 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-__all__ = ["LinearKind", "register_linear_kind", "linear_kind", "linear_weight", "is_linear_like",
-           "matches", "select_linears", "get_submodule", "set_submodule", "DEFAULT_EXCLUDE"]
+__all__ = [
+    "DEFAULT_EXCLUDE",
+    "LinearKind",
+    "get_submodule",
+    "is_linear_like",
+    "linear_kind",
+    "linear_weight",
+    "matches",
+    "register_linear_kind",
+    "select_linears",
+    "set_submodule",
+]
 
 #: Skipped unless the user names them: the output head is tied to / as sensitive as embeddings.
 DEFAULT_EXCLUDE: tuple[str, ...] = ("lm_head",)

@@ -9,8 +9,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["tiny_llama", "tiny_gpt2", "tiny_opt", "TINY_VOCAB", "random_token_batches",
-           "make_lightning_module", "byte_text_loaders"]
+__all__ = [
+    "TINY_VOCAB",
+    "byte_text_loaders",
+    "byte_tokenizer",
+    "make_lightning_module",
+    "random_token_batches",
+    "tiny_gpt2",
+    "tiny_llama",
+    "tiny_opt",
+]
 
 TINY_VOCAB = 256
 
@@ -63,3 +71,14 @@ def byte_text_loaders(seq_len: int = 64, n_train: int = 16, n_val: int = 4, batc
     dm = StdlibText("bytes", seq_len, batch_size, n_train, n_val)
     dm.setup()
     return dm.train_dataloader(), dm.val_dataloader()
+
+
+def byte_tokenizer():
+    """A transformers fast tokenizer over the 256 byte-level symbols (matches the tiny models' vocab)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from lightning_quant import testing  # noqa: E402
+from lightning_quant import testing
 
 TINY_BUILDERS = {"llama": testing.tiny_llama, "gpt2": testing.tiny_gpt2, "opt": testing.tiny_opt}
 

@@ -13,22 +13,11 @@ from lightning_quant.evaluation import perplexity
 from lightning_quant.layers.packed import PackedLinear
 
 
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    return PreTrainedTokenizerFast(tokenizer_object=tok)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny")
     testing.tiny_llama().save_pretrained(d / "model")
-    _byte_tokenizer().save_pretrained(d / "model")
+    testing.byte_tokenizer().save_pretrained(d / "model")
     (d / "calib.txt").write_text(stdlib_text(20_000, split="train"))
     (d / "heldout.txt").write_text(stdlib_text(8_000, split="heldout"))
     return d

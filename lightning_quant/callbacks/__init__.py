@@ -6,7 +6,7 @@ Names resolve lazily (no import-time cost, no import cycles):
 
 from __future__ import annotations
 
-import importlib
+from lightning_quant._lazy import lazy_namespace
 
 #: public name -> module that defines it (one line per callback)
 _EXPORTS: dict[str, str] = {
@@ -18,14 +18,4 @@ _EXPORTS: dict[str, str] = {
     "LLMInt8": "lightning_quant.callbacks.llm_int8",
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'lightning_quant.callbacks' has no attribute {name!r}; available: {sorted(_EXPORTS)}")
-
-
-def __dir__():
-    return __all__
+__all__, __getattr__, __dir__ = lazy_namespace(__name__, _EXPORTS)

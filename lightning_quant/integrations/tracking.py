@@ -15,7 +15,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-__all__ = ["is_wandb", "log_scalars", "log_table", "log_images", "log_artifact"]
+__all__ = ["is_wandb", "log_artifact", "log_images", "log_scalars", "log_table"]
 
 
 def _loggers(trainer) -> list:

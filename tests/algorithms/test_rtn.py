@@ -30,7 +30,7 @@ def test_quantize_model_converts_every_target(tiny_model, spec):
     weights = quantize_model(tiny_model, spec)
     targets = {n for n, m in ref_model.named_modules() if n and (isinstance(m, torch.nn.Linear) or type(m).__name__ == "Conv1D")}
     assert set(weights) == targets - {"lm_head"}
-    for name, qw in weights.items():
+    for name in weights:
         layer = tiny_model.get_submodule(name)
         assert isinstance(layer, PackedLinear)
         w = linear_weight(ref_model.get_submodule(name)).detach()

@@ -1,6 +1,5 @@
 import lightning.pytorch as pl
 import pytest
-import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_quant import QuantSpec, quantize_model

@@ -3,7 +3,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
-import add_to_existing_trainer  # noqa: E402
+import add_to_existing_trainer
 
 
 def test_one_added_line_trains_and_converts(tmp_path):

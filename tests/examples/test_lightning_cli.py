@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
-import lightning_cli  # noqa: E402
+import lightning_cli
 
 RECIPES = sorted((ROOT / "callbacks").glob("*.yaml"))
 FAST = ["--model.model", "tiny-llama", "--data.tokenizer", "bytes", "--data.seq_len", "32", "--data.train_windows", "4",

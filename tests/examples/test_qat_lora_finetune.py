@@ -5,7 +5,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "examples"))
-import qat_lora_finetune  # noqa: E402
+import qat_lora_finetune
 
 
 def test_demo_pipeline_on_tiny_model(tmp_path):
