@@ -109,7 +109,7 @@ def quantize(args: argparse.Namespace) -> Path:
     _positive("seq-len", args.seq_len)
     try:
         spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}") from None
     method = get_method(args.method)
     config = _method_config(method, args.act_order)

@@ -7,7 +7,7 @@ Conventions (code range, scale formula, partial last group) are documented in
 
 The only rounding with a straight-through gradient lives in :class:`_FakeQuantizeSTE`; QAT's
 fake quant and RTN/GPTQ/AWQ's real quant compute identical codes because both call
-:func:`_codes` on the same float32 operands.
+:func:`round_codes` on the same float32 operands.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ __all__ = [
     "qparams_from_minmax",
     "quantize",
     "quantize_activation",
+    "round_codes",
 ]
 
 #: Smallest scale we ever produce. Exactly representable in float16, so rounding scales to
@@ -120,8 +121,9 @@ def _zero_full(zero: Tensor | None, spec_bits_mid: int, like: Tensor) -> Tensor:
     return zero.float()
 
 
-def _codes(x: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
-    """``clamp(round(x / s) + z, 0, qmax)`` in float32 — the one rounding formula."""
+def round_codes(x: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
+    """``clamp(round(x / s) + z, 0, qmax)`` — the one rounding formula (solvers that work column by
+    column, such as GPTQ, call it directly on float32 slices)."""
     return torch.clamp(torch.round(x / s) + z, 0, qmax)
 
 
@@ -137,7 +139,7 @@ def quantize(
 ) -> Tensor:
     """Integer codes ``uint8 [out, in]`` of ``w`` under the given qparams."""
     s, z = _expanded(w, scale, zero, spec, g_idx)
-    return _codes(w.detach().float(), s, z, spec.qmax).to(torch.uint8)
+    return round_codes(w.detach().float(), s, z, spec.qmax).to(torch.uint8)
 
 
 def dequantize(
@@ -222,7 +224,7 @@ def activation_qparams(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]
 def quantize_activation(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor, Tensor]:
     """Codes ``uint8 [..., features]`` with their per-token ``(scale, zero)``."""
     scale, zero = activation_qparams(x, spec)
-    return _codes(x.detach().float(), scale, zero, spec.qmax).to(torch.uint8), scale, zero
+    return round_codes(x.detach().float(), scale, zero, spec.qmax).to(torch.uint8), scale, zero
 
 
 def fake_quantize_activation(x: Tensor, spec: ActivationSpec) -> Tensor:

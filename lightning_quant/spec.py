@@ -57,14 +57,14 @@ class QuantSpec:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in ALLOWED_BITS:
             raise ValueError(f"QuantSpec.bits={self.bits!r} is not supported; use one of {ALLOWED_BITS}.")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise ValueError(f"QuantSpec.group_size must be an int (-1 or a positive value), got {self.group_size!r}.")
+            raise TypeError(f"QuantSpec.group_size must be an int (-1 or a positive value), got {self.group_size!r}.")
         if self.group_size == 0 or self.group_size < -1:
             raise ValueError(
                 f"QuantSpec.group_size={self.group_size} is invalid; use -1 (per output channel) "
                 "or a positive group size such as 32, 64 or 128."
             )
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"QuantSpec.symmetric must be True or False, got {self.symmetric!r}.")
+            raise TypeError(f"QuantSpec.symmetric must be True or False, got {self.symmetric!r}.")
         if self.scale_dtype not in _SCALE_DTYPES:
             raise ValueError(
                 f"QuantSpec.scale_dtype={self.scale_dtype!r} is not supported; use one of {tuple(_SCALE_DTYPES)}."
@@ -146,7 +146,7 @@ class ActivationSpec:
                 f"ActivationSpec.granularity={self.granularity!r} is not supported; use 'per_token'."
             )
         if not isinstance(self.symmetric, bool):
-            raise ValueError(f"ActivationSpec.symmetric must be True or False, got {self.symmetric!r}.")
+            raise TypeError(f"ActivationSpec.symmetric must be True or False, got {self.symmetric!r}.")
 
     @property
     def qmax(self) -> int:

@@ -43,3 +43,12 @@ def test_activation_spec():
         ActivationSpec(bits=4)
     with pytest.raises(ValueError, match="use 'per_token'"):
         ActivationSpec(granularity="per_tensor")
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="group_size must be an int"):
+        QuantSpec(group_size=64.0)
+    with pytest.raises(TypeError, match="QuantSpec.symmetric must be True or False"):
+        QuantSpec(symmetric="yes")
+    with pytest.raises(TypeError, match="ActivationSpec.symmetric must be True or False"):
+        ActivationSpec(symmetric=1)

@@ -155,7 +155,7 @@ def _fake_rtn(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Tensor:
     clip = clip.unsqueeze(-1) if isinstance(clip, Tensor) else clip
     scale, zero = P.qparams_from_minmax(wg.amin(-1, keepdim=True) * clip, wg.amax(-1, keepdim=True) * clip, spec)
     zero = torch.full_like(scale, float(spec.midpoint)) if zero is None else zero
-    q = torch.clamp(torch.round(wg / scale) + zero, 0, spec.qmax)
+    q = P.round_codes(wg, scale, zero, spec.qmax)
     return ((q - zero) * scale).view(out_f, n_groups * gs)[:, :in_f]
 
 

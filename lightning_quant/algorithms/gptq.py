@@ -210,7 +210,7 @@ def _solve(w: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: T
                 s_g, z_g = _group_params(w1[:, i : i + gs], spec)
                 scales[:, j // gs], zeros[:, j // gs] = s_g, z_g
             s, z = scales[:, groups[j]], zeros[:, groups[j]]
-            q = torch.clamp(torch.round(w1[:, i] / s) + z, 0, qmax)
+            q = P.round_codes(w1[:, i], s, z, qmax)
             d = (q - z) * s
             codes[:, j], dq[:, j] = q, d
             e = (w1[:, i] - d) / u1[i, i]

@@ -41,7 +41,7 @@ def uniform_spec(layers: dict[str, nn.Module], fmt_name: str) -> QuantSpec:
 def spec_from_config(bits, group_size, symmetric, fmt_name: str, scale_dtype: str = "float16") -> QuantSpec:
     try:
         return QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric, scale_dtype=scale_dtype)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise ValueError(f"The {fmt_name} quantization_config is not supported: {e}") from None
 
 
