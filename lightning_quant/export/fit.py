@@ -45,7 +45,7 @@ class ExportConfig:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
             raise ValueError(f"export path must be a non-empty str or path, got {self.path!r}.")
         if not isinstance(self.overwrite, bool):
-            raise ValueError(f"overwrite must be True or False, got {self.overwrite!r}.")
+            raise TypeError(f"overwrite must be True or False, got {self.overwrite!r}.")
         if self.dtype is not None and self.dtype not in _DTYPES:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {_DTYPES} or None.")
         if self.tokenizer is not None and not hasattr(self.tokenizer, "save_pretrained"):
@@ -57,7 +57,7 @@ class ExportConfig:
         if value is None or isinstance(value, cls):
             return value
         if not isinstance(value, dict):
-            raise ValueError(f"export_on_fit_end must be a dict like {{'format': 'gptq', 'path': 'out'}}, an "
+            raise TypeError(f"export_on_fit_end must be a dict like {{'format': 'gptq', 'path': 'out'}}, an "
                              f"ExportConfig or None; got {type(value).__name__}.")
         allowed = {f.name for f in fields(cls)}
         unknown = set(value) - allowed

@@ -98,7 +98,8 @@ def read_json(path: Path) -> dict:
     except json.JSONDecodeError as e:
         raise ValueError(f"{str(path)!r} is not valid JSON ({e}); the export is corrupted — re-export it.") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(obj).__name__}.")
+        # the file's content is wrong (a corrupted export), not an argument's type
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(obj).__name__}.")  # noqa: TRY004
     return obj
 
 

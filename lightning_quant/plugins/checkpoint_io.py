@@ -103,7 +103,7 @@ class QuantizedCheckpointIO(TorchCheckpointIO, Callback):
     def __init__(self, weights_only: bool = True) -> None:
         super().__init__()
         if not isinstance(weights_only, bool):
-            raise ValueError(f"weights_only must be True or False, got {weights_only!r}.")
+            raise TypeError(f"weights_only must be True or False, got {weights_only!r}.")
         self.weights_only = weights_only
         self._module: nn.Module | None = None
 

@@ -76,8 +76,10 @@ def test_export_config_errors(tmp_path):
         ExportConfig.coerce({"format": "gptq"})
     with pytest.raises(ValueError, match="needs keys 'format' and 'path'"):
         ExportConfig.coerce({"format": "gptq", "path": "x", "bits": 4})
-    with pytest.raises(ValueError, match="must be a dict like"):
+    with pytest.raises(TypeError, match="must be a dict like"):
         ExportConfig.coerce("gptq")
+    with pytest.raises(TypeError, match="overwrite must be True or False"):
+        ExportConfig("gptq", "out", overwrite="yes")
     with pytest.raises(ValueError, match="dtype='fp8' is not supported"):
         ExportConfig("gptq", "out", dtype="fp8")
     with pytest.raises(ValueError, match="non-empty str or path"):

@@ -147,3 +147,10 @@ def test_tied_embeddings_written_once(tmp_path, ids):
     loaded = export.load(tmp_path / "m")
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_read_json_refuses_a_non_object(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        io.read_json(p)

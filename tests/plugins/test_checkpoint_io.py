@@ -135,6 +135,6 @@ def test_apply_manifest_errors():
     other[name] = {**other[name], "spec": QuantSpec(8, 32).to_dict()}
     with pytest.raises(ValueError, match=f"Layer '{name}' is packed as"):
         apply_manifest(model, other)
-    with pytest.raises(ValueError, match="weights_only must be True or False"):
+    with pytest.raises(TypeError, match="weights_only must be True or False"):
         QuantizedCheckpointIO(weights_only="yes")
     assert MANIFEST_KEY == "lightning_quant_packed_layers"
