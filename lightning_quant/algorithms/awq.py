@@ -28,6 +28,7 @@ from torch import Tensor
 from lightning_quant import primitives as P
 from lightning_quant.algorithms.gptq import HessianAccumulator, output_error
 from lightning_quant.calibration.distributed import all_reduce_sum
+from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
@@ -43,37 +44,31 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class AWQConfig:
+class AWQConfig(CalibrationOptions):
     """AWQ settings (validated at construction).
 
     Args:
         n_grid: points of the scale-exponent grid ``α = i / n_grid``, ``i = 0..n_grid-1`` (20 in the paper).
         clip_grid: shrink factors tried per (row, group) in the clip search; 0 disables clipping.
         max_shrink: the smallest range tried is ``(1 − max_shrink)·max``; in ``[0, 1)``.
-        batch_size: rows per batch when the calibration data is one ``[N, T]`` tensor.
-        block_path: dotted path of the decoder block list for models the finder misses.
-        device: compute device for one block at a time (default: where the blocks are).
-        progress: show a progress bar of blocks done.
+
+    Plus the runner options of :class:`~lightning_quant.calibration.options.CalibrationOptions`
+    (``batch_size``, ``block_path``, ``device``, ``progress``).
     """
 
     n_grid: int = 20
     clip_grid: int = 10
     max_shrink: float = 0.5
-    batch_size: int = 8
-    block_path: str | None = None
-    device: str | None = None
-    progress: bool = False
 
     def __post_init__(self) -> None:
-        for name, low in (("n_grid", 1), ("clip_grid", 0), ("batch_size", 1)):
+        super().__post_init__()
+        for name, low in (("n_grid", 1), ("clip_grid", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"AWQConfig.{name}={v!r} must be an int >= {low} (defaults: n_grid=20, clip_grid=10).")
         if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) \
                 or not 0.0 <= self.max_shrink < 1.0:
             raise ValueError(f"AWQConfig.max_shrink={self.max_shrink!r} must be in [0, 1); 0.5 is typical.")
-        if not isinstance(self.progress, bool):
-            raise TypeError(f"AWQConfig.progress must be True or False, got {self.progress!r}.")
 
 
 class AWQStats:

@@ -108,8 +108,7 @@ def awq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec,
         if lin:
             _solve_block(ctx, lin, spec, cfg, family, out)
 
-    run_sequential(model, calibration, process, block_path=cfg.block_path, device=cfg.device,
-                   progress=cfg.progress, batch_size=cfg.batch_size)
+    run_sequential(model, calibration, process, **cfg.runner_kwargs())
     for qw in out.values():
         info = qw.extras["awq"]
         qw.extras["awq"] = AWQLayerScaling(info.scales.cpu(), info.plan,

@@ -31,6 +31,7 @@ from torch import Tensor
 from lightning_quant import primitives as P
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration.distributed import all_reduce_sum
+from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
@@ -38,7 +39,7 @@ __all__ = ["GPTQConfig", "GPTQResult", "HessianAccumulator", "gptq_quantize", "o
 
 
 @dataclass(frozen=True)
-class GPTQConfig:
+class GPTQConfig(CalibrationOptions):
     """GPTQ settings (validated at construction).
 
     Args:
@@ -50,10 +51,9 @@ class GPTQConfig:
             (no ``g_idx`` needed at inference).
         true_sequential: inside a block, quantize linears in call order groups ([q,k,v], [o],
             [gate,up], [down]) so each group's Hessian sees the earlier groups' quantized outputs.
-        batch_size: rows per batch when the calibration data is one ``[N, T]`` tensor.
-        block_path: dotted path of the decoder block list for models the finder misses.
-        device: compute device for one block at a time (default: where the blocks are).
-        progress: show a progress bar of blocks done.
+
+    Plus the runner options of :class:`~lightning_quant.calibration.options.CalibrationOptions`
+    (``batch_size``, ``block_path``, ``device``, ``progress``).
     """
 
     damp_percent: float = 0.01
@@ -62,20 +62,17 @@ class GPTQConfig:
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
-    batch_size: int = 8
-    block_path: str | None = None
-    device: str | None = None
-    progress: bool = False
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if not isinstance(self.damp_percent, (int, float)) or not 0.0 <= self.damp_percent < 1.0:
             raise ValueError(f"GPTQConfig.damp_percent={self.damp_percent!r} must be in [0, 1); 0.01 is typical.")
-        for name in ("damp_retries", "block_size", "batch_size"):
+        for name in ("damp_retries", "block_size"):
             v = getattr(self, name)
             low = 0 if name == "damp_retries" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"GPTQConfig.{name}={v!r} must be an int >= {low}.")
-        for name in ("act_order", "static_groups", "true_sequential", "progress"):
+        for name in ("act_order", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.static_groups and not self.act_order:

@@ -56,8 +56,7 @@ def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec
         for group in groups:
             _quantize_group(ctx, {n: lin[n] for n in group}, spec, cfg, out)
 
-    run_sequential(model, calibration, process, block_path=cfg.block_path, device=cfg.device,
-                   progress=cfg.progress, batch_size=cfg.batch_size)
+    run_sequential(model, calibration, process, **cfg.runner_kwargs())
     outside = [n for n in targets if n not in out]
     if outside:
         warnings.warn(

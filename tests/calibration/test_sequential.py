@@ -115,3 +115,16 @@ def test_progress_bar_and_block_path_override():
     run_sequential(model, testing.random_token_batches(1, 8, 1), lambda ctx: names.append(ctx.name),
                    block_path="model.layers", progress=True)
     assert names == ["model.layers.0", "model.layers.1"]
+
+
+def test_calibration_options_shared_by_method_configs():
+    from lightning_quant.algorithms.awq import AWQConfig
+    from lightning_quant.algorithms.gptq import GPTQConfig
+
+    for cls in (GPTQConfig, AWQConfig):
+        assert cls(batch_size=3, block_path="model.layers").runner_kwargs() == {
+            "block_path": "model.layers", "device": None, "progress": False, "batch_size": 3}
+        with pytest.raises(ValueError, match=rf"{cls.__name__}.batch_size=0 must be an int >= 1"):
+            cls(batch_size=0)
+        with pytest.raises(TypeError, match=rf"{cls.__name__}.progress must be True or False"):
+            cls(progress="yes")
