@@ -13,7 +13,10 @@
 
 Dequantization is ``w = (q − z)·s`` in float32 (the project's one convention, see
 :mod:`lightning_quant.spec`), cast to the activation dtype, then multiplied with float32 accumulation
-(the "W4A16" scheme of GPTQ, Frantar et al. 2023, and AWQ, Lin et al. 2024).
+(the "W4A16" scheme of GPTQ, Frantar et al. 2023, and AWQ, Lin et al. 2024). Per ``BLOCK_K`` step
+each packed word is loaded once (``[BLOCK_K·b/32, BLOCK_N]`` int32) and unpacked in registers; the
+scales come as one row when the block lies inside a group, as one row per group broadcast over
+the block when whole groups fit in it, and per element only for groups straddling blocks (e.g. 48).
 
 Two launch paths share one kernel, dispatched by rows:
 
@@ -24,7 +27,10 @@ Two launch paths share one kernel, dispatched by rows:
 
 The pure-torch :func:`wq_linear_reference` (dequantize, then ``F.linear``) is the CPU path and the
 tests' oracle. The ``torch.library`` op ``lightning_quant::wq_linear`` runs the reference on CPU and
-the Triton kernel on CUDA; its fake implementation lets ``torch.compile`` trace it.
+the Triton kernel on CUDA for float16/bfloat16 activations (float32 ones take the reference, see
+:data:`KERNEL_DTYPES`); its fake implementation lets ``torch.compile`` trace it. Every autotune
+config compiles for ``sm_90`` without register spills and within shared memory, which
+:mod:`lightning_quant.kernels.aot` checks on a CPU-only machine.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from lightning_quant.kernels import _runtime
 __all__ = [
     "DECODE_MAX_ROWS",
     "KERNEL_BITS",
+    "KERNEL_DTYPES",
     "dequantize_packed",
     "wq_linear",
     "wq_linear_reference",
@@ -48,6 +55,10 @@ __all__ = [
 
 #: Code widths the Triton kernel handles (codes never straddle words); 3-bit uses the reference.
 KERNEL_BITS = (2, 4, 8)
+#: Activation dtypes the op sends to the kernel on CUDA. float32 takes the reference (dequantize, then
+#: cuBLAS, honouring ``torch.backends.cuda.matmul.allow_tf32``): without tensor cores the kernel's
+#: float32 build runs on FMA units and spills registers (``python -m lightning_quant.kernels.aot --dtype float32``).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 #: Inputs with at most this many rows take the split-K (GEMV) path.
 DECODE_MAX_ROWS = 16
 _PER_CHANNEL_GROUP = 1 << 30  # "one group": k // 2^30 == 0 for every column, aligned with any BLOCK_K
@@ -101,10 +112,13 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
     pid_k = tl.program_id(2)
     PER: tl.constexpr = 32 // BITS
     QMASK: tl.constexpr = (1 << BITS) - 1
+    WORD_ROWS: tl.constexpr = BLOCK_K // PER
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    shifts = tl.arange(0, PER) * BITS  # [PER]: code j of a word sits at bits [j·b, (j+1)·b)
+    n_words = tl.cdiv(K, PER)
     k_span = tl.cdiv(K, SPLIT_K * BLOCK_K) * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kk in range(0, k_span, BLOCK_K):
@@ -112,9 +126,13 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        mkn = mask_k[:, None] & mask_n[None, :]
-        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mkn, other=0)
-        q = ((words >> ((offs_k % PER) * BITS)[:, None]) & QMASK).to(tl.float32)  # [BLOCK_K, BLOCK_N]
+        # each packed word is loaded once and unpacked in registers: [BLOCK_K/PER, BLOCK_N] words ->
+        # [BLOCK_K/PER, PER, BLOCK_N] codes -> [BLOCK_K, BLOCK_N] (row r·PER + j = code j of word row r)
+        offs_w = k0 // PER + tl.arange(0, WORD_ROWS)
+        words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
+                        mask=(offs_w < n_words)[:, None] & mask_n[None, :], other=0)
+        codes = (words[:, None, :] >> shifts[None, :, None]) & QMASK
+        q = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
         if GROUP_SIZE % BLOCK_K == 0:  # the whole K block lies in one group: load one scale row
             g = k0 // GROUP_SIZE
             row_mask = mask_n & ((offs_n * 0 + k0) < K)  # tensor-shaped: the interpreter needs it
@@ -124,7 +142,21 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
                 z = ((zw >> ((offs_n % PER) * BITS)) & QMASK).to(tl.float32)[None, :]
             else:
                 z = 1 << (BITS - 1)
-        else:  # groups smaller than (or straddling) the K block
+            w = (q - z) * s
+        elif BLOCK_K % GROUP_SIZE == 0:  # whole groups inside the K block: one scale row per group, broadcast
+            GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+            offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+            mgn = (offs_g < tl.cdiv(K, GROUP_SIZE))[:, None] & mask_n[None, :]
+            s = tl.load(s_ptr + offs_g[:, None] * N + offs_n[None, :], mask=mgn, other=0.0).to(tl.float32)
+            q3 = tl.reshape(q, (GROUPS, GROUP_SIZE, BLOCK_N))  # [BLOCK_K, BLOCK_N] -> [groups, group, BLOCK_N]
+            if ASYM:
+                zw = tl.load(z_ptr + offs_g[:, None] * stride_zg + (offs_n // PER)[None, :], mask=mgn, other=0)
+                z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
+                w = tl.reshape((q3 - z[:, None, :]) * s[:, None, :], (BLOCK_K, BLOCK_N))
+            else:
+                w = tl.reshape((q3 - (1 << (BITS - 1))) * s[:, None, :], (BLOCK_K, BLOCK_N))
+        else:  # groups straddling K blocks (e.g. 48): gather a scale per element
+            mkn = mask_k[:, None] & mask_n[None, :]
             g2 = (offs_k // GROUP_SIZE)[:, None]
             s = tl.load(s_ptr + g2 * N + offs_n[None, :], mask=mkn, other=0.0).to(tl.float32)
             if ASYM:
@@ -132,7 +164,8 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
                 z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
             else:
                 z = 1 << (BITS - 1)
-        w = ((q - z) * s).to(x_ptr.dtype.element_ty)
+            w = (q - z) * s
+        w = w.to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
@@ -162,10 +195,12 @@ def _splitk_configs(triton):
 
 
 def prune_by_group(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune pre-filter: keep the configs whose ``BLOCK_K`` divides the group size (one scale row per
-    K block, no per-element scale gather), unless none does."""
+    """Autotune pre-filter: keep the configs whose ``BLOCK_K`` and the group size divide one another
+    (one scale row per K block, or whole groups broadcast inside it: no per-element scale gather),
+    unless none does (groups like 48 straddle every K block)."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
-    aligned = [c for c in configs if group is not None and group % c.kwargs["BLOCK_K"] == 0]
+    aligned = [c for c in configs if group is not None
+               and (group % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group == 0)]
     return aligned or list(configs)
 
 
@@ -244,7 +279,7 @@ def triton_next_pow2(n: int) -> int:
 @torch.library.custom_op("lightning_quant::wq_linear", mutates_args=())
 def _wq_linear_op(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
                   bias: Tensor | None, bits: int, group_size: int, path: str) -> Tensor:
-    if x.device.type == "cuda" and bits in KERNEL_BITS:
+    if x.device.type == "cuda" and bits in KERNEL_BITS and x.dtype in KERNEL_DTYPES:
         return wq_linear_triton(x, qweight, scales, qzeros, perm, bias, bits, group_size, path)
     return wq_linear_reference(x, qweight, scales, qzeros, perm, bias, bits, group_size)
 

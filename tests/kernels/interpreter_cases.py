@@ -21,12 +21,13 @@ if not _runtime.interpreting():  # a hard error, not a skip: this file only make
 GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
 SPLITK = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 3}
 # (bits, group_size, symmetric, act_order, M, K, N): odd M, N not a multiple of BLOCK_N, groups
-# aligned with BLOCK_K (32), smaller than it (16), straddling it (48), per channel (-1), partial (96 = 64 + 32).
+# aligned with BLOCK_K (32), whole groups inside it (16: broadcast rows), straddling it (48: per-element
+# gather), per channel (-1), partial (96 = 64 + 32).
 CASES = [
     (4, 32, True, False, 1, 64, 40), (4, 32, False, True, 3, 96, 72), (4, 16, False, False, 17, 64, 40),
     (4, 48, True, True, 3, 96, 40), (4, -1, False, False, 17, 96, 72), (4, 64, False, False, 5, 96, 40),
     (8, 32, False, False, 3, 64, 72), (8, -1, True, False, 17, 96, 40), (8, 16, True, True, 1, 64, 40),
-    (2, 32, False, False, 3, 64, 40),
+    (2, 32, False, False, 3, 64, 40), (4, 16, False, False, 5, 72, 40),  # 72: 4.5 groups of 16, last K block partial
 ]
 
 

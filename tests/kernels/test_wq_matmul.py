@@ -119,9 +119,11 @@ def test_autotune_prefilter_keeps_group_aligned_k_blocks():
     from lightning_quant.kernels.wq_matmul import prune_by_group
 
     configs = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (64, 128, 256)]
-    assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=128)] == [64, 128]
+    assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=128)] == [64, 128, 256]
     assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=1 << 30)] == [64, 128, 256]
-    assert prune_by_group(configs, {}, GROUP_SIZE=32) == configs  # none aligned: keep all (gather path)
+    odd = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (32, 64, 128)]
+    assert [c.kwargs["BLOCK_K"] for c in prune_by_group(odd, {}, GROUP_SIZE=96)] == [32]  # 96 = 3 blocks of 32
+    assert prune_by_group(configs, {}, GROUP_SIZE=48) == configs  # none aligned: keep all (gather path)
 
 
 def test_importing_the_package_does_not_import_triton():

@@ -1,0 +1,174 @@
+"""Ahead-of-time builds of the Triton kernels for a CUDA target, on a machine without a GPU.
+
+Triton lowers a kernel to PTX and ``ptxas`` (shipped inside the ``triton`` wheel) assembles it to a
+cubin without touching a driver, so every autotune configuration can be compiled for, say, the
+H100/H200 (``sm_90``) on a CPU-only CI machine. That catches what the CPU interpreter cannot:
+lowering errors, shared-memory footprints beyond the GPU's limit (a config the autotuner could
+never launch) and register spills (local-memory traffic in the inner loop of a kernel whose whole
+point is to stream weights at memory bandwidth).
+
+* :func:`compile_kernel` compiles one specialisation and reads its resources: shared memory from
+  Triton's metadata, registers and spill bytes from ``ptxas -v`` run with Triton's own flags,
+  the MMA generation from the TTGIR (``3`` = Hopper ``wgmma``, ``2`` = ``mma.sync``);
+* :func:`wq_builds` / :func:`int8_builds` compile every autotune config of a kernel family;
+* ``python -m lightning_quant.kernels.aot`` prints the table (``--arch 80`` for A100).
+
+The resources are properties of the compiled code only; speed still has to be measured on a GPU
+(``benchmarks/kernels.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightning_quant.kernels import _runtime
+
+__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "int8_builds", "wq_builds"]
+
+#: Largest dynamic shared memory one block may use, bytes, by compute capability (CUDA guide, table 21).
+SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+@dataclass(frozen=True)
+class KernelBuild:
+    """Resources of one compiled specialisation (``constants`` = constexpr values incl. the block sizes)."""
+
+    name: str
+    arch: int
+    constants: dict
+    num_warps: int
+    num_stages: int
+    shared_bytes: int
+    registers: int
+    spill_bytes: int
+    mma_version: int | None
+
+    @property
+    def fits_shared_memory(self) -> bool:
+        """True when the block's shared memory fits the target (unknown targets count as ``sm_90``)."""
+        return self.shared_bytes <= SHARED_MEMORY_LIMIT.get(self.arch, SHARED_MEMORY_LIMIT[90])
+
+    def describe(self) -> str:
+        blocks = "x".join(str(self.constants[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in self.constants)
+        split = self.constants.get("SPLIT_K")
+        return (f"{self.name:<13} {blocks:<12} {'' if split is None else f'split {split}':<9} "
+                f"warps {self.num_warps} stages {self.num_stages}  smem {self.shared_bytes / 1024:6.1f} KiB  "
+                f"regs {self.registers:3d}  spill {self.spill_bytes:5d} B  mma v{self.mma_version}")
+
+
+def _ptxas(arch: int) -> str:
+    from triton.backends.nvidia import compiler as nv
+
+    try:
+        return nv.get_ptxas(arch).path
+    except TypeError:  # older Triton: get_ptxas() takes no argument
+        return nv.get_ptxas().path
+
+
+def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
+    """``(registers, spill-store bytes)`` of the PTX's kernel, from ``ptxas -v`` with Triton's flags."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.ptx")
+        src.write_text(ptx)
+        proc = subprocess.run([_ptxas(arch), "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}",
+                               str(src), "-o", str(Path(tmp, "kernel.cubin"))],
+                              capture_output=True, text=True, check=False)
+    log = proc.stdout + proc.stderr
+    regs, spills = re.search(r"Used (\d+) registers", log), re.search(r"(\d+) bytes spill stores", log)
+    if proc.returncode != 0 or regs is None or spills is None:
+        raise RuntimeError(f"ptxas failed for {gpu} (exit {proc.returncode}):\n{log[-2000:]}")
+    return int(regs.group(1)), int(spills.group(1))
+
+
+def compile_kernel(jit_fn, signature: dict[str, str], constants: dict, *, num_warps: int, num_stages: int,
+                   arch: int = 90, aligned: tuple[str, ...] = (), name: str | None = None) -> KernelBuild:
+    """Compile ``jit_fn`` for ``sm_<arch>`` with runtime argument types ``signature`` (``"*fp16"``,
+    ``"i32"``, ...) and constexpr ``constants``; returns its :class:`KernelBuild`.
+
+    Like a launch, pointers are taken as 16-byte aligned; the integer arguments named in ``aligned``
+    as multiples of 16 (what Triton's launcher specialises on for e.g. ``K = 4096``). Without those
+    hints loads cannot be vectorised or pipelined and the build would not be the one a GPU runs.
+    """
+    triton, _ = _runtime.load_triton()
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    missing = [a for a in jit_fn.arg_names if a not in signature and a not in constants]
+    if missing:
+        raise ValueError(f"compile_kernel: no type or constant given for arguments {missing} of {jit_fn.__name__}.")
+    sig = {**signature, **{k: "constexpr" for k in constants}}
+    divisible = [a for a, t in signature.items() if t.startswith("*") or a in aligned]
+    src = ASTSource(fn=jit_fn, signature=sig, constexprs={(jit_fn.arg_names.index(k),): v for k, v in constants.items()},
+                    attrs={(jit_fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    regs, spills = _ptxas_resources(kernel.asm["ptx"], arch)
+    mma = re.search(r"versionMajor = (\d)", kernel.asm["ttgir"])
+    return KernelBuild(name or jit_fn.__name__, arch, dict(constants), num_warps, num_stages,
+                       int(kernel.metadata.shared), regs, spills, int(mma.group(1)) if mma else None)
+
+
+def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
+              symmetric: bool = False, bias: bool = True, paths: tuple[str, ...] = ("gemm", "splitk")) -> list[KernelBuild]:
+    """Every autotune config of :mod:`~lightning_quant.kernels.wq_matmul` that the group-size pre-filter keeps."""
+    from lightning_quant.kernels import wq_matmul as wq
+
+    triton, _ = _runtime.load_triton()
+    jit = wq._build(False)["jit"]
+    group = wq._PER_CHANNEL_GROUP if group_size == -1 else group_size
+    t = _TRITON_DTYPE[dtype]
+    builds = []
+    for path in paths:
+        configs = wq._gemm_configs(triton) if path == "gemm" else wq._splitk_configs(triton)
+        atomic = path == "splitk"
+        sig = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "s_ptr": f"*{t}", "z_ptr": "*i32", "b_ptr": f"*{t}",
+               "out_ptr": "*fp32" if atomic else f"*{t}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
+               "stride_zg": "i32"}
+        for cfg in wq.prune_by_group(configs, {"GROUP_SIZE": group}):
+            const = {"BITS": bits, "ASYM": not symmetric, "HAS_BIAS": bias, "GROUP_SIZE": group,
+                     "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ATOMIC": atomic, **cfg.kwargs}
+            builds.append(compile_kernel(jit, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                                         arch=arch, aligned=("N", "K", "stride_zg"), name=f"wq-{path}"))
+    return builds
+
+
+def int8_builds(arch: int = 90) -> list[KernelBuild]:
+    """Every autotune config of :mod:`~lightning_quant.kernels.int8_matmul`."""
+    from lightning_quant.kernels import int8_matmul as i8
+
+    triton, _ = _runtime.load_triton()
+    jit = i8._build(False)["jit"]
+    sig = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
+    return [compile_kernel(jit, sig, dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch,
+                           aligned=("N", "K"), name="int8") for cfg in i8._configs(triton)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="Compile every autotune config for a CUDA target; print resources.")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--symmetric", action="store_true")
+    p.add_argument("--family", choices=["all", "wq", "int8"], default="all")
+    args = p.parse_args(argv)
+    builds = []
+    if args.family in ("all", "wq"):
+        builds += wq_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
+    if args.family in ("all", "int8"):
+        builds += int8_builds(args.arch)
+    for b in builds:
+        print(b.describe() + ("" if b.fits_shared_memory else "  EXCEEDS SHARED MEMORY"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Every autotune config of every kernel compiles for the H100/H200 (``sm_90``) on this CPU machine,
+fits in shared memory and does not spill registers; Hopper tiles use ``wgmma``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed on this platform")
+pytest.importorskip("triton.backends.nvidia.compiler", reason="this Triton build has no CUDA backend (ptxas)")
+
+from lightning_quant.kernels import aot
+
+# (dtype, bits, group_size, symmetric): the group branches of the kernel — one scale row per K block
+# (128, -1), whole groups broadcast inside a block (32) — in both activation dtypes, both code widths.
+WQ_CASES = [(torch.float16, 4, 128, False), (torch.float16, 4, 32, False), (torch.bfloat16, 8, -1, True)]
+
+
+def _check(builds: list[aot.KernelBuild]) -> None:
+    assert builds
+    bad = [b.describe() for b in builds if not b.fits_shared_memory or b.spill_bytes > 0]
+    assert not bad, "configs that cannot launch or that spill:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("case", WQ_CASES, ids=lambda c: f"{str(c[0])[6:]}-W{c[1]}g{c[2]}{'' if c[3] else 'a'}")
+def test_wq_kernel_configs_compile_for_sm90_without_spills(case):
+    dtype, bits, group, sym = case
+    builds = aot.wq_builds(90, dtype, bits, group, sym)
+    _check(builds)
+    gemm = [b for b in builds if b.name == "wq-gemm" and b.constants["BLOCK_M"] >= 64]
+    assert gemm and all(b.mma_version == 3 for b in gemm)  # Hopper warp-group MMA, not mma.sync
+
+
+def test_int8_kernel_configs_compile_for_sm90_without_spills():
+    builds = aot.int8_builds(90)
+    _check(builds)
+    assert any(b.mma_version == 3 for b in builds)
+
+
+def test_a100_builds_fit_its_shared_memory():
+    builds = aot.wq_builds(80, torch.float16, 4, 128, False, paths=("splitk",))
+    assert all(b.arch == 80 and b.fits_shared_memory and b.mma_version == 2 for b in builds)
+
+
+def test_compile_kernel_names_missing_arguments():
+    from lightning_quant.kernels import int8_matmul
+
+    jit = int8_matmul._build(False)["jit"]
+    with pytest.raises(ValueError, match=r"no type or constant given for arguments \['M_BUCKET'"):
+        aot.compile_kernel(jit, {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"},
+                           {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+
+
+def test_command_line_prints_one_row_per_config(capsys):
+    import triton
+
+    from lightning_quant.kernels import int8_matmul
+
+    aot.main(["--family", "int8", "--arch", "80"])
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert len(rows) == len(int8_matmul._configs(triton))
+    assert all(r.startswith("int8") and "smem" in r and "spill" in r for r in rows)
