@@ -27,6 +27,7 @@ from torch import Tensor
 
 from lightning_quant import primitives as P
 from lightning_quant.algorithms.gptq import HessianAccumulator, output_error
+from lightning_quant.calibration.awq_mapping import tie_expand, tie_reduce
 from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
@@ -165,15 +166,21 @@ def _check_group(weights: dict[str, Tensor], in_features: int) -> None:
         P.check_finite(w, n)
 
 
-def search_scales(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec,
-                  n_grid: int = 20) -> tuple[Tensor, float, list[float]]:
-    """Grid search of ``α`` (module docstring, step 1): ``(scales [in], α, errors per grid point)``."""
+def search_scales(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec, n_grid: int = 20,
+                  tie: tuple[int, int, int] | None = None) -> tuple[Tensor, float, list[float]]:
+    """Grid search of ``α`` (module docstring, step 1): ``(scales [in], α, errors per grid point)``.
+
+    ``tie = (kv_heads, repeats, head_dim)`` (grouped-query attention, see
+    :class:`~lightning_quant.calibration.awq_mapping.FoldPlan`): ``s`` is computed from ``mean|x|``
+    averaged over the repeats and repeated back, so it folds into the ``[kv·hd]`` producer.
+    """
     _check_group(weights, stats.in_features)
     h, mean_abs = stats.hessian(), stats.mean_abs()
+    base = mean_abs if tie is None else tie_reduce(mean_abs, tie)
     errors, best = [], (float("inf"), None, 0.0)
     for i in range(n_grid):
         ratio = i / n_grid
-        s = awq_scales(mean_abs, ratio)
+        s = awq_scales(base, ratio) if tie is None else tie_expand(awq_scales(base, ratio), tie)
         err = sum(output_error(w, _fake_rtn(w.float() * s, spec) / s, h) for w in weights.values())
         errors.append(err)
         if err < best[0]:
@@ -212,20 +219,21 @@ def search_clip(w: Tensor, h: Tensor, spec: QuantSpec, clip_grid: int = 10, max_
 
 
 def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec,
-                       config: AWQConfig | None = None) -> AWQGroupResult:
+                       config: AWQConfig | None = None, tie: tuple[int, int, int] | None = None) -> AWQGroupResult:
     """AWQ for one group: scale search, then clip search per layer, then quantization.
 
     Args:
         stats: the group's input statistics (:class:`AWQStats`, all-reduced under DDP).
         weights: ``{name: W [out, in]}`` of the layers reading that input (shapes must agree on ``in``).
         spec: the weight :class:`QuantSpec`.
+        tie: ``(kv_heads, repeats, head_dim)`` to keep the scales equal across grouped-query repeats.
     Returns:
         :class:`AWQGroupResult`; each ``qweights[name]`` quantizes ``W diag(scales)``.
     """
     cfg = config or AWQConfig()
     _check_group(weights, stats.in_features)
     spec.check_in_features(stats.in_features)
-    s, ratio, grid = search_scales(stats, weights, spec, cfg.n_grid)
+    s, ratio, grid = search_scales(stats, weights, spec, cfg.n_grid, tie)
     h = stats.hessian()
     h_scaled = h / s.unsqueeze(0) / s.unsqueeze(1)  # inputs become x / s: H -> diag(1/s) H diag(1/s)
     res = AWQGroupResult(scales=s, ratio=ratio, grid_errors=grid)

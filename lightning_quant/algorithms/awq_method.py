@@ -80,9 +80,9 @@ def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, 
         for n in plan.group:
             w = linear_weight(lin[n]).detach().float()
             weights[n] = w / row_scale[n].unsqueeze(1) if n in row_scale else w  # [out, in] / [out, 1]
-        res = awq_quantize_group(st, weights, spec, cfg)
+        res = awq_quantize_group(st, weights, spec, cfg, tie=plan.tie)
         if plan.kind == "linear" and plan.producer in lin:
-            row_scale[plan.producer] = res.scales
+            row_scale[plan.producer] = plan.producer_scales(res.scales)
         for n in plan.group:
             qw = res.qweights[n]
             qw.dtype = linear_weight(lin[n]).dtype
@@ -141,7 +141,7 @@ def _apply_folds(model: nn.Module, weights: dict[str, QuantizedWeight]) -> None:
         s = info.scales
         prod = model.get_submodule(plan.producer)
         if plan.kind == "norm" or plan.producer not in weights:
-            fold_into_producer(prod, plan.kind, s.to(prod.weight.device))
+            fold_into_producer(prod, plan.kind, plan.producer_scales(s).to(prod.weight.device))
         for c in plan.companions:
             scale_input_columns(model.get_submodule(c), s)
 

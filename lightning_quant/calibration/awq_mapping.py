@@ -18,6 +18,10 @@ Discovery is generic and data-driven, no per-architecture code:
 2. **Indirect pairs as data**: :data:`INDIRECT_FOLDS` maps a ``config.model_type`` to
    ``(producer, consumer)`` name pairs inside a block (v -> o, up -> down); unknown families use
    :data:`GENERIC_INDIRECT_FOLDS`.
+   Under grouped-query attention ``v_proj`` has ``kv·hd`` outputs while ``o_proj`` reads ``heads·hd``
+   features (each kv head's block repeated for ``heads/kv`` query heads, as ``repeat_kv`` lays them
+   out): the group's scales are then *tied* — equal across the copies of a kv head's block — so
+   their producer share (one copy) folds into ``v_proj`` (:attr:`FoldPlan.tie`).
 3. **Verify numerically**: every candidate fold is applied with random positive scales to the
    float block on real inputs; if the block output moves by more than ``FOLD_RTOL`` (relative L2)
    the group gets an *explicit* input scale instead (``PackedLinear.input_scale``), with the reason.
@@ -42,6 +46,8 @@ __all__ = [
     "fold_into_producer",
     "model_type",
     "scale_input_columns",
+    "tie_expand",
+    "tie_reduce",
 ]
 
 _LLAMA_LIKE = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
@@ -67,7 +73,9 @@ class FoldPlan:
     ``group``: qualified target names (call order). ``producer``: qualified name of the module the
     scales fold into, or ``None`` (explicit input scaling). ``kind``: ``"norm"`` / ``"linear"`` /
     ``None``. ``companions``: other linear-like readers of the input (scaled by ``s`` on their input
-    columns). ``reason``: why the group is folded or explicit (for the report).
+    columns). ``reason``: why the group is folded or explicit (for the report). ``tie``:
+    ``(kv_heads, repeats, head_dim)`` when the producer feeds the group through grouped-query
+    attention: the group's scales must be equal across the ``repeats`` copies of each kv head's block.
     """
 
     group: tuple[str, ...]
@@ -75,10 +83,31 @@ class FoldPlan:
     kind: str | None
     companions: tuple[str, ...]
     reason: str
+    tie: tuple[int, int, int] | None = None
 
     @property
     def folded(self) -> bool:
         return self.producer is not None
+
+    def producer_scales(self, s: Tensor) -> Tensor:
+        """The producer's share of the group's scales ``s [in]``: ``s`` itself, or under a tie the
+        first copy of each kv head's block, ``[kv·hd]``."""
+        if self.tie is None:
+            return s
+        kv, rep, hd = self.tie
+        return s.view(kv, rep, hd)[:, 0].reshape(-1)  # [kv·rep·hd] -> [kv, rep, hd] -> [kv·hd]
+
+
+def tie_expand(s: Tensor, tie: tuple[int, int, int]) -> Tensor:
+    """Producer scales ``[kv·hd]`` -> the group's ``[kv·rep·hd]`` (``repeat_kv`` order: head ``h`` reads kv head ``h // rep``)."""
+    kv, rep, hd = tie
+    return s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
+
+
+def tie_reduce(x: Tensor, tie: tuple[int, int, int]) -> Tensor:
+    """Per-feature statistics ``[kv·rep·hd]`` -> their mean over the ``rep`` copies, ``[kv·hd]``."""
+    kv, rep, hd = tie
+    return x.view(kv, rep, hd).mean(1).reshape(-1)
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -155,36 +184,54 @@ def _direct_candidate(key: Tensor, width: int, rel_group: set[str], ins, outs, b
     return None, None, companions, f"its producer {producer} ({type(mod).__name__}) has no per-channel weight"
 
 
+def _gqa_tie(block: nn.Module, prod: str, outputs: int, width: int) -> tuple[int, int, int] | None:
+    """``(kv_heads, repeats, head_dim)`` when ``prod``'s ``outputs`` reach ``width`` features as whole
+    heads repeated (grouped-query attention); the head size comes from the attention module's ``head_dim``."""
+    parent = block.get_submodule(prod.rpartition(".")[0]) if "." in prod else block
+    hd = getattr(parent, "head_dim", None)
+    if not isinstance(hd, int) or hd <= 0 or outputs % hd or width % outputs:
+        return None
+    return outputs // hd, width // outputs, hd
+
+
 def _indirect_candidate(rel_group: list[str], width: int, pairs, block: nn.Module):
+    """``(producer, reason, tie)`` for a group with no direct producer, from the data mapping ``pairs``."""
     for prod, cons in pairs:
         if not any(r == cons or r.endswith("." + cons) for r in rel_group):
             continue
         try:
             mod = block.get_submodule(prod)
         except AttributeError:
-            return None, f"mapped producer {prod} does not exist in the block"
+            return None, f"mapped producer {prod} does not exist in the block", None
         if not is_linear_like(mod):
-            return None, f"mapped producer {prod} is a {type(mod).__name__}, not a plain linear (e.g. a LoRA wrapper)"
-        if linear_weight(mod).shape[0] != width:
-            return None, (f"mapped producer {prod} has {linear_weight(mod).shape[0]} outputs but the group reads "
-                          f"{width} features (grouped-query attention)")
-        return prod, f"folded into linear {prod} (indirect pair {prod} -> {cons})"
-    return None, "no foldable producer"
+            return None, f"mapped producer {prod} is a {type(mod).__name__}, not a plain linear (e.g. a LoRA wrapper)", None
+        outputs = linear_weight(mod).shape[0]
+        if outputs == width:
+            return prod, f"folded into linear {prod} (indirect pair {prod} -> {cons})", None
+        tie = _gqa_tie(block, prod, outputs, width)
+        if tie is None:
+            return None, (f"mapped producer {prod} has {outputs} outputs but the group reads {width} features "
+                          "and no head_dim tells how they repeat"), None
+        return prod, (f"folded into linear {prod} (indirect pair {prod} -> {cons}; grouped-query attention: "
+                      f"scales tied across the {tie[1]} query heads of each of {tie[0]} kv heads)"), tie
+    return None, "no foldable producer", None
 
 
 def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[nn.Module], width: int,
-            seed: int) -> bool:
-    """Apply the fold with random scales, compare the block output, undo. True if within FOLD_RTOL."""
+            seed: int, tie: tuple[int, int, int] | None = None) -> bool:
+    """Apply the fold with random (tied) scales, compare the block output, undo. True if within FOLD_RTOL."""
     producer, kind = plan_rel
     pmod = block.get_submodule(producer)
     touched = [pmod] + modules
     saved = [(t, t.detach().clone()) for m in touched for t in (m.weight, getattr(m, "bias", None))
              if isinstance(t, Tensor)]
     g = torch.Generator().manual_seed(seed)
-    s = torch.exp(torch.rand(width, generator=g) - 0.5).to(pmod.weight.device)
+    s_prod = torch.exp(torch.rand(width if tie is None else tie[0] * tie[2], generator=g) - 0.5)
+    s_prod = s_prod.to(pmod.weight.device)
+    s = s_prod if tie is None else tie_expand(s_prod, tie)
     with torch.no_grad():
         try:
-            fold_into_producer(pmod, kind, s)
+            fold_into_producer(pmod, kind, s_prod)
             for m in modules:
                 scale_input_columns(m, s)
             out = _run(block, inp)
@@ -225,9 +272,10 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
     for i, (key, group) in enumerate(groups):
         width = key.shape[-1]
         prod, kind, comps, reason = _direct_candidate(key, width, set(group), ins, outs, block)
+        tie = None
         if prod is None:
             stripped = [r.removesuffix(_WRAPPER_SUFFIX) for r in group]
-            prod, reason2 = _indirect_candidate(stripped, width, pairs, block)
+            prod, reason2, tie = _indirect_candidate(stripped, width, pairs, block)
             kind, comps = ("linear", ()) if prod is not None else (None, comps)
             reason = reason2 if prod is not None else f"{reason}; {reason2}"
         if prod is not None:
@@ -235,9 +283,9 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
             if ref is None:
                 with torch.no_grad():
                     ref = _run(block, inp)
-            if not _verify(block, inp, ref, (prod, kind), mods, width, seed=i):
+            if not _verify(block, inp, ref, (prod, kind), mods, width, seed=i, tie=tie):
                 reason = f"fold into {prod} failed the numerical check (block output moved > {FOLD_RTOL:g})"
                 prod, kind = None, None
         plans.append(FoldPlan(tuple(by_rel[r] for r in group), None if prod is None else f"{prefix}.{prod}", kind,
-                              tuple(f"{prefix}.{c}" for c in comps), reason))
+                              tuple(f"{prefix}.{c}" for c in comps), reason, tie if prod is not None else None))
     return plans

@@ -136,11 +136,12 @@ def test_folds_leave_float_model_unchanged(tiny_model):
 def test_discovery_per_architecture(tiny_model):
     weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
     summary = awq_summary(weights)
-    explicit = " | ".join(f"{g}: {r}" for g, r in summary["explicit"].items())
     kind = tiny_model.config.model_type
-    if kind == "llama":  # GQA: v has 48 outputs, o reads 96 -> explicit, with the reason
-        assert list(summary["explicit"]) == ["model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.o_proj"]
-        assert "grouped-query attention" in explicit
+    if kind == "llama":  # GQA: v has 48 outputs, o reads 96 -> tied scales fold into v
+        assert not summary["explicit"] and len(summary["folded"]) == 8
+        o_plan = weights["model.layers.0.self_attn.o_proj"].extras["awq"].plan
+        assert o_plan.producer == "model.layers.0.self_attn.v_proj" and o_plan.tie == (2, 2, 24)
+        assert "grouped-query attention" in summary["folded"]["model.layers.0.self_attn.o_proj"]
     elif kind == "gpt2":  # fused c_attn, GELU before mlp.c_proj
         assert sorted(summary["explicit"]) == [f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")]
     else:  # OPT: everything folds (ReLU between fc1 and fc2 is positively homogeneous)
@@ -160,6 +161,47 @@ def test_mha_llama_folds_o_into_v():
     assert info.plan.producer == "model.layers.0.self_attn.v_proj" and info.plan.kind == "linear"
     assert weights["model.layers.0.self_attn.v_proj"].extras["awq"].row_scale is not None
     assert model.model.layers[0].self_attn.o_proj.input_scale is None
+
+
+def test_gqa_scales_are_tied_across_query_heads_and_fold_into_v():
+    """tiny Llama: 4 query heads share 2 kv heads (head_dim 24). o_proj's scales repeat each kv block
+    twice (repeat_kv order), v_proj's rows carry one copy, nothing is explicit, logits are unchanged by
+    the folds, and the group error is no worse than RTN."""
+    from lightning_quant.calibration.awq_mapping import tie_expand
+    from lightning_quant.testing import tiny_llama
+
+    model, ids = tiny_llama(), _ids()
+    weights = awq_method(model, select_linears(model), SPEC, ids, AWQConfig(n_grid=10, clip_grid=0))
+    o = weights["model.layers.0.self_attn.o_proj"].extras["awq"]
+    v = weights["model.layers.0.self_attn.v_proj"].extras["awq"]
+    assert o.ratio > 0  # a real scaling was chosen, not the identity
+    share = o.plan.producer_scales(o.scales)
+    assert share.shape == (48,) and torch.equal(tie_expand(share, o.plan.tie), o.scales)
+    assert torch.equal(o.scales.view(2, 2, 24)[:, 0], o.scales.view(2, 2, 24)[:, 1])
+    assert torch.equal(v.row_scale, share)
+    assert o.error <= o.rtn_error
+    folded = copy.deepcopy(model)
+    fold_awq_scales(folded, weights)
+    with torch.no_grad():
+        a, b = model(ids).logits, folded(ids).logits
+    assert float((a - b).norm() / a.norm()) < 1e-5
+
+
+def test_gqa_tie_needs_the_head_size(monkeypatch):
+    from torch import nn
+
+    from lightning_quant.calibration import awq_mapping
+    from lightning_quant.testing import tiny_llama
+
+    model = tiny_llama()
+    block = model.model.layers[0]
+    assert awq_mapping._gqa_tie(block, "self_attn.v_proj", 48, 96) == (2, 2, 24)
+    assert awq_mapping._gqa_tie(block, "self_attn.v_proj", 48, 100) is None  # not whole repeats
+    assert awq_mapping._gqa_tie(nn.Sequential(nn.Linear(4, 48)), "0", 48, 96) is None  # no head_dim anywhere
+    monkeypatch.setattr(awq_mapping, "_gqa_tie", lambda *a: None)
+    weights = awq_method(model, select_linears(model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
+    reason = awq_summary(weights)["explicit"]["model.layers.0.self_attn.o_proj"]
+    assert "no head_dim tells how they repeat" in reason
 
 
 def test_unverifiable_fold_falls_back_to_explicit(monkeypatch):
@@ -311,9 +353,11 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
             torch.testing.assert_close(got[name][2], awq_s, rtol=1e-6, atol=0)
 
 
-def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path):
+def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path, monkeypatch):
+    from lightning_quant.calibration import awq_mapping
     from lightning_quant.cli import load_quantized, save_quantized
 
+    monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no v -> o / up -> down folds: explicit scales
     ids = _ids(2)
     weights = quantize_model(tiny_llama, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=2, clip_grid=0))
     save_quantized(tiny_llama, weights, "awq", tmp_path)

@@ -70,18 +70,20 @@ def test_partial_group_raises_with_valid_sizes(tmp_path):
         export.save(quantize_packed(tiny_llama(), QuantSpec(4, 64, True)), tmp_path / "m", "awq")
 
 
-def test_real_awq_models(tmp_path, ids):
-    """An AWQ-quantized OPT (all scales folded) round-trips through 'awq'; a Llama whose o_proj keeps an
-    explicit input scale (GQA) is refused by 'awq' but exported exactly by 'onnx'."""
+def test_real_awq_models(tmp_path, ids, monkeypatch):
+    """AWQ-quantized OPT and GQA Llama (all scales folded, o_proj's tied into v_proj) round-trip through
+    'awq'; a Llama whose o_proj keeps an explicit input scale is refused by 'awq' but exported exactly by 'onnx'."""
     from lightning_quant import quantize_model
     from lightning_quant.algorithms.awq import AWQConfig
+    from lightning_quant.calibration import awq_mapping
     from lightning_quant.testing import random_token_batches, tiny_opt
 
     calib, cfg = torch.cat(random_token_batches(2, 32, 2)), AWQConfig(n_grid=4, clip_grid=0)  # small grid: speed
-    opt = tiny_opt()
-    quantize_model(opt, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
-    export.save(opt, tmp_path / "opt", "awq")
-    assert torch.equal(export.load(tmp_path / "opt")(ids).logits, opt(ids).logits)
+    for name, model in (("opt", tiny_opt()), ("gqa", tiny_llama())):
+        quantize_model(model, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
+        export.save(model, tmp_path / name, "awq")
+        assert torch.equal(export.load(tmp_path / name)(ids).logits, model(ids).logits), name
+    monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no indirect folds: o_proj explicit
     llama = tiny_llama()
     quantize_model(llama, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
     assert llama.model.layers[0].self_attn.o_proj.input_scale is not None
