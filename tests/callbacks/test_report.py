@@ -57,6 +57,23 @@ def test_report_without_wandb_logs_same_figures_to_csv(tmp_path):
     assert trainer.state.finished
 
 
+def test_report_images_and_scalars_reach_tensorboard(tmp_path):
+    """TensorBoard gets the plots as images (read back from the event file) and the same scalars."""
+    pytest.importorskip("tensorboard", reason="tensorboard is a dev dependency")
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    report = QuantizationReport(output_dir=str(tmp_path / "report"), num_batches=1)
+    _fit(tmp_path, [TensorBoardLogger(tmp_path, name="tb")], report)
+    events = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0}).Reload()
+    images = events.Tags()["images"]
+    assert {"quant/report/layer_errors", "quant/report/worst_layers", "quant/report/bits_per_weight"} <= set(images)
+    png = events.Images("quant/report/layer_errors")[0]
+    assert png.width > 300 and png.height > 200 and png.encoded_image_string[:8] == b"\x89PNG\r\n\x1a\n"
+    after = events.Scalars("quant/ppl_after")[0].value
+    assert after == pytest.approx(report.data.summary()["quant/ppl_after"])
+
+
 def test_report_bad_args_and_unconverted_model(tmp_path):
     with pytest.raises(ValueError, match="num_batches must be a positive int"):
         QuantizationReport(num_batches=0)
