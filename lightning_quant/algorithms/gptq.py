@@ -93,9 +93,12 @@ class GPTQResult:
 
 
 class HessianAccumulator:
-    """Running ``Σ x x^T`` (float64) and token count for one layer; ``H = 2 Σ x x^T / n``.
+    """Running ``Σ x x^T`` and token count for one layer (or for all layers reading the same input);
+    ``H = 2 Σ x x^T / n``.
 
-    Adding batch by batch equals adding all rows at once (up to float64 rounding).
+    Each batch's ``x^T x`` is computed in float32 (as GPTQ's reference implementation does, at half
+    the cost of float64 on CPU) and summed over batches in float64, so adding batch by batch equals
+    adding all rows at once up to float32 rounding of one batch's product.
     """
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu", name: str = "layer") -> None:
@@ -108,8 +111,8 @@ class HessianAccumulator:
         x = x.detach().reshape(-1, x.shape[-1])
         if x.shape[1] != self.sum.shape[0]:
             raise ValueError(f"{self.name}: inputs have {x.shape[1]} features, expected {self.sum.shape[0]}.")
-        x = x.to(self.sum.device, torch.float64)  # NaN/Inf propagate into the sum: checked in hessian()
-        self.sum.addmm_(x.t(), x)
+        x = x.to(self.sum.device, torch.float32)  # NaN/Inf propagate into the sum: checked in hessian()
+        self.sum += x.t() @ x  # [in, tokens] @ [tokens, in], float32 -> float64 sum
         self.count += x.shape[0]
 
     def all_reduce(self) -> None:

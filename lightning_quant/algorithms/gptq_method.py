@@ -2,9 +2,9 @@
 
 Registered as ``method="gptq"`` (``needs_calibration=True``, ``config_type=GPTQConfig``). Block by
 block (:func:`~lightning_quant.calibration.run_sequential`): for each true-sequential group of the
-block's target linears, accumulate Hessians from real inputs, all-reduce them across DDP ranks,
-solve, and write the dequantized weights into the block so later groups and blocks see the
-quantization error. The model's weights are restored afterwards; swapping in packed layers is the
+block's target linears, accumulate Hessians from real inputs — one per distinct input, shared by the
+layers that read it (q/k/v, gate/up) — all-reduce them across DDP ranks, solve, and write the
+dequantized weights into the block so later groups and blocks see the quantization error. The model's weights are restored afterwards; swapping in packed layers is the
 caller's job (:func:`lightning_quant.quantize_model`).
 
 Each ``QuantizedWeight.extras`` gets ``gptq_loss`` (``tr(D H D^T)/2``), ``gptq_damp`` and
@@ -28,18 +28,22 @@ from lightning_quant.targets import linear_weight
 __all__ = ["GPTQConfig", "gptq_method"]
 
 
-def _quantize_group(ctx: BlockContext, modules: dict[str, nn.Module], spec: QuantSpec, cfg: GPTQConfig,
-                    out: dict[str, QuantizedWeight]) -> None:
-    acc = {n: HessianAccumulator(linear_weight(m).shape[1], ctx.device, n) for n, m in modules.items()}
-    with ctx.hook_linears(modules, lambda n, m, x, y: acc[n].add(x)):
+def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, nn.Module], spec: QuantSpec,
+                    cfg: GPTQConfig, out: dict[str, QuantizedWeight]) -> None:
+    """Solve the layers of ``readers`` (lists of names fed the same input) after one forward that
+    accumulates one Hessian per list (hooked on its first layer)."""
+    acc = {g[0]: HessianAccumulator(linear_weight(lin[g[0]]).shape[1], ctx.device, ", ".join(g)) for g in readers}
+    with ctx.hook_linears({n: lin[n] for n in acc}, lambda n, m, x, y: acc[n].add(x)):
         ctx.forward()
-    for n, m in modules.items():
-        acc[n].all_reduce()
-        w = linear_weight(m)
-        res = gptq_quantize(w, acc[n].hessian(), spec, cfg, name=n)
-        res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
-        out[n] = res.qweight.to("cpu")
-        ctx.set_weight(m, res.dequantized.to(w.dtype))
+    for group in readers:
+        acc[group[0]].all_reduce()
+        h = acc[group[0]].hessian()
+        for n in group:
+            w = linear_weight(lin[n])
+            res = gptq_quantize(w, h, spec, cfg, name=n)
+            res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
+            out[n] = res.qweight.to("cpu")
+            ctx.set_weight(lin[n], res.dequantized.to(w.dtype))
 
 
 def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
@@ -52,9 +56,9 @@ def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec
         lin = ctx.linears(targets)
         if not lin:
             return
-        groups = ctx.sequential_groups(lin) if cfg.true_sequential else [list(lin)]
-        for group in groups:
-            _quantize_group(ctx, {n: lin[n] for n in group}, spec, cfg, out)
+        readers = ctx.sequential_groups(lin)  # layers sharing an input, in call order
+        for step in ([[g] for g in readers] if cfg.true_sequential else [readers]):
+            _quantize_group(ctx, step, lin, spec, cfg, out)
 
     run_sequential(model, calibration, process, **cfg.runner_kwargs())
     outside = [n for n in targets if n not in out]

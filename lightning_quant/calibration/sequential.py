@@ -135,7 +135,8 @@ class BlockContext:
     @torch.no_grad()
     def sequential_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
         """Split ``modules`` into groups in call order; modules fed the *same* input tensor form one
-        group (Llama: ``[q, k, v], [o], [gate, up], [down]``) — the "true sequential" order."""
+        group (Llama: ``[q, k, v], [o], [gate, up], [down]``) — the "true sequential" order. Modules
+        the block never calls come last, one group each."""
         seen: list[tuple[str, Tensor]] = []  # holds the inputs alive, so identity is meaningful
         handles = []
         for name, mod in modules.items():
@@ -158,7 +159,7 @@ class BlockContext:
                 groups.append([name])
             last_key = key
         missing = [n for n in modules if not any(n in g for g in groups)]
-        return groups + ([missing] if missing else [])
+        return groups + [[n] for n in missing]
 
     # ---- changing weights --------------------------------------------------------------------
     @torch.no_grad()
