@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak_memory import peak_mb, reset_peak  # benchmarks/ is sys.path[0] when run as a script
 
 
 def _parse() -> argparse.Namespace:
@@ -48,23 +49,6 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--out", required=True, help="output directory")
     return p.parse_args()
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 def _cpu_safe_cache() -> None:
@@ -150,11 +134,11 @@ def main() -> None:
     tok = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     recipe = _recipe(args)
-    _reset_peak()
+    reset_peak()
     t0 = time.perf_counter()
     oneshot(model=model, processor=tok, dataset=data, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], batch_size=args.batch_size, shuffle_calibration_samples=False)
-    wall, peak = time.perf_counter() - t0, _peak_mb()
+    wall, peak = time.perf_counter() - t0, peak_mb()
     state, quantized, gap = _effective_state(model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from peak_memory import peak_mb, reset_peak
 from torch import nn
 
 from lightning_quant import QuantSpec, quantize_model
@@ -51,25 +52,6 @@ CONFIGS = {
     "w3g64-asym": QuantSpec(3, 64, symmetric=False),
     "w8ch": QuantSpec(8, -1, symmetric=True),
 }
-
-
-def _reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _texts(tokenizer, args):
@@ -89,10 +71,10 @@ def _int8_row(model, ref, held) -> tuple:
     from lightning_quant.algorithms.llm_int8_method import convert_to_int8
 
     q = copy.deepcopy(model)
-    _reset_peak()
+    reset_peak()
     t0 = time.perf_counter()
     convert_to_int8(q, threshold=6.0)
-    wall, peak = time.perf_counter() - t0, _peak_mb()
+    wall, peak = time.perf_counter() - t0, peak_mb()
     r = evaluate_against(q, ref, held)
     print(f"done int8 (threshold 6.0): ppl={r['ppl']:.3f} kl={r['kl']:.4f} time={wall:.1f}s", flush=True)
     return ("int8", "row-wise W8, t=6.0", r["ppl"], r["kl"], wall, peak)
@@ -228,12 +210,12 @@ def main() -> None:
             if method == "int8":  # independent of the weight config: one row after the loop
                 continue
             q = copy.deepcopy(model)
-            _reset_peak()
+            reset_peak()
             t0 = time.perf_counter()
             quantize_model(q, spec, method, calibration=calib if method != "rtn" else None,
                            config=cfg if method == "gptq" else None)
             wall = time.perf_counter() - t0
-            peak = _peak_mb()
+            peak = peak_mb()
             r = evaluate_against(q, ref, held)
             rows.append((method, name, r["ppl"], r["kl"], wall, peak))
             print(f"done {method} {name}: ppl={r['ppl']:.3f} kl={r['kl']:.4f} time={wall:.1f}s", flush=True)
