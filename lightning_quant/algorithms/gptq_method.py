@@ -31,10 +31,9 @@ __all__ = ["GPTQConfig", "gptq_method"]
 def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, nn.Module], spec: QuantSpec,
                     cfg: GPTQConfig, out: dict[str, QuantizedWeight]) -> None:
     """Solve the layers of ``readers`` (lists of names fed the same input) after one forward that
-    accumulates one Hessian per list (hooked on its first layer)."""
+    accumulates one Hessian per list (hooked on its first layer; the block stops after the last)."""
     acc = {g[0]: HessianAccumulator(linear_weight(lin[g[0]]).shape[1], ctx.device, ", ".join(g)) for g in readers}
-    with ctx.hook_linears({n: lin[n] for n in acc}, lambda n, m, x, y: acc[n].add(x)):
-        ctx.forward()
+    ctx.capture_inputs({n: lin[n] for n in acc}, lambda n, m, x: acc[n].add(x))
     for group in readers:
         acc[group[0]].all_reduce()
         h = acc[group[0]].hessian()

@@ -32,6 +32,11 @@ from lightning_quant.targets import linear_kind
 __all__ = ["BlockContext", "CalibrationReport", "run_sequential"]
 
 LinearHook = Callable[[str, nn.Module, Tensor, Tensor], None]
+InputHook = Callable[[str, nn.Module, Tensor], None]
+
+
+class _InputsCaptured(Exception):
+    """Raised by a capture hook once every hooked module has its input: the rest of the block is skipped."""
 
 
 def _first(out) -> Tensor:
@@ -128,6 +133,40 @@ class BlockContext:
             handles.append(mod.register_forward_hook(hook))
         try:
             yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @torch.no_grad()
+    def capture_inputs(self, modules: dict[str, nn.Module], fn: InputHook) -> None:
+        """Run the block on every input calling ``fn(name, module, x)`` with each module's input
+        ``[tokens, in]`` (padding removed), without computing what follows the last of them.
+
+        The first input runs the whole block and records the calls. If each module ran exactly
+        once, later inputs stop as soon as the last one has its input (capturing q/k/v skips the
+        rest of the block); otherwise every input runs the whole block. ``fn`` sees the same
+        tensors as with :meth:`hook_linears` + :meth:`forward`.
+        """
+        calls: list[str] = []
+        stop_after: list[str] = []
+
+        def make(name: str):
+            def pre(m, args):
+                fn(name, m, self.token_rows(args[0]))
+                calls.append(name)
+                if stop_after and name == stop_after[0]:
+                    raise _InputsCaptured
+            return pre
+
+        handles = [mod.register_forward_pre_hook(make(n)) for n, mod in modules.items()]
+        try:
+            for i, inp in enumerate(self.inputs):
+                try:
+                    self._run(inp)
+                except _InputsCaptured:
+                    pass
+                if i == 0 and sorted(calls) == sorted(modules):  # each module once per forward
+                    stop_after.append(calls[-1])
         finally:
             for h in handles:
                 h.remove()

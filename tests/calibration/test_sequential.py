@@ -128,3 +128,52 @@ def test_calibration_options_shared_by_method_configs():
             cls(batch_size=0)
         with pytest.raises(TypeError, match=rf"{cls.__name__}.progress must be True or False"):
             cls(progress="yes")
+
+
+def test_capture_inputs_equals_full_forward_and_stops_after_the_last_module(tiny_model):
+    """Inputs seen by capture_inputs == those of hook_linears + forward (bit for bit, every batch), and
+    after the first batch the block stops once the hooked modules have their inputs."""
+    targets = select_linears(tiny_model)
+    batches = testing.random_token_batches(3, 8, 2)
+
+    def process(ctx):
+        lin = ctx.linears(targets)
+        first = dict(list(lin.items())[:1])  # q_proj / c_attn: the block's first linear
+        last = dict(list(lin.items())[-1:])  # a module that runs after it
+        full, early, later_calls = [], [], []
+        with ctx.hook_linears(first, lambda n, m, x, y: full.append(x.clone())):
+            ctx.forward()
+        hook = next(iter(last.values())).register_forward_pre_hook(lambda m, a: later_calls.append(1))
+        try:
+            ctx.capture_inputs(first, lambda n, m, x: early.append(x.clone()))
+        finally:
+            hook.remove()
+        assert len(full) == len(early) == 3 and all(torch.equal(a, b) for a, b in zip(full, early))
+        assert len(later_calls) == 1  # only the first batch ran the whole block
+        seen = []
+        ctx.capture_inputs(lin, lambda n, m, x: seen.append(n))  # every linear: nothing to skip
+        assert len(seen) == 3 * len(lin)
+
+    run_sequential(tiny_model, batches, process, progress=False)
+
+
+def test_capture_inputs_runs_whole_block_when_a_module_repeats():
+    """A module called twice per forward: no early stop (its second input would be lost)."""
+    from lightning_quant.calibration.capture import BlockInput
+    from lightning_quant.calibration.sequential import BlockContext
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    block = Twice()
+    inputs = [BlockInput(torch.randn(1, 3, 4)) for _ in range(2)]
+    ctx = BlockContext(0, "blk", block, inputs, torch.device("cpu"), None)
+    seen = []
+    ctx.capture_inputs({"a": block.a, "b": block.b}, lambda n, m, x: seen.append(n))
+    assert seen == ["a", "b", "a"] * 2
+
