@@ -19,8 +19,10 @@ batch_size=8) -> CalibrationReport``
     ``linears(targets)`` -> the targets inside this block; ``sequential_groups(modules)`` -> call-order
     groups sharing an input (``[[q, k, v], [o], [gate, up], [down]]``);
     ``hook_linears(modules, fn)`` context manager, ``fn(name, module, x [tokens, in], y)`` with padding
-    removed; ``forward(keep_outputs=False)`` runs the block on all inputs (returns outputs when asked,
-    free them with ``release``); ``set_weight(module, w [out, in], restore=True)``; ``token_rows(x)``.
+    removed; ``capture_inputs(modules, fn)``, ``fn(name, module, x [tokens, in])``, runs the block on all
+    inputs but stops after the last of ``modules`` (capture only); ``forward(keep_outputs=False)`` runs
+    the block on all inputs (returns outputs when asked, free them with ``release``);
+    ``set_weight(module, w [out, in], restore=True)``; ``token_rows(x)``.
 
 ``find_blocks(model, override=None) -> BlockList(path, blocks)``
     Largest ``ModuleList`` of identical modules (Llama, GPT-2, OPT, peft-wrapped); ``override`` is a
