@@ -124,7 +124,6 @@ def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4,
 
     triton, _ = _runtime.load_triton()
     jit = wq._build(False)["jit"]
-    group = wq._PER_CHANNEL_GROUP if group_size == -1 else group_size
     t = _TRITON_DTYPE[dtype]
     builds = []
     for path in paths:
@@ -133,9 +132,9 @@ def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4,
         sig = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "s_ptr": f"*{t}", "z_ptr": "*i32", "b_ptr": f"*{t}",
                "out_ptr": "*fp32" if atomic else f"*{t}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
                "stride_zg": "i32"}
-        for cfg in wq.prune_by_group(configs, {"GROUP_SIZE": group}):
-            const = {"BITS": bits, "ASYM": not symmetric, "HAS_BIAS": bias, "GROUP_SIZE": group,
-                     "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ATOMIC": atomic, **cfg.kwargs}
+        launch = wq.kernel_constants(bits, not symmetric, bias, group_size, dtype, atomic)  # as wq_linear_triton
+        for cfg in wq.prune_by_group(configs, {"GROUP_SIZE": launch["GROUP_SIZE"]}):
+            const = {**launch, **cfg.kwargs}
             builds.append(compile_kernel(jit, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                          arch=arch, aligned=("N", "K", "stride_zg"), name=f"wq-{path}"))
     return builds

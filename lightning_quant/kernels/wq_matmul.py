@@ -204,6 +204,14 @@ def prune_by_group(configs: list, named_args: dict, **kwargs) -> list:
     return aligned or list(configs)
 
 
+def kernel_constants(bits: int, asym: bool, has_bias: bool, group_size: int, dtype: torch.dtype,
+                     atomic: bool) -> dict:
+    """The kernel's constexpr arguments besides the block sizes (one specialisation per distinct dict)."""
+    return {"BITS": bits, "ASYM": asym, "HAS_BIAS": has_bias,
+            "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ATOMIC": atomic}
+
+
 @functools.cache
 def _build(interpret: bool):
     """``{"jit": kernel, "gemm": autotuned, "splitk": autotuned}`` for the compiled or interpreted mode."""
@@ -242,9 +250,7 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
     if m == 0:
         return out.to(x.dtype)
     kernels = _build(_runtime.interpreting())
-    const = {"BITS": bits, "ASYM": qzeros is not None, "HAS_BIAS": bias is not None,
-             "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
-             "PRECISION": "ieee" if x.dtype == torch.float32 else "tf32", "ATOMIC": atomic}
+    const = kernel_constants(bits, qzeros is not None, bias is not None, group_size, x.dtype, atomic)
     args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias, out, m, n, k,
             min(triton_next_pow2(m), 4096), 0 if qzeros is None else qzeros.shape[1])
     if config is not None or "gemm" not in kernels:
