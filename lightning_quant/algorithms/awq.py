@@ -176,11 +176,11 @@ def search_scales(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec, 
     """
     _check_group(weights, stats.in_features)
     h, mean_abs = stats.hessian(), stats.mean_abs()
-    base = mean_abs if tie is None else tie_reduce(mean_abs, tie)
+    base = tie_reduce(mean_abs, tie)
     errors, best = [], (float("inf"), None, 0.0)
     for i in range(n_grid):
         ratio = i / n_grid
-        s = awq_scales(base, ratio) if tie is None else tie_expand(awq_scales(base, ratio), tie)
+        s = tie_expand(awq_scales(base, ratio), tie)
         err = sum(output_error(w, _fake_rtn(w.float() * s, spec) / s, h) for w in weights.values())
         errors.append(err)
         if err < best[0]:

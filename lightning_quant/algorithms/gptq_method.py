@@ -4,8 +4,9 @@ Registered as ``method="gptq"`` (``needs_calibration=True``, ``config_type=GPTQC
 block (:func:`~lightning_quant.calibration.run_sequential`): for each true-sequential group of the
 block's target linears, accumulate Hessians from real inputs — one per distinct input, shared by the
 layers that read it (q/k/v, gate/up) — all-reduce them across DDP ranks, solve, and write the
-dequantized weights into the block so later groups and blocks see the quantization error. The model's weights are restored afterwards; swapping in packed layers is the
-caller's job (:func:`lightning_quant.quantize_model`).
+dequantized weights into the block so later groups and blocks see the quantization error. The
+model's weights are restored afterwards; swapping in packed layers is the caller's job
+(:func:`lightning_quant.quantize_model`).
 
 Each ``QuantizedWeight.extras`` gets ``gptq_loss`` (``tr(D H D^T)/2``), ``gptq_damp`` and
 ``gptq_fallback``.

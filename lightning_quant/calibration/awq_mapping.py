@@ -98,14 +98,22 @@ class FoldPlan:
         return s.view(kv, rep, hd)[:, 0].reshape(-1)  # [kv·rep·hd] -> [kv, rep, hd] -> [kv·hd]
 
 
-def tie_expand(s: Tensor, tie: tuple[int, int, int]) -> Tensor:
+#: ``(kv_heads, repeats, head_dim)`` of a grouped-query tie, or ``None`` (no tie: the helpers below are the identity).
+Tie = tuple[int, int, int] | None
+
+
+def tie_expand(s: Tensor, tie: Tie) -> Tensor:
     """Producer scales ``[kv·hd]`` -> the group's ``[kv·rep·hd]`` (``repeat_kv`` order: head ``h`` reads kv head ``h // rep``)."""
+    if tie is None:
+        return s
     kv, rep, hd = tie
     return s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
 
 
-def tie_reduce(x: Tensor, tie: tuple[int, int, int]) -> Tensor:
+def tie_reduce(x: Tensor, tie: Tie) -> Tensor:
     """Per-feature statistics ``[kv·rep·hd]`` -> their mean over the ``rep`` copies, ``[kv·hd]``."""
+    if tie is None:
+        return x
     kv, rep, hd = tie
     return x.view(kv, rep, hd).mean(1).reshape(-1)
 
@@ -228,7 +236,7 @@ def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[n
     g = torch.Generator().manual_seed(seed)
     s_prod = torch.exp(torch.rand(width if tie is None else tie[0] * tie[2], generator=g) - 0.5)
     s_prod = s_prod.to(pmod.weight.device)
-    s = s_prod if tie is None else tie_expand(s_prod, tie)
+    s = tie_expand(s_prod, tie)
     with torch.no_grad():
         try:
             fold_into_producer(pmod, kind, s_prod)
