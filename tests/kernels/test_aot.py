@@ -60,3 +60,8 @@ def test_command_line_prints_one_row_per_config(capsys):
     rows = capsys.readouterr().out.strip().splitlines()
     assert len(rows) == len(int8_matmul._configs(triton))
     assert all(r.startswith("int8") and "smem" in r and "spill" in r for r in rows)
+
+
+def test_ptxas_failure_names_the_target():
+    with pytest.raises(RuntimeError, match=r"ptxas failed for sm_90a \(exit [1-9]"):
+        aot._ptxas_resources("this is not PTX", 90)

@@ -1,0 +1,38 @@
+"""The llm-compressor rows' sanity check in benchmarks/ptq_quality.py: weights must lie on a per-group grid."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_quant import QuantSpec
+from lightning_quant.algorithms import rtn_quantize
+
+
+def _load_check_on_grid():
+    """Import the script with benchmarks/ on sys.path (it imports its sibling peak_memory), then take
+    the folder off again: benchmarks/kernels.py must not shadow the ``kernels`` package transformers probes."""
+    folder = str(Path(__file__).parents[2] / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        from ptq_quality import check_on_grid
+    finally:
+        sys.path.remove(folder)
+    return check_on_grid
+
+
+check_on_grid = _load_check_on_grid()
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 32, symmetric=False), QuantSpec(3, -1)], ids=str)
+def test_quantized_weights_pass_and_float_weights_fail(spec):
+    w = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))
+    check_on_grid(rtn_quantize(w, spec).dequantize(), spec.bits, spec.group_size)
+    with pytest.raises(ValueError, match=r"holds \d+ distinct values, more than 2\*\*\d; these weights are not"):
+        check_on_grid(w, spec.bits, spec.group_size, "w")
+
+
+def test_shape_that_does_not_split_into_groups():
+    with pytest.raises(ValueError, match=r"is not \[out, in\] with in divisible by group size 64"):
+        check_on_grid(torch.zeros(4, 96), 4, 64)
