@@ -8,13 +8,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_quant.adapters import check_supported_host, merge_into_base
 from lightning_quant.algorithms.registry import get_method
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, select_linears, set_submodule
+from lightning_quant.targets import DEFAULT_EXCLUDE, get_layer, linear_kind, replace_layer, select_targets
 
-__all__ = ["quantize_model", "swap_in_packed"]
+__all__ = ["LORA_MODES", "prepare_targets", "quantize_model", "swap_in_packed"]
+
+#: What PTQ does with peft LoRA adapters on a selected layer: ``"merged"`` folds them into the float
+#: weight first, then quantizes (one quantized layer); ``"separate"`` quantizes the base weight and keeps
+#: the adapters in float on the packed base (QLoRA-style). The spellings match QAT's ``lora=`` option.
+LORA_MODES = ("merged", "separate")
 
 
 def swap_in_packed(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
@@ -24,48 +30,75 @@ def swap_in_packed(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dic
     """
     replaced: dict[str, nn.Module] = {}
     for name, qw in weights.items():
-        old = model.get_submodule(name)
+        old = get_layer(model, name)
         kind = linear_kind(old)
         bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
         new = PackedLinear.from_quantized(qw, None if bias is None else bias.detach())
-        replaced[name] = set_submodule(model, name, new)
+        replaced[name] = replace_layer(model, name, new)
     return replaced
+
+
+def prepare_targets(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None,
+                    lora: str, what: str) -> dict[str, nn.Module]:
+    """``{logical name: linear module}`` to quantize, after handling the peft adapters on them per ``lora``
+    (see :data:`LORA_MODES`; ``"merged"`` changes the model: hosts are replaced by their merged base)."""
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora={lora!r} is not supported; use one of {LORA_MODES}.")
+    chosen = select_targets(model, include, exclude)
+    hosts = {n: t.host for n, t in chosen.items() if t.host is not None}
+    if hosts and lora == "merged":
+        merge_into_base(model, hosts, f"{what} with lora='merged'")
+        chosen = select_targets(model, include, exclude)
+    elif hosts:
+        for name, host in hosts.items():
+            check_supported_host(host, name, f"{what} with lora='separate'")
+    return {n: t.module for n, t in chosen.items()}
 
 
 @torch.no_grad()
 def quantize_model(
     model: nn.Module,
-    spec: QuantSpec,
+    spec: QuantSpec | None = None,
     method: str = "rtn",
     *,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
     calibration: Any = None,
     config: Any = None,
+    lora: str = "merged",
 ) -> dict[str, QuantizedWeight]:
     """Quantize the linear layers of ``model`` in place and swap in packed layers.
 
     Args:
         model: any ``nn.Module`` (HF transformers models, peft-wrapped ones, plain modules).
-        spec: the weight :class:`QuantSpec`.
+        spec: the weight :class:`QuantSpec`; ``None`` takes the method's fixed spec (``"int8"``:
+            ``INT8_METHOD_SPEC``) and raises for a method without one.
         method: a registered method name: ``"rtn"`` (no data), ``"gptq"`` / ``"awq"`` (need
             ``calibration``), ``"int8"``.
         include / exclude: module-name filters (see :mod:`lightning_quant.targets`);
             ``lm_head`` is excluded by default.
         calibration: a tensor of token ids ``[N, T]`` or an iterable of batches, for methods that need it.
         config: the method's own frozen config dataclass (e.g. ``GPTQConfig``), or ``None`` for defaults.
+        lora: for layers wrapped by peft LoRA adapters, one of :data:`LORA_MODES` (default ``"merged"``).
 
     Returns:
         ``{module name: QuantizedWeight}`` for every converted layer.
     """
+    m = get_method(method)
+    if spec is None:
+        if m.fixed_spec is None:
+            raise ValueError(f"method={method!r} needs a QuantSpec, e.g. quantize_model(model, QuantSpec(bits=4, "
+                             f"group_size=128), method={method!r}); only methods with a fixed spec (int8) take none.")
+        spec = m.fixed_spec
     if not isinstance(spec, QuantSpec):
         raise TypeError(f"spec must be a QuantSpec, got {type(spec).__name__}; e.g. QuantSpec(bits=4, group_size=128).")
-    m = get_method(method)
     if m.needs_calibration and calibration is None:
         raise ValueError(f"method={method!r} needs calibration data: pass calibration=<token ids or a dataloader>.")
     if config is not None and m.config_type is not None and not isinstance(config, m.config_type):
         raise TypeError(f"config for method={method!r} must be a {m.config_type.__name__}, got {type(config).__name__}.")
-    targets = select_linears(model, include, exclude)
+    if m.check_spec is not None:
+        m.check_spec(spec)  # before any change to the model (merging adapters)
+    targets = prepare_targets(model, include, exclude, lora, f"method={method!r}")
     for name, module in targets.items():
         spec.check_in_features(_in_features(module, name))
     weights = m.fn(model, targets, spec, calibration, config)

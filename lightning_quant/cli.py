@@ -1,12 +1,18 @@
 """``lightning-quant``: standalone PTQ of a saved model, and held-out perplexity.
 
-    lightning-quant quantize --model DIR --method {rtn,gptq,...} --bits 4 --group-size 64 [--sym]
+    lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
                              [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
                              [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,int8,onnx}]
+    lightning-quant quantize --model DIR --method int8 --out DIR    # the spec is fixed: W8 per channel
     lightning-quant eval --model DIR --data FILE --seq-len 512 [--max-windows N]   # last line: ppl=<value>
 
 ``--model`` is an HF model directory, a ``.gguf`` file, ``smollm2`` (the embedded model), or (for
 ``eval``) a directory written by ``quantize``. ``--method`` choices come from the method registry.
+
+The weight spec flags default to :class:`~lightning_quant.spec.QuantSpec`'s own defaults (4 bits,
+group size 128, symmetric, float16 scales): ``--asym`` stores a zero point per group. A method with a
+fixed spec (``int8``: ``INT8_METHOD_SPEC``, 8 bits, per channel, symmetric, float32 scales) takes it when
+no spec flag is given; a spec flag that contradicts it is an error, not ignored.
 
 Output of ``quantize`` (readable by ``eval``; safetensors + JSON only): ``config.json`` (HF config),
 tokenizer files, ``quantization.json`` (``format``, ``version``, ``method``, ``spec``, ``dtype`` and per
@@ -41,6 +47,13 @@ def _method_names() -> list[str]:
     return sorted(METHODS)
 
 
+def _fixed_specs() -> dict[str, str]:
+    from lightning_quant.algorithms.registry import METHODS, _load_builtin_methods
+
+    _load_builtin_methods()
+    return {n: str(m.fixed_spec) for n, m in sorted(METHODS.items()) if m.fixed_spec is not None}
+
+
 def _export_formats() -> list[str]:
     from lightning_quant.export import available_formats
 
@@ -48,16 +61,25 @@ def _export_formats() -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from lightning_quant.spec import ALLOWED_BITS
+    from lightning_quant.spec import ALLOWED_BITS, QuantSpec
 
+    d = QuantSpec()
     p = argparse.ArgumentParser(prog="lightning-quant", description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("--model", required=True, help="HF model directory, .gguf file, or 'smollm2'")
-    q.add_argument("--method", required=True, choices=_method_names())
-    q.add_argument("--bits", type=int, default=4, choices=ALLOWED_BITS)
-    q.add_argument("--group-size", type=int, default=128, help="-1 for per output channel")
-    q.add_argument("--sym", action="store_true", help="symmetric codes (default: asymmetric with zero points)")
+    fixed = ", ".join(f"{n} ({s})" for n, s in _fixed_specs().items())
+    q.add_argument("--method", required=True, choices=_method_names(),
+                   help=f"fixed spec, no spec flags needed: {fixed}" if fixed else None)
+    # spec flags default to None ("not given"): QuantSpec's defaults fill them, or the method's fixed spec
+    q.add_argument("--bits", type=int, default=None, choices=ALLOWED_BITS, help=f"code width (default {d.bits})")
+    q.add_argument("--group-size", type=int, default=None,
+                   help=f"input features per scale, -1 for per output channel (default {d.group_size})")
+    sym = q.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_const", const=True, default=None,
+                     help="symmetric codes, implicit zero point" + (" (default)" if d.symmetric else ""))
+    sym.add_argument("--asym", dest="sym", action="store_const", const=False,
+                     help="asymmetric codes with a zero point per group" + ("" if d.symmetric else " (default)"))
     q.add_argument("--act-order", action="store_true", help="process columns by descending Hessian diagonal (gptq)")
     q.add_argument("--calib", help="calibration text file (methods that need calibration)")
     q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
@@ -98,20 +120,46 @@ def _method_config(method, act_order: bool):
     return method.config_type(act_order=act_order)
 
 
+#: the spec flags' argparse names -> the QuantSpec fields they set
+_SPEC_ARGS = {"bits": "bits", "group_size": "group_size", "sym": "symmetric"}
+
+
+def _flag(arg: str, value) -> str:
+    """How the user spells ``arg=value`` on the command line (``--bits 4``, ``--asym``)."""
+    if arg == "sym":
+        return "--sym" if value else "--asym"
+    return f"--{arg.replace('_', '-')} {value}"
+
+
+def _spec(args: argparse.Namespace, method):
+    """The weight spec: the flags given over QuantSpec's defaults, or the method's fixed spec (flags must agree)."""
+    from lightning_quant.spec import QuantSpec
+
+    given = {arg: getattr(args, arg) for arg in _SPEC_ARGS if getattr(args, arg) is not None}
+    fixed = method.fixed_spec
+    if fixed is not None:
+        wrong = [arg for arg, v in given.items() if v != getattr(fixed, _SPEC_ARGS[arg])]
+        if wrong:
+            needed = " ".join(_flag(arg, getattr(fixed, field)) for arg, field in _SPEC_ARGS.items())
+            raise SystemExit(f"error: --method {method.name} always quantizes to {fixed} ({needed}); drop "
+                             f"{' '.join(_flag(arg, given[arg]) for arg in wrong)}, or omit the spec flags.")
+        return fixed
+    try:
+        return QuantSpec(**{_SPEC_ARGS[arg]: v for arg, v in given.items()})
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
 def quantize(args: argparse.Namespace) -> Path:
     """The ``quantize`` subcommand: load, calibrate, quantize, save; returns the output directory."""
     from lightning_quant.algorithms.registry import get_method
     from lightning_quant.api import quantize_model
     from lightning_quant.models import load_causal_lm, load_tokenizer
-    from lightning_quant.spec import QuantSpec
 
     _positive("num-samples", args.num_samples)
     _positive("seq-len", args.seq_len)
-    try:
-        spec = QuantSpec(bits=args.bits, group_size=args.group_size, symmetric=args.sym)
-    except (ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}") from None
     method = get_method(args.method)
+    spec = _spec(args, method)
     config = _method_config(method, args.act_order)
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     calib = None

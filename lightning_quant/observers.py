@@ -124,8 +124,8 @@ class MSEObserver(Observer):
         super().__init__(spec, weight)
         if grid < 1 or not 0.0 < min_ratio <= 1.0:
             raise ValueError(f"MSEObserver needs grid >= 1 and 0 < min_ratio <= 1, got grid={grid}, min_ratio={min_ratio}.")
-        self.register_buffer("ratios", torch.linspace(1.0, min_ratio, grid), persistent=False)
-        self.register_buffer("clip", torch.ones(self.out_features, spec.num_groups(self.in_features)))
+        self.register_buffer("ratios", torch.linspace(1.0, min_ratio, grid, dtype=torch.float32), persistent=False)
+        self.register_buffer("clip", torch.ones(self.out_features, spec.num_groups(self.in_features), dtype=torch.float32))
         self.observe(weight)
 
     @torch.no_grad()

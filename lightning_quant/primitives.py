@@ -70,8 +70,8 @@ def group_minmax(w: Tensor, spec: QuantSpec, g_idx: Tensor | None = None) -> tup
     n_groups = int(g_idx.max()) + 1
     wf = w.detach().float()
     idx = g_idx.unsqueeze(0).expand(out_f, in_f)
-    lo = torch.full((out_f, n_groups), float("inf"), device=w.device).scatter_reduce(1, idx, wf, "amin")
-    hi = torch.full((out_f, n_groups), float("-inf"), device=w.device).scatter_reduce(1, idx, wf, "amax")
+    lo = torch.full((out_f, n_groups), float("inf"), dtype=torch.float32, device=w.device).scatter_reduce(1, idx, wf, "amin")
+    hi = torch.full((out_f, n_groups), float("-inf"), dtype=torch.float32, device=w.device).scatter_reduce(1, idx, wf, "amax")
     return lo, hi
 
 
@@ -117,7 +117,7 @@ def compute_qparams(
 
 def _zero_full(zero: Tensor | None, spec_bits_mid: int, like: Tensor) -> Tensor:
     if zero is None:
-        return torch.full((), float(spec_bits_mid), device=like.device)
+        return torch.full((), float(spec_bits_mid), dtype=torch.float32, device=like.device)
     return zero.float()
 
 

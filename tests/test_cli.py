@@ -30,7 +30,7 @@ def _last_line(capsys):
 def test_quantize_then_eval_matches_in_memory(model_dir, capsys, tmp_path):
     out = tmp_path / "q"
     assert main(["quantize", "--model", str(model_dir / "model"), "--method", "gptq", "--bits", "4", "--group-size",
-                 "32", "--act-order", "--calib", str(model_dir / "calib.txt"), "--num-samples", "4", "--seq-len", "64",
+                 "32", "--asym", "--act-order", "--calib", str(model_dir / "calib.txt"), "--num-samples", "4", "--seq-len", "64",
                  "--out", str(out)]) == 0
     assert {"config.json", "quantization.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     main(["eval", "--model", str(out), "--data", str(model_dir / "heldout.txt"), "--seq-len", "64", "--max-windows", "6"])
@@ -83,3 +83,58 @@ def test_bad_input(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(base + ["--method", "nope"])
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_spec_flags_default_to_quantspec_defaults():
+    from lightning_quant.algorithms.registry import get_method
+    from lightning_quant.cli import _spec, build_parser
+
+    parse = build_parser().parse_args
+    base = ["quantize", "--model", "m", "--method", "rtn", "--out", "o"]
+    assert _spec(parse(base), get_method("rtn")) == QuantSpec()  # symmetric, like QuantSpec
+    assert QuantSpec().symmetric and _spec(parse(base + ["--sym"]), get_method("rtn")).symmetric
+    assert _spec(parse(base + ["--asym", "--bits", "3"]), get_method("rtn")) == QuantSpec(bits=3, symmetric=False)
+    assert _spec(parse(base + ["--group-size", "-1"]), get_method("rtn")) == QuantSpec(group_size=-1)
+
+
+def test_sym_and_asym_exclude_each_other(capsys):
+    with pytest.raises(SystemExit):
+        main(["quantize", "--model", "m", "--method", "rtn", "--out", "o", "--sym", "--asym"])
+    assert "argument --asym: not allowed with argument --sym" in capsys.readouterr().err
+
+
+def test_int8_needs_no_spec_flags(model_dir, tmp_path, capsys):
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lightning_quant.algorithms.llm_int8_method import INT8_METHOD_SPEC
+    from lightning_quant.layers.int8 import Int8OutlierLinear
+
+    out = tmp_path / "i8"
+    assert main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--out", str(out)]) == 0
+    assert _last_line(capsys) == f"quantized 14 layers with int8 ({INT8_METHOD_SPEC}) -> {out}"
+    assert json.loads((out / "quantization.json").read_text())["spec"] == INT8_METHOD_SPEC.to_dict()
+    ref = AutoModelForCausalLM.from_pretrained(model_dir / "model").eval()
+    quantize_model(ref, method="int8")
+    loaded = load_quantized(out)
+    assert sum(isinstance(m, Int8OutlierLinear) for m in loaded.modules()) == 14
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, ref(input_ids=ids).logits)
+    # flags that agree with the fixed spec are accepted
+    main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--bits", "8", "--group-size", "-1",
+          "--sym", "--out", str(tmp_path / "agree")])
+
+
+@pytest.mark.parametrize("flags, dropped", [
+    (["--bits", "4"], "--bits 4"),
+    (["--group-size", "128"], "--group-size 128"),
+    (["--asym"], "--asym"),
+    (["--bits", "8", "--group-size", "64", "--asym"], "--group-size 64 --asym"),
+])
+def test_int8_rejects_conflicting_spec_flags(model_dir, tmp_path, flags, dropped):
+    with pytest.raises(SystemExit, match=rf"--method int8 always quantizes to W8ch \(--bits 8 --group-size -1 --sym\); "
+                                         rf"drop {dropped}, or omit the spec flags"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", *flags, "--out", str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()

@@ -205,8 +205,8 @@ def search_clip(w: Tensor, h: Tensor, spec: QuantSpec, clip_grid: int = 10, max_
     gs = spec.effective_group_size(in_f)
     n_groups = spec.num_groups(in_f)
     blocks = _group_blocks(h.float(), in_f, gs)  # [G, gs, gs]
-    best_err = torch.full((out_f, n_groups), float("inf"), device=w.device)
-    best_clip = torch.ones(out_f, n_groups, device=w.device)
+    best_err = torch.full((out_f, n_groups), float("inf"), dtype=torch.float32, device=w.device)
+    best_clip = torch.ones(out_f, n_groups, dtype=torch.float32, device=w.device)
     for i in range(max(clip_grid, 1)):
         c = 1.0 - max_shrink * i / max(clip_grid, 1)
         d = w.float() - _fake_rtn(w, spec, clip=c)
@@ -239,7 +239,7 @@ def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantS
     res = AWQGroupResult(scales=s, ratio=ratio, grid_errors=grid)
     for n, w in weights.items():
         ws = w.float() * s  # [out, in] · [in]
-        clip = torch.ones(w.shape[0], spec.num_groups(w.shape[1]), device=w.device)
+        clip = torch.ones(w.shape[0], spec.num_groups(w.shape[1]), dtype=torch.float32, device=w.device)
         if cfg.clip_grid > 0:
             cand = search_clip(ws, h_scaled, spec, cfg.clip_grid, cfg.max_shrink)
             if output_error(ws, _fake_rtn(ws, spec, cand), h_scaled) <= output_error(ws, _fake_rtn(ws, spec), h_scaled):

@@ -41,7 +41,7 @@ from lightning_quant.calibration.awq_mapping import (
 )
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import linear_kind, linear_weight, set_submodule
+from lightning_quant.targets import get_layer, linear_kind, linear_weight, replace_layer
 
 __all__ = ["AWQConfig", "AWQLayerScaling", "awq_method", "awq_summary", "fold_awq_scales", "swap_in_awq"]
 
@@ -162,7 +162,7 @@ def fold_awq_scales(model: nn.Module, weights: dict[str, QuantizedWeight]) -> No
     The model's outputs are unchanged up to float rounding — the check that every fold is exact."""
     _apply_folds(model, weights)
     for n, info in _infos(weights).items():
-        m = model.get_submodule(n)
+        m = get_layer(model, n)
         w, b = linear_weight(m), _bias(m, info)
         if info.row_scale is not None:
             w.div_(info.row_scale.to(w).unsqueeze(1))
@@ -180,11 +180,11 @@ def swap_in_awq(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[s
     _apply_folds(model, weights)
     replaced = {}
     for n, qw in weights.items():
-        old = model.get_submodule(n)
+        old = get_layer(model, n)
         info = qw.extras.get("awq")
         explicit = info is not None and info.plan.producer is None
         new = PackedLinear.from_quantized(qw, _bias(old, info), input_scale=info.scales if explicit else None)
-        replaced[n] = set_submodule(model, n, new)
+        replaced[n] = replace_layer(model, n, new)
     return replaced
 
 

@@ -260,8 +260,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
     n_groups = spec.num_groups(in_f)
-    scales = torch.empty(out_f, n_groups, device=w.device)
-    zeros = torch.empty(out_f, n_groups, device=w.device)
+    scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=w.device)
+    zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=w.device)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.act_order else None
     precomputed = spec.group_size == -1 or cfg.static_groups
     if precomputed:  # per channel, or static groups: qparams of the original weight, natural groups

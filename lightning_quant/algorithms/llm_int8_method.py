@@ -2,30 +2,49 @@
 :class:`~lightning_quant.layers.int8.Int8OutlierLinear` layers with the outlier decomposition.
 
 Registered with its own ``swap`` so :func:`lightning_quant.quantize_model` installs
-``Int8OutlierLinear`` (not ``PackedLinear``)::
+``Int8OutlierLinear`` (not ``PackedLinear``), and with ``fixed_spec=INT8_METHOD_SPEC`` so no spec is
+needed::
 
-    quantize_model(model, QuantSpec(bits=8, group_size=-1), method="int8", config=LLMInt8Config(threshold=6.0))
+    quantize_model(model, method="int8", config=LLMInt8Config(threshold=6.0))
     # or simply
     convert_to_int8(model, threshold=6.0)
+
+The weights are always 8-bit, per output row, symmetric, with float32 scales (``INT8_METHOD_SPEC``);
+a spec that differs in any field raises a ``ValueError`` naming the field instead of being ignored.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from torch import nn
 
-from lightning_quant.algorithms.llm_int8 import DEFAULT_THRESHOLD, check_threshold, int8_rowwise_quantize
+from lightning_quant.algorithms.llm_int8 import (
+    DEFAULT_THRESHOLD,
+    INT8_ROWWISE,
+    check_threshold,
+    int8_rowwise_quantize,
+)
 from lightning_quant.algorithms.registry import register_method
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, linear_weight, set_submodule
+from lightning_quant.targets import DEFAULT_EXCLUDE, get_layer, linear_kind, linear_weight, replace_layer
 
-__all__ = ["INT8_METHOD_SPEC", "LLMInt8Config", "convert_to_int8", "swap_in_int8"]
+__all__ = ["INT8_METHOD_SPEC", "LLMInt8Config", "check_int8_spec", "convert_to_int8", "swap_in_int8"]
 
-#: The spec ``quantize_model(..., method="int8")`` takes (LLM.int8 weights are always row-wise 8-bit).
-INT8_METHOD_SPEC = QuantSpec(bits=8, group_size=-1)
+#: The only spec ``quantize_model(..., method="int8")`` honours, and the one it takes when ``spec=None``:
+#: LLM.int8 weights are always row-wise absmax 8-bit with the exact float32 row absmax (``SCB``) as scale,
+#: i.e. ``QuantSpec(bits=8, group_size=-1, symmetric=True, scale_dtype="float32")``.
+INT8_METHOD_SPEC = INT8_ROWWISE
+
+#: Why each :class:`QuantSpec` field is fixed for LLM.int8 (the text of the error for a differing value).
+_FIXED_BECAUSE = {
+    "bits": "LLM.int8 stores 8-bit codes",
+    "group_size": "LLM.int8 has one scale per output row (group_size=-1)",
+    "symmetric": "LLM.int8 uses absmax codes with no zero point (symmetric=True)",
+    "scale_dtype": "LLM.int8 keeps the exact float32 row absmax (SCB) as the scale (scale_dtype='float32')",
+}
 
 
 @dataclass(frozen=True)
@@ -46,9 +65,7 @@ def _int8_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpe
     if calibration is not None:
         raise ValueError("method='int8' uses no calibration data; pass calibration=None "
                          "(outlier statistics: lightning_quant.algorithms.llm_int8.outlier_statistics).")
-    if spec.bits != 8 or spec.group_size != -1:
-        raise ValueError(f"method='int8' stores row-wise 8-bit weights; got {spec}. "
-                         "Pass QuantSpec(bits=8, group_size=-1) (INT8_METHOD_SPEC).")
+    check_int8_spec(spec)
     config = config or LLMInt8Config()
     weights = {}
     for name, module in targets.items():
@@ -58,17 +75,28 @@ def _int8_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpe
     return weights
 
 
+def check_int8_spec(spec: QuantSpec) -> None:
+    """Raise ``ValueError`` naming every field of ``spec`` that differs from ``INT8_METHOD_SPEC`` (none is ignored)."""
+    wrong = [f.name for f in fields(QuantSpec) if getattr(spec, f.name) != getattr(INT8_METHOD_SPEC, f.name)]
+    if wrong:
+        reasons = "; ".join(f"QuantSpec.{n}={getattr(spec, n)!r} cannot be honoured: {_FIXED_BECAUSE[n]}"
+                            for n in wrong)
+        raise ValueError(f"method='int8' got {spec!r}: {reasons}. Pass spec=INT8_METHOD_SPEC "
+                         "(lightning_quant.algorithms.llm_int8_method) or omit the spec: "
+                         "quantize_model(model, method='int8').")
+
+
 def swap_in_int8(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
     """Replace each named linear by an ``Int8OutlierLinear`` (threshold from ``qw.extras``); returns the old modules."""
     from lightning_quant.layers.int8 import Int8OutlierLinear
 
     replaced = {}
     for name, qw in weights.items():
-        old = model.get_submodule(name)
+        old = get_layer(model, name)
         kind = linear_kind(old)
         bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
         new = Int8OutlierLinear.from_quantized(qw, bias, threshold=qw.extras.get("threshold", DEFAULT_THRESHOLD))
-        replaced[name] = set_submodule(model, name, new)
+        replaced[name] = replace_layer(model, name, new)
     return replaced
 
 
@@ -81,4 +109,5 @@ def convert_to_int8(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, i
                           config=LLMInt8Config(threshold))
 
 
-register_method("int8", _int8_method, needs_calibration=False, config_type=LLMInt8Config, swap=swap_in_int8)
+register_method("int8", _int8_method, needs_calibration=False, config_type=LLMInt8Config, swap=swap_in_int8,
+                fixed_spec=INT8_METHOD_SPEC, check_spec=check_int8_spec)

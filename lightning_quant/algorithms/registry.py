@@ -6,7 +6,9 @@ change the model: swapping modules is done by :func:`lightning_quant.api.quantiz
 calls the method's ``swap`` (default: :func:`lightning_quant.api.swap_in_packed`). A method whose
 result is not a :class:`~lightning_quant.layers.packed.PackedLinear` (LLM.int8's
 ``Int8OutlierLinear``) or that needs more model surgery (AWQ's scale folding) registers its own
-``swap(model, weights) -> {name: replaced module}``.
+``swap(model, weights) -> {name: replaced module}``. A method that can only produce one spec (LLM.int8's
+row-wise W8) registers it as ``fixed_spec``: ``quantize_model(model, method=...)`` then takes it when no
+spec is given, and the method itself raises for a spec it cannot honour.
 """
 
 from __future__ import annotations
@@ -34,14 +36,24 @@ class Method:
     config_type: type | None = None
     #: replaces the converted modules in the model; ``None`` means ``api.swap_in_packed``
     swap: SwapFn | None = None
+    #: the only spec the method honours (taken by ``quantize_model`` when ``spec=None``); ``None``: any spec
+    fixed_spec: QuantSpec | None = None
+    #: raises for a spec the method cannot honour; run before the model is touched
+    check_spec: Callable[[QuantSpec], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.fixed_spec is not None and not isinstance(self.fixed_spec, QuantSpec):
+            raise TypeError(f"Method {self.name!r}: fixed_spec must be a QuantSpec or None, "
+                            f"got {type(self.fixed_spec).__name__}.")
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, fn: MethodFn, needs_calibration: bool, config_type: type | None = None,
-                    swap: SwapFn | None = None) -> None:
-    METHODS[name] = Method(name, fn, needs_calibration, config_type, swap)
+                    swap: SwapFn | None = None, fixed_spec: QuantSpec | None = None,
+                    check_spec: Callable[[QuantSpec], None] | None = None) -> None:
+    METHODS[name] = Method(name, fn, needs_calibration, config_type, swap, fixed_spec, check_spec)
 
 
 def get_method(name: str) -> Method:

@@ -5,7 +5,7 @@ needs real activations of one decoder block at a time plugs in the same way.
 
 API
 ---
-``run_sequential(model, calibration, process_block, *, block_path=None, device=None, progress=True,
+``run_sequential(model, calibration, process_block, *, block_path=None, device=None, progress=False,
 batch_size=8) -> CalibrationReport``
     Finds the blocks, captures block 0's inputs for every batch (hidden states + the positional /
     keyword arguments the block needs: attention mask, position embeddings/ids; KV caches off), then
@@ -28,6 +28,11 @@ batch_size=8) -> CalibrationReport``
     Largest ``ModuleList`` of identical modules (Llama, GPT-2, OPT, peft-wrapped); ``override`` is a
     dotted path for odd models; the error for a model without one names ``block_path``.
 
+``forward_owner(model, block_path=None)`` / ``forward_owner_path(...)``
+    The module calibration calls: ``model`` if it defines ``forward``, else the outermost module on the
+    way to the blocks that does (``pl_module.model`` of a LightningModule without ``forward``).
+    ``call_model`` checks token ids against the vocabulary (``check_token_ids``) before calling.
+
 ``to_batches(calibration, batch_size=8, max_batches=None) -> list[CalibrationBatch]``
     Accepts a LongTensor ``[N, T]``, or an iterable of LongTensors ``[B, T]``, dicts with
     ``input_ids`` (+ optional ``attention_mask``), or ``(x, y)`` tuples whose ``x`` is one of those.
@@ -36,14 +41,21 @@ batch_size=8) -> CalibrationReport``
     DDP helpers, no-ops without an initialised process group.
 """
 
-from lightning_quant.calibration.blocks import BlockList, find_blocks
-from lightning_quant.calibration.capture import ActivationLedger, BlockInput, call_model, capture_block_inputs
+from lightning_quant.calibration.blocks import BlockList, find_blocks, forward_owner, forward_owner_path
+from lightning_quant.calibration.capture import (
+    ActivationLedger,
+    BlockInput,
+    call_model,
+    capture_block_inputs,
+    check_token_ids,
+)
 from lightning_quant.calibration.data import CalibrationBatch, to_batches
 from lightning_quant.calibration.distributed import all_reduce_sum, is_distributed, rank, shard, world_size
 from lightning_quant.calibration.sequential import BlockContext, CalibrationReport, run_sequential
 
 __all__ = [
     "ActivationLedger", "BlockContext", "BlockInput", "BlockList", "CalibrationBatch", "CalibrationReport",
-    "all_reduce_sum", "call_model", "capture_block_inputs", "find_blocks", "is_distributed", "rank",
+    "all_reduce_sum", "call_model", "capture_block_inputs", "check_token_ids", "find_blocks", "forward_owner",
+    "forward_owner_path", "is_distributed", "rank",
     "run_sequential", "shard", "to_batches", "world_size",
 ]

@@ -23,7 +23,7 @@ Discovery is generic and data-driven, no per-architecture code:
    out): the group's scales are then *tied* — equal across the copies of a kv head's block — so
    their producer share (one copy) folds into ``v_proj`` (:attr:`FoldPlan.tie`).
 3. **Verify numerically**: every candidate fold is applied with random positive scales to the
-   float block on real inputs; if the block output moves by more than ``FOLD_RTOL`` (relative L2)
+   float block on real inputs; if the block output moves by more than :func:`fold_rtol` (relative L2)
    the group gets an *explicit* input scale instead (``PackedLinear.input_scale``), with the reason.
 """
 
@@ -44,6 +44,7 @@ __all__ = [
     "FoldPlan",
     "discover_groups",
     "fold_into_producer",
+    "fold_rtol",
     "model_type",
     "scale_input_columns",
     "tie_expand",
@@ -63,6 +64,17 @@ INDIRECT_FOLDS: dict[str, tuple[tuple[str, str], ...]] = {
 GENERIC_INDIRECT_FOLDS: tuple[tuple[str, str], ...] = _LLAMA_LIKE
 #: Largest relative L2 change of the block output a verified fold may cause (float32 rounding only).
 FOLD_RTOL = 1e-4
+
+
+def fold_rtol(dtype: torch.dtype) -> float:
+    """:data:`FOLD_RTOL`, or ``4 * eps`` of a coarser weight dtype (bfloat16: 0.031, float16: 0.0039).
+
+    A correct fold only re-rounds each rescaled weight (relative error ``<= eps / 2`` per element, so the
+    block output moves by a few ``eps / 2``); a wrong one moves it by the spread of the random test
+    scales (``exp(U(-0.5, 0.5))``: tens of percent), far above either bound."""
+    return max(FOLD_RTOL, 4 * torch.finfo(dtype).eps)
+
+
 _WRAPPER_SUFFIX = ".base_layer"  # peft keeps the original linear here
 
 
@@ -234,7 +246,7 @@ def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[n
     saved = [(t, t.detach().clone()) for m in touched for t in (m.weight, getattr(m, "bias", None))
              if isinstance(t, Tensor)]
     g = torch.Generator().manual_seed(seed)
-    s_prod = torch.exp(torch.rand(width if tie is None else tie[0] * tie[2], generator=g) - 0.5)
+    s_prod = torch.exp(torch.rand(width if tie is None else tie[0] * tie[2], generator=g, dtype=torch.float32) - 0.5)
     s_prod = s_prod.to(pmod.weight.device)
     s = tie_expand(s_prod, tie)
     with torch.no_grad():
@@ -247,7 +259,7 @@ def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[n
             for t, v in saved:
                 t.copy_(v)
     rel = float((out.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
-    ok = torch.tensor([0.0 if rel <= FOLD_RTOL else 1.0])
+    ok = torch.tensor([0.0 if rel <= fold_rtol(pmod.weight.dtype) else 1.0], dtype=torch.float32)
     return float(all_reduce_sum(ok)) == 0.0  # every DDP rank must agree
 
 
@@ -258,12 +270,13 @@ def _run(block, inp) -> Tensor:
 
 def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module], inp,
                     family: str | None = None) -> list[FoldPlan]:
-    """Fold plans for the target ``members`` (qualified name -> module) of ``block`` in call order.
+    """Fold plans for the target ``members`` (logical name -> module) of ``block`` in call order.
 
     ``prefix`` is the block's qualified name; ``inp`` one calibration input of the block (a
     :class:`~lightning_quant.calibration.BlockInput`); ``family`` a ``config.model_type``.
     """
-    rel = {n: n[len(prefix) + 1:] for n in members}
+    paths = {id(m): n for n, m in block.named_modules()}
+    rel = {n: paths[id(m)] for n, m in members.items()}  # module paths in the block (a peft host's base_layer)
     by_rel = {r: n for n, r in rel.items()}
     ins, outs = _trace(block, inp)
     groups: list[tuple[Tensor, list[str]]] = []
@@ -292,7 +305,8 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
                 with torch.no_grad():
                     ref = _run(block, inp)
             if not _verify(block, inp, ref, (prod, kind), mods, width, seed=i, tie=tie):
-                reason = f"fold into {prod} failed the numerical check (block output moved > {FOLD_RTOL:g})"
+                tol = fold_rtol(block.get_submodule(prod).weight.dtype)
+                reason = f"fold into {prod} failed the numerical check (block output moved > {tol:g})"
                 prod, kind = None, None
         plans.append(FoldPlan(tuple(by_rel[r] for r in group), None if prod is None else f"{prefix}.{prod}", kind,
                               tuple(f"{prefix}.{c}" for c in comps), reason, tie if prod is not None else None))

@@ -4,6 +4,10 @@ The generic rule: the largest ``nn.ModuleList`` whose children all have the same
 ``model.layers``, GPT-2's ``transformer.h``, OPT's ``model.decoder.layers``; peft wrappers only
 add a prefix). Ties go to the list with more parameters. Odd models name theirs with an explicit
 ``block_path`` override.
+
+The module calibration *calls* is :func:`forward_owner`: the model itself when it defines
+``forward``, else the outermost module on the way to the blocks that does (``pl_module.model`` for a
+LightningModule that keeps its transformers / peft model as an attribute and defines no ``forward``).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-__all__ = ["BlockList", "find_blocks"]
+__all__ = ["BlockList", "find_blocks", "forward_owner", "forward_owner_path", "has_forward"]
 
 
 @dataclass(frozen=True)
@@ -69,3 +73,42 @@ def find_blocks(model: nn.Module, override: str | None = None) -> BlockList:
 
     name, ml = max(candidates, key=size)
     return BlockList(name, ml)
+
+
+def has_forward(module: nn.Module) -> bool:
+    """True when ``type(module)`` implements ``forward`` (``nn.Module``'s and Lightning's placeholders don't)."""
+    placeholders = {nn.Module.forward}
+    try:
+        from lightning.pytorch import LightningModule
+    except ImportError:  # pragma: no cover - lightning is a runtime dependency
+        pass
+    else:
+        placeholders.add(LightningModule.forward)
+    return type(module).forward not in placeholders
+
+
+def forward_owner(model: nn.Module, block_path: str | None = None) -> nn.Module:
+    """The module to call with token ids so that the blocks at ``block_path`` run (see the module docstring)."""
+    return model.get_submodule(forward_owner_path(model, block_path))
+
+
+def forward_owner_path(model: nn.Module, block_path: str | None = None) -> str:
+    """Dotted path (``""`` for ``model`` itself) of :func:`forward_owner`; ``block_path`` defaults to
+    :func:`find_blocks`'s. Raises ``ValueError`` naming the overrides when no module on the way defines
+    ``forward``."""
+    if has_forward(model):
+        return ""
+    block_path = find_blocks(model).path if block_path is None else block_path
+    parts = block_path.split(".") if block_path else []
+    for i in range(1, len(parts) + 1):
+        path = ".".join(parts[:i])
+        sub = model.get_submodule(path)
+        if isinstance(sub, (nn.ModuleList, nn.Sequential)):
+            break
+        if has_forward(sub):
+            return path
+    raise ValueError(
+        f"{type(model).__name__} defines no forward and no module between it and its decoder blocks "
+        f"({block_path!r}) does, so calibration cannot run the model. Pass model='<attribute path of the "
+        "model to quantize>' (e.g. model='model') to the callback, or quantize that module directly."
+    )

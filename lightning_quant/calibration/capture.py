@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from lightning_quant.calibration.data import CalibrationBatch
 
-__all__ = ["ActivationLedger", "BlockInput", "call_model", "capture_block_inputs"]
+__all__ = ["ActivationLedger", "BlockInput", "call_model", "capture_block_inputs", "check_token_ids", "vocab_size"]
 
 _CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
@@ -70,9 +70,32 @@ def _no_cache(v):
     return None if _is_cache(v) else v
 
 
+def vocab_size(model: nn.Module) -> int | None:
+    """Rows of the model's input embedding (``get_input_embeddings()``, else its first ``nn.Embedding``)."""
+    get = getattr(model, "get_input_embeddings", None)
+    emb = get() if callable(get) else None
+    if not isinstance(emb, nn.Embedding):
+        emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    return None if emb is None else emb.num_embeddings
+
+
+def check_token_ids(model: nn.Module, ids: Tensor) -> None:
+    """``ValueError`` naming the vocabulary size when a token id is negative or ``>=`` it."""
+    vocab = vocab_size(model)
+    if vocab is None or ids.numel() == 0:
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"Calibration token ids must lie in [0, {vocab}) (the model's vocabulary size is {vocab}); "
+                         f"got ids from {lo} to {hi}. Tokenize with the model's own tokenizer (labels such as -100 "
+                         "belong in 'labels', not 'input_ids').")
+
+
 def call_model(model: nn.Module, batch: CalibrationBatch):
     """Run ``model`` on one batch: HF-style keyword call when ``forward`` takes ``input_ids``
-    (with ``attention_mask`` and ``use_cache=False`` where accepted), else ``model(input_ids)``."""
+    (with ``attention_mask`` and ``use_cache=False`` where accepted), else ``model(input_ids)``.
+    Token ids are checked against the vocabulary first (:func:`check_token_ids`)."""
+    check_token_ids(model, batch.input_ids)
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     if "input_ids" not in params:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.calibration.blocks import BlockList, find_blocks
+from lightning_quant.calibration.blocks import BlockList, find_blocks, forward_owner
 from lightning_quant.calibration.capture import ActivationLedger, BlockInput, capture_block_inputs
 from lightning_quant.calibration.data import to_batches
 from lightning_quant.targets import linear_kind
@@ -208,12 +208,9 @@ class BlockContext:
         With ``restore`` the original is put back after the block has been propagated, so the model
         is unchanged when the run ends (the caller swaps in packed layers itself).
         """
-        kind = linear_kind(module)
-        param = module.weight
         if restore and module not in self._saved:
-            self._saved[module] = param.detach().clone()
-        new = weight.t() if kind is not None and kind.name == "conv1d" else weight
-        param.copy_(new.to(param.dtype))
+            self._saved[module] = module.weight.detach().clone()
+        linear_kind(module).write_weight(module, weight)
 
     def restore_weights(self) -> None:
         with torch.no_grad():
@@ -273,19 +270,20 @@ def run_sequential(
     *,
     block_path: str | None = None,
     device: torch.device | str | None = None,
-    progress: bool = True,
+    progress: bool = False,
     batch_size: int = 8,
 ) -> CalibrationReport:
     """Calibrate ``model`` block by block (see the module docstring).
 
     Args:
-        model: the full model (HF causal LM, peft model, or a module whose forward takes token ids).
+        model: the full model (HF causal LM, peft model, a module whose forward takes token ids, or a module
+            holding one such as a LightningModule without ``forward``: see :func:`.blocks.forward_owner`).
         calibration: token ids ``[N, T]`` or an iterable of batches (:mod:`.data`); under DDP, this
             rank's share.
         process_block: ``fn(ctx: BlockContext) -> None``, called once per block in order.
         block_path: dotted path of the block list when :func:`find_blocks` cannot guess it.
         device: compute device for the block being processed (default: where block 0 lives).
-        progress: show a rich progress bar of blocks done.
+        progress: show a rich progress bar of blocks done (off by default, as in ``CalibrationOptions``).
         batch_size: rows per batch when ``calibration`` is a single tensor.
     """
     blocks: BlockList = find_blocks(model, block_path)
@@ -297,7 +295,7 @@ def run_sequential(
     ledger = ActivationLedger()
     bar = None
     try:
-        inputs = capture_block_inputs(model, blocks.blocks[0], batches, dev, ledger)
+        inputs = capture_block_inputs(forward_owner(model, blocks.path), blocks.blocks[0], batches, dev, ledger)
         for inp in inputs:
             _check_finite(inp.hidden, "at the input of the first block")
         set_bytes = ledger.live_bytes

@@ -33,9 +33,9 @@ class AWQ(PostTrainingQuantization):
     def __init__(self, spec: QuantSpec | None = None, config: AWQConfig | None = None,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
                  num_samples: int = 128, dataloader: Iterable | None = None, when: str = "fit_end",
-                 export_on_fit_end: dict | None = None) -> None:
+                 export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
         super().__init__(spec if spec is not None else QuantSpec(), "awq", config if config is not None else AWQConfig(),
-                         include, exclude, num_samples, dataloader, when, export_on_fit_end)
+                         include, exclude, num_samples, dataloader, when, export_on_fit_end, model=model, lora=lora)
         self.summary: dict[str, dict[str, str]] = {}
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:

@@ -27,6 +27,6 @@ class GPTQ(PostTrainingQuantization):
     def __init__(self, spec: QuantSpec | None = None, config: GPTQConfig | None = None,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
                  num_samples: int = 128, dataloader: Iterable | None = None, when: str = "fit_end",
-                 export_on_fit_end: dict | None = None) -> None:
+                 export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
         super().__init__(spec if spec is not None else QuantSpec(), "gptq", config if config is not None else GPTQConfig(),
-                         include, exclude, num_samples, dataloader, when, export_on_fit_end)
+                         include, exclude, num_samples, dataloader, when, export_on_fit_end, model=model, lora=lora)

@@ -35,11 +35,11 @@ class LLMInt8(PostTrainingQuantization):
     def __init__(self, threshold: float = DEFAULT_THRESHOLD, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = DEFAULT_EXCLUDE, stats_batches: int = 0,
                  dataloader: Iterable | None = None, when: str = "fit_end",
-                 export_on_fit_end: dict | None = None) -> None:
+                 export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
         if isinstance(stats_batches, bool) or not isinstance(stats_batches, int) or stats_batches < 0:
             raise ValueError(f"stats_batches must be an int >= 0 (0 disables outlier statistics), got {stats_batches!r}.")
         super().__init__(INT8_METHOD_SPEC, "int8", LLMInt8Config(threshold), include, exclude, max(stats_batches, 1),
-                         dataloader, when, export_on_fit_end)
+                         dataloader, when, export_on_fit_end, model=model, lora=lora)
         self.stats_batches = stats_batches
         self.outlier_stats: dict[str, dict[str, float]] = {}
 
@@ -50,23 +50,25 @@ class LLMInt8(PostTrainingQuantization):
         if self.stats_batches:
             self.outlier_stats = self.collect_statistics(trainer, pl_module)
             self._log(trainer, self.outlier_stats)
-        self.quantized_weights = quantize_model(pl_module, self.spec, "int8", include=self.include,
-                                                exclude=self.exclude, config=self.config)
+        self.quantized_weights = quantize_model(self.target_module(pl_module), self.spec, "int8", include=self.include,
+                                                exclude=self.exclude, config=self.config, lora=self.lora)
         return self.quantized_weights
 
     def collect_statistics(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:
-        from lightning_quant.calibration import call_model, to_batches
+        from lightning_quant.calibration import call_model, forward_owner, to_batches
 
         batches = to_batches(self.calibration_batches(trainer))
-        device = next(pl_module.parameters()).device
-        targets = select_linears(pl_module, self.include, self.exclude)
-        was_training = pl_module.training
-        pl_module.eval()
+        root = self.target_module(pl_module)
+        device = next(root.parameters()).device
+        targets = select_linears(root, self.include, self.exclude)
+        caller = forward_owner(root)
+        was_training = root.training
+        root.eval()
         try:
-            return outlier_statistics(pl_module, targets, batches, self.config.threshold,
-                                      forward=lambda m, b: call_model(m, b.to(device)))
+            return outlier_statistics(root, targets, batches, self.config.threshold,
+                                      forward=lambda m, b: call_model(caller, b.to(device)))
         finally:
-            pl_module.train(was_training)
+            root.train(was_training)
 
     def _log(self, trainer: pl.Trainer | None, stats: dict[str, dict[str, float]]) -> None:
         if trainer is None:

@@ -1,8 +1,8 @@
 """``PackedValidation``: validate the model that will actually be deployed — packed integer layers.
 
 Before a due validation run the callback builds a :class:`~lightning_quant.layers.PackedLinear` for
-every fake-quant layer (any module with a ``quantized_weight()`` method, e.g. QAT's
-``FakeQuantLinear``) — or, with ``spec=``, RTN-packs the selected float linears — swaps them in with
+every fake-quant layer (QAT's ``FakeQuantLinear``, or any module with ``to_packed()``; see
+``qat.packed_replacements``) — or, with ``spec=``, RTN-packs the selected float linears — swaps them in with
 :func:`~lightning_quant.targets.set_submodule`, lets Lightning run validation, and swaps the very same
 training modules back in ``on_validation_end``. Parameters, their identity, the optimizer state and
 the RNG are untouched, so training is bit-identical with and without the callback.
@@ -33,16 +33,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
+from lightning_quant import qat
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, select_linears, set_submodule
+from lightning_quant.targets import DEFAULT_EXCLUDE, linear_kind, select_targets, set_submodule
 
 __all__ = ["PackedValidation", "build_packed_layers"]
-
-
-def _fake_quant_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Modules with a ``quantized_weight()`` method (QAT's ``FakeQuantLinear`` or any duck-typed layer)."""
-    return {n: m for n, m in model.named_modules() if callable(getattr(m, "quantized_weight", None))}
 
 
 @torch.no_grad()
@@ -51,40 +47,33 @@ def build_packed_layers(model: nn.Module, spec: QuantSpec | None = None, include
                         force_reference: bool | None = None) -> dict[str, PackedLinear]:
     """``{module path: PackedLinear}`` for the current weights of ``model`` (nothing is swapped).
 
-    Fake-quant layers are packed from their own ``quantized_weight()`` (with their ``act_spec``). A
-    layer in *merged* LoRA mode (``lora_mode == "merged"``) replaces its peft host: the adapters are
-    folded into its quantized weight. Without fake-quant layers, ``spec`` RTN-packs the float linears
-    chosen by ``include`` / ``exclude``. A model that already holds ``PackedLinear`` layers and no
-    fake-quant layer (converted) gives ``{}``: there is nothing to swap.
+    Fake-quant layers are packed by :func:`lightning_quant.qat.packed_replacements` (the same conversion
+    as at fit end; a merged-LoRA layer replaces its whole peft host). Without fake-quant layers, ``spec``
+    RTN-packs the float linears chosen by ``include`` / ``exclude`` (a LoRA-wrapped one with its adapters
+    merged in, replacing the host: the default PTQ deployment). A model that already holds
+    ``PackedLinear`` layers and no fake-quant layer (converted) gives ``{}``: there is nothing to swap.
     """
     from lightning_quant.algorithms.rtn import rtn_quantize
+    from lightning_quant.qat.lora import merged_weight
 
-    fakes = _fake_quant_layers(model)
+    fakes = qat.deployable_layers(model)
     if fakes and spec is not None:
         raise ValueError("The model has fake-quant layers, which PackedValidation packs with their own spec; "
                          "drop spec= (it is for float models only).")
     if not fakes and spec is None:
         if any(isinstance(m, PackedLinear) for m in model.modules()):
             return {}  # already converted (e.g. PTQ at fit end): validation measures the packed model as is
-        raise ValueError("The model has no fake-quant layer (no module with quantized_weight()) and no "
-                         "PackedLinear; add the QuantizationAwareTraining callback or pass "
-                         "PackedValidation(spec=QuantSpec(...)).")
-    packed: dict[str, PackedLinear] = {}
+        raise ValueError("The model has no fake-quant layer (no module with to_packed()) and no PackedLinear; add "
+                         "the QuantizationAwareTraining callback or pass PackedValidation(spec=QuantSpec(...)).")
     if fakes:
-        hosts = {id(m): n for n, m in model.named_modules()}
-        for path, fq in fakes.items():
-            bias = getattr(fq, "bias", None)
-            layer = PackedLinear.from_quantized(fq.quantized_weight(), None if bias is None else bias.detach(),
-                                                act_spec=getattr(fq, "act_spec", None))
-            if getattr(fq, "lora_mode", None) == "merged":
-                path = hosts[id(fq._lora_host)]
-            packed[path] = layer
+        packed = {path: layer for path, (layer, _) in qat.packed_replacements(model).items()}
     else:
-        for path, m in select_linears(model, include, exclude).items():
-            kind = linear_kind(m)
-            bias = kind.bias(m)
-            qw = rtn_quantize(kind.weight(m).detach(), spec, name=path)
-            packed[path] = PackedLinear.from_quantized(qw, None if bias is None else bias.detach())
+        packed = {}
+        for name, t in select_targets(model, include, exclude).items():
+            kind = linear_kind(t.module)
+            bias = kind.bias(t.module)
+            qw = rtn_quantize(merged_weight(kind.weight(t.module).detach(), t.host), spec, name=name)
+            packed[name] = PackedLinear.from_quantized(qw, None if bias is None else bias.detach())
     for layer in packed.values():
         layer.force_reference = force_reference
     return packed

@@ -15,12 +15,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_quant.algorithms.registry import get_method
-from lightning_quant.api import quantize_model
+from lightning_quant.api import LORA_MODES, quantize_model
 from lightning_quant.calibration import distributed as dist
 from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE
+from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns
 
 __all__ = ["WHEN", "PostTrainingQuantization"]
 
@@ -44,12 +44,21 @@ class PostTrainingQuantization(Callback):
         export_on_fit_end: ``{"format": ..., "path": ...}`` (or an :class:`~lightning_quant.export.ExportConfig`):
             export the quantized model at the end of ``fit`` (rank 0, atomically) with
             :func:`lightning_quant.export.export_after_fit`.
+        model: dotted attribute path (relative to the LightningModule) of the module to quantize, for
+            unusual modules. By default the whole LightningModule is quantized, and calibration calls the
+            LightningModule if it defines ``forward``, else the outermost module holding the decoder blocks
+            that does (e.g. ``self.model``, an HF or peft model), with the batches' ``input_ids`` /
+            ``attention_mask`` (other keys such as ``labels`` are dropped).
+        lora: what happens to peft LoRA adapters on the selected layers: ``"merged"`` (default) merges them
+            into the float weight, then quantizes; ``"separate"`` quantizes the base and keeps the adapters
+            in float on the packed base (see :data:`lightning_quant.api.LORA_MODES`).
     """
 
     def __init__(self, spec: QuantSpec, method: str, config: Any = None, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = DEFAULT_EXCLUDE, num_samples: int = 128,
                  dataloader: Iterable | None = None, when: str = "fit_end",
-                 export_on_fit_end: dict | ExportConfig | None = None) -> None:
+                 export_on_fit_end: dict | ExportConfig | None = None, *, model: str | None = None,
+                 lora: str = "merged") -> None:
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128); got {type(spec).__name__}.")
         m = get_method(method)
@@ -61,9 +70,12 @@ class PostTrainingQuantization(Callback):
             raise ValueError(f"when={when!r} is not supported; use one of {WHEN}.")
         if dataloader is not None and (isinstance(dataloader, (str, bytes)) or not isinstance(dataloader, Iterable)):
             raise TypeError(f"dataloader must be an iterable of batches (e.g. a DataLoader), got {type(dataloader).__name__}.")
-        for name, pats in (("include", include), ("exclude", exclude)):
-            if pats is not None and (isinstance(pats, str) or not all(isinstance(p, str) and p for p in pats)):
-                raise ValueError(f"{name} must be a list of non-empty module-name patterns, got {pats!r}.")
+        include, exclude = check_patterns(include, "include") or None, check_patterns(exclude, "exclude")
+        if model is not None and (not isinstance(model, str) or not model):
+            raise ValueError(f"model must be a dotted attribute path such as 'model' (or None), got {model!r}.")
+        if lora not in LORA_MODES:
+            raise ValueError(f"lora={lora!r} is not supported; use one of {LORA_MODES}.")
+        self.model_path, self.lora = model, lora
         self.spec, self.method, self.config = spec, method, config
         self.include, self.exclude = include, exclude
         self.num_samples, self.dataloader, self.when = num_samples, dataloader, when
@@ -102,10 +114,21 @@ class PostTrainingQuantization(Callback):
         if self.quantized_weights:
             raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
         batches = self.calibration_batches(trainer)
-        self.quantized_weights = quantize_model(pl_module, self.spec, self.method, include=self.include,
-                                                exclude=self.exclude, calibration=batches, config=self.config)
+        self.quantized_weights = quantize_model(self.target_module(pl_module), self.spec, self.method,
+                                                include=self.include, exclude=self.exclude, calibration=batches,
+                                                config=self.config, lora=self.lora)
         self.log_layers(trainer, self.quantized_weights)
         return self.quantized_weights
+
+    def target_module(self, pl_module: pl.LightningModule):
+        """The module to quantize: ``pl_module`` itself, or the submodule named by ``model=``."""
+        if self.model_path is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.model_path)
+        except AttributeError:
+            raise ValueError(f"model={self.model_path!r} is not a submodule of {type(pl_module).__name__}; name "
+                             "the attribute that holds the model, e.g. model='model'.") from None
 
     def calibration_batches(self, trainer: pl.Trainer | None) -> list:
         """This rank's share of ``num_samples`` batches (round-robin over ranks)."""

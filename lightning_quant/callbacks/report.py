@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lightning_quant.calibration.blocks import forward_owner_path
 from lightning_quant.calibration.data import to_batches
 from lightning_quant.integrations import tracking
 from lightning_quant.report import build_report, write_report
@@ -53,13 +54,15 @@ class QuantizationReport(Callback):
         self.data = None
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._float = float_snapshot(pl_module).cpu()
+        # the module that runs on token ids: the LightningModule, or its model attribute when it has no forward
+        self._path = forward_owner_path(pl_module)
+        self._float = float_snapshot(pl_module.get_submodule(self._path)).cpu()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self._float is None or trainer.interrupted:
             return
         batches = self._batches(trainer)
-        model = pl_module.eval()
+        model = pl_module.get_submodule(self._path).eval()
         device = next(model.parameters()).device
         self.data = build_report(self._float.to(device), model, [b.to(device) for b in batches], self.worst_k)
         out = Path(self.output_dir or Path(trainer.default_root_dir) / "quant_report")

@@ -83,7 +83,7 @@ def dequantize_packed(qweight: Tensor, scales: Tensor, qzeros: Tensor | None, bi
         g = torch.arange(in_features, device=qweight.device) // group_size
     s = scales.float().t().index_select(1, g)  # [N, G] -> [N, K]
     if qzeros is None:
-        z = torch.full((), float(1 << (bits - 1)), device=qweight.device)
+        z = torch.full((), float(1 << (bits - 1)), dtype=torch.float32, device=qweight.device)
     else:
         z = packing.unpack_cols(qzeros, bits, n_out).t().float().index_select(1, g)  # [G, N] -> [N, K]
     w = ((codes.float() - z) * s).to(dtype)

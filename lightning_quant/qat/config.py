@@ -3,31 +3,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from lightning_quant.observers import check_observer
 from lightning_quant.spec import ActivationSpec, QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE
+from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns
 
 __all__ = ["ACT_QUANT_WEIGHT_BITS", "LORA_MODES", "QATConfig"]
 
 LORA_MODES = ("merged", "separate")
 #: activation fake quant is defined for the W4A8 / W8A8 schemes only
 ACT_QUANT_WEIGHT_BITS = (4, 8)
-
-
-def _patterns(value: Sequence[str] | None, what: str) -> tuple[str, ...] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        raise TypeError(f"{what} must be a list of patterns, got the string {value!r}; write [{value!r}].")
-    out = tuple(value)
-    for p in out:
-        if not isinstance(p, str) or not p:
-            raise ValueError(f"{what} patterns must be non-empty strings, got {p!r}.")
-    return out
 
 
 @dataclass(frozen=True)
@@ -63,8 +50,8 @@ class QATConfig:
                     f"Activation quantization is supported for W4A8 / W8A8 only, but the weight spec has "
                     f"bits={self.spec.bits}; use bits in {ACT_QUANT_WEIGHT_BITS} or act_spec=None."
                 )
-        object.__setattr__(self, "include", _patterns(self.include, "include"))
-        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude"))
+        object.__setattr__(self, "include", check_patterns(self.include, "include") or None)
+        object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude"))
         check_observer(self.observer)
         if self.lora not in LORA_MODES:
             raise ValueError(f"lora={self.lora!r} is not supported; use one of {LORA_MODES}.")

@@ -18,17 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quant import primitives as P
+from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.observers import build_observer
 from lightning_quant.qat import lora as L
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import linear_kind
 
-__all__ = ["ACT_QUANT_KINDS", "FakeQuantLinear"]
-
-#: linear kinds (see ``targets.register_linear_kind``) whose input is a plain activation ``[..., in]``
-#: that per-token activation quant can take
-ACT_QUANT_KINDS = ("linear", "conv1d")
+__all__ = ["FakeQuantLinear"]
 
 
 class FakeQuantLinear(nn.Module):
@@ -47,9 +44,6 @@ class FakeQuantLinear(nn.Module):
                  act_spec: ActivationSpec | None = None, observer: str = "minmax",
                  lora_host: nn.Module | None = None, lora: str = "merged", transposed: bool = False) -> None:
         super().__init__()
-        if act_spec is not None and kind not in ACT_QUANT_KINDS:
-            raise TypeError(f"act_spec needs a layer whose input is a plain activation (kinds {ACT_QUANT_KINDS}); "
-                            f"this layer is of kind {kind!r}. Exclude it or set act_spec=None.")
         self.weight = weight
         self.bias = bias
         self.spec = spec
@@ -73,6 +67,9 @@ class FakeQuantLinear(nn.Module):
         if kind is None:
             raise TypeError(f"FakeQuantLinear.from_linear takes nn.Linear or transformers Conv1D (or a type added "
                             f"with targets.register_linear_kind), got {type(module).__name__}.")
+        if act_spec is not None and not kind.plain_input:
+            raise TypeError(f"act_spec needs a layer whose input is a plain activation [..., in]; linear kind "
+                            f"{kind.name!r} is registered with plain_input=False. Exclude it or set act_spec=None.")
         w_oi = kind.weight(module)  # the registry says how to read [out, in]
         transposed = w_oi is not module.weight
         if transposed and not (w_oi.shape == module.weight.t().shape and torch.equal(w_oi, module.weight.t())):
@@ -122,6 +119,14 @@ class FakeQuantLinear(nn.Module):
 
     def _bias(self, x: Tensor) -> Tensor | None:
         return None if self.bias is None else self.bias.to(x.dtype)
+
+    @torch.no_grad()
+    def to_packed(self) -> tuple[PackedLinear, QuantizedWeight]:
+        """The :class:`PackedLinear` this layer deploys as (its :meth:`quantized_weight`, bias and
+        ``act_spec``), computing in the weight's dtype, and that weight."""
+        qw = self.quantized_weight()
+        bias = None if self.bias is None else self.bias.detach()
+        return PackedLinear.from_quantized(qw, bias, act_spec=self.act_spec), qw
 
     @torch.no_grad()
     def quantized_weight(self) -> QuantizedWeight:

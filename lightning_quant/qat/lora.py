@@ -20,36 +20,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-__all__ = ["active_adapters", "adapter_output", "check_supported_host", "is_tuner_layer", "lora_delta", "merged_weight"]
+from lightning_quant.adapters import SUPPORTED, check_supported_host, is_tuner_layer
 
-SUPPORTED = "peft LoRA on Linear layers (peft.tuners.lora.layer.Linear, no DoRA/variants, lora_bias=False)"
-
-
-def is_tuner_layer(module: nn.Module) -> bool:
-    """True for any peft adapter wrapper (``BaseTunerLayer``); False when peft is not installed."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is optional
-        return False
-    return isinstance(module, BaseTunerLayer)
-
-
-def check_supported_host(host: nn.Module, name: str) -> None:
-    """Raise when the adapter wrapping the selected layer ``name`` is not plain LoRA on a Linear."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    if not isinstance(host, LoraLinear):
-        raise NotImplementedError(
-            f"{name}: adapter type {type(host).__module__}.{type(host).__name__} is not supported by QAT; "
-            f"supported: {SUPPORTED}. Exclude this module or use a LoRA config."
-        )
-    if any(host.lora_variant.get(a) is not None for a in host.lora_A):
-        raise NotImplementedError(f"{name}: LoRA variants (DoRA, ...) are not supported by QAT; supported: {SUPPORTED}.")
-    if any(host.lora_bias.get(a, False) for a in host.lora_A):
-        raise NotImplementedError(f"{name}: lora_bias=True is not supported by QAT; supported: {SUPPORTED}.")
-    if host.merged:
-        raise ValueError(f"{name}: the LoRA adapters are merged into the base weight; call unmerge() before QAT.")
-
+__all__ = ["SUPPORTED", "active_adapters", "adapter_output", "check_supported_host", "is_tuner_layer", "lora_delta", "merged_weight"]
 
 def active_adapters(host: nn.Module) -> list[str]:
     """Adapters the host adds in its forward (none while adapters are disabled)."""

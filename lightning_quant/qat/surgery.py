@@ -1,9 +1,7 @@
 """Model surgery for QAT: inject fake quant, remove it, convert to packed layers.
 
-Names: a layer is addressed by its *logical* name — its module path, or for a layer wrapped by a peft
-adapter the path of the adapter (``...q_proj``, not ``...q_proj.base_layer``), so ``include=["q_proj"]``
-means the same with and without peft. Modules inside an adapter other than its ``base_layer``
-(``lora_A``, ``lora_B``) are never targets.
+Layers are chosen by :func:`lightning_quant.targets.select_targets` (logical names: a peft host's path,
+never its adapters), the selection every method shares.
 """
 
 from __future__ import annotations
@@ -19,9 +17,9 @@ from lightning_quant.qat.config import QATConfig
 from lightning_quant.qat.fake_quant import FakeQuantLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, is_linear_like, matches, set_submodule
+from lightning_quant.targets import DEFAULT_EXCLUDE, Target, select_targets, set_submodule
 
-__all__ = ["convert", "fake_quant_modules", "inject", "inject_config", "remove", "set_enabled"]
+__all__ = ["convert", "deployable_layers", "fake_quant_modules", "inject", "inject_config", "packed_replacements", "remove", "set_enabled"]
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
@@ -29,51 +27,25 @@ def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
-def _candidates(model: nn.Module) -> dict[str, tuple[str, nn.Module, nn.Module | None]]:
-    """``{logical name: (module path, linear module, peft host or None)}`` for every linear-like layer."""
-    hosts = {n: m for n, m in model.named_modules() if L.is_tuner_layer(m)}
-    out = {}
-    for name, module in model.named_modules():
-        if not is_linear_like(module):
-            continue
-        host_name = max((h for h in hosts if name.startswith(h + ".")), key=len, default=None)
-        if host_name is None:
-            out[name] = (name, module, None)
-        elif name == host_name + ".base_layer":
-            out[host_name] = (name, module, hosts[host_name])
-    return out
-
-
-def _select(model: nn.Module, include, exclude) -> dict[str, tuple[str, nn.Module, nn.Module | None]]:
+def _select(model: nn.Module, include, exclude) -> dict[str, Target]:
     existing = fake_quant_modules(model)
     if existing:
         raise ValueError(f"The model already has {len(existing)} fake-quant layer(s) (e.g. {next(iter(existing))!r}); "
                          "call lightning_quant.qat.remove(model) before injecting again.")
-    cands = _candidates(model)
-    examples = list(cands)[:6]
-    for p in include or ():
-        if not any(matches(n, p) for n in cands):
-            raise ValueError(f"include pattern {p!r} matched no linear layer. Examples of names: {examples}. "
-                             "Use a dotted suffix ('q_proj') or 're:<regex>'.")
-    chosen = {n: c for n, c in cands.items()
-              if (not include or any(matches(n, p) for p in include)) and not any(matches(n, p) for p in exclude or ())}
-    if not chosen:
-        raise ValueError(f"No linear layer left to fake-quantize (include={include or 'all'}, exclude={exclude}); "
-                         f"candidates were {examples}. Loosen the filters.")
-    return chosen
+    return select_targets(model, include, exclude)
 
 
 def inject_config(model: nn.Module, config: QATConfig) -> dict[str, FakeQuantLinear]:
     """Replace the selected layers by :class:`FakeQuantLinear` in place (see :func:`inject`)."""
     chosen = _select(model, config.include, config.exclude)
-    for name, (_, module, host) in chosen.items():
-        if host is not None:
-            L.check_supported_host(host, name)
+    for t in chosen.values():
+        if t.host is not None:
+            L.check_supported_host(t.host, t.name)
     out = {}
-    for name, (path, module, host) in chosen.items():
-        fq = FakeQuantLinear.from_linear(module, config.spec, config.act_spec, config.observer, host, config.lora)
-        set_submodule(model, path, fq)
-        out[path] = fq
+    for t in chosen.values():
+        fq = FakeQuantLinear.from_linear(t.module, config.spec, config.act_spec, config.observer, t.host, config.lora)
+        set_submodule(model, t.path, fq)
+        out[t.path] = fq
     set_enabled(model, config.start_step == 0)
     return out
 
@@ -106,6 +78,25 @@ def remove(model: nn.Module) -> dict[str, nn.Module]:
 
 
 @torch.no_grad()
+def packed_replacements(model: nn.Module) -> dict[str, tuple[PackedLinear, QuantizedWeight]]:
+    """``{module path: (PackedLinear, QuantizedWeight)}`` that would replace each fake-quant layer (nothing
+    is swapped): the layer itself, or in merged LoRA mode its whole peft host (adapters folded in)."""
+    hosts = {id(m): n for n, m in model.named_modules() if L.is_tuner_layer(m)}
+    out = {}
+    for path, fq in deployable_layers(model).items():
+        packed, qw = fq.to_packed()
+        out[hosts[id(fq._lora_host)] if getattr(fq, "lora_mode", None) == "merged" else path] = (packed, qw)
+    return out
+
+
+def deployable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that deploy as packed layers through ``to_packed() -> (PackedLinear, QuantizedWeight)``:
+    every :class:`FakeQuantLinear`, and any user layer implementing that protocol (with an optional
+    ``lora_mode == "merged"`` and ``_lora_host`` to replace its peft host)."""
+    return {n: m for n, m in model.named_modules() if callable(getattr(m, "to_packed", None))}
+
+
+@torch.no_grad()
 def convert(model: nn.Module) -> dict[str, QuantizedWeight]:
     """Swap every fake-quant layer for a :class:`PackedLinear` with the QAT-learned qparams.
 
@@ -113,17 +104,9 @@ def convert(model: nn.Module) -> dict[str, QuantizedWeight]:
     Separate LoRA: only ``base_layer`` becomes packed; the float adapters stay. Returns
     ``{module path of the packed layer: QuantizedWeight}``.
     """
-    fqs = fake_quant_modules(model)
-    if not fqs:
+    replacements = packed_replacements(model)
+    if not replacements:
         raise ValueError("convert found no fake-quant layer; call lightning_quant.qat.inject(model, spec) first.")
-    hosts = {id(m): n for n, m in model.named_modules() if L.is_tuner_layer(m)}
-    weights = {}
-    for path, fq in fqs.items():
-        qw = fq.quantized_weight()
-        bias = None if fq.bias is None else fq.bias.detach()
-        packed = PackedLinear.from_quantized(qw, bias, act_spec=fq.act_spec)
-        if fq.lora_mode == "merged":
-            path = hosts[id(fq._lora_host)]
+    for path, (packed, _) in replacements.items():
         set_submodule(model, path, packed)
-        weights[path] = qw
-    return weights
+    return {path: qw for path, (_, qw) in replacements.items()}

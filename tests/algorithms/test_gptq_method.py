@@ -129,8 +129,9 @@ def test_peft_wrapped_model():
     from peft import LoraConfig, get_peft_model
 
     model = get_peft_model(testing.tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    targets = select_linears(model, exclude=["lm_head", "re:lora_"])
-    assert any(n.endswith("q_proj.base_layer") for n in targets)
+    targets = select_linears(model)  # logical names (the peft host's path); the base layer is the module
+    assert "base_model.model.model.layers.0.self_attn.q_proj" in targets and not any("lora_" in n for n in targets)
+    assert isinstance(targets["base_model.model.model.layers.0.self_attn.q_proj"], torch.nn.Linear)
     weights = gptq_method(model, targets, SPEC, testing.random_token_batches(2, 32, 2), GPTQConfig())
     assert set(weights) == set(targets)
     assert all(not qw.extras["gptq_fallback"] for qw in weights.values())

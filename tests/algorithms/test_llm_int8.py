@@ -1,10 +1,12 @@
+import dataclasses
+
 import pytest
 import torch
 
 from lightning_quant import QuantSpec, quantize_model
 from lightning_quant.algorithms.llm_int8 import int8_rowwise_quantize, outlier_columns, outlier_statistics
 from lightning_quant.algorithms.llm_int8_method import INT8_METHOD_SPEC, LLMInt8Config, convert_to_int8
-from lightning_quant.algorithms.registry import get_method
+from lightning_quant.algorithms.registry import Method, get_method
 from lightning_quant.layers.int8 import Int8OutlierLinear
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.targets import select_linears
@@ -75,7 +77,8 @@ def test_outlier_statistics_counts_columns(tiny_llama):
 
 
 def test_int8_method_bad_inputs(tiny_llama):
-    with pytest.raises(ValueError, match=r"Pass QuantSpec\(bits=8, group_size=-1\)"):
+    with pytest.raises(ValueError, match=r"QuantSpec.bits=4 cannot be honoured.*QuantSpec.group_size=32 cannot be "
+                                         r"honoured.*Pass spec=INT8_METHOD_SPEC .* or omit the spec"):
         quantize_model(tiny_llama, QuantSpec(4, 32), "int8")
     with pytest.raises(ValueError, match="method='int8' uses no calibration data"):
         quantize_model(tiny_llama, INT8_METHOD_SPEC, "int8", calibration=torch.zeros(1, 4, dtype=torch.long))
@@ -88,6 +91,58 @@ def test_int8_method_bad_inputs(tiny_llama):
         tiny_llama.model.embed_tokens.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="NaN/Inf"):
         outlier_statistics(tiny_llama, targets, random_token_batches(1), 6.0)
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("bits", 4, "8-bit codes"),
+    ("group_size", 64, r"one scale per output row \(group_size=-1\)"),
+    ("symmetric", False, r"no zero point \(symmetric=True\)"),
+    ("scale_dtype", "bfloat16", r"float32 row absmax \(SCB\)"),
+    ("scale_dtype", "float16", r"float32 row absmax \(SCB\)"),  # QuantSpec's default is not silently replaced
+])
+def test_int8_rejects_every_spec_field_it_cannot_honour(tiny_llama, field, value, why):
+    spec = dataclasses.replace(INT8_METHOD_SPEC, **{field: value})
+    with pytest.raises(ValueError, match=rf"QuantSpec\.{field}={value!r} cannot be honoured: .*{why}.*"
+                                         r"Pass spec=INT8_METHOD_SPEC .* or omit the spec"):
+        quantize_model(tiny_llama, spec, "int8")
+    assert not any(isinstance(m, Int8OutlierLinear) for m in tiny_llama.modules())  # raised before any layer was swapped
+
+
+def test_every_spec_field_has_a_reason_in_the_int8_error():
+    from lightning_quant.algorithms.llm_int8_method import _FIXED_BECAUSE
+
+    assert set(_FIXED_BECAUSE) == {f.name for f in dataclasses.fields(QuantSpec)}
+
+
+def test_int8_takes_its_fixed_spec_when_none_is_given(tiny_llama):
+    import copy
+
+    assert get_method("int8").fixed_spec == INT8_METHOD_SPEC == QuantSpec(8, -1, symmetric=True, scale_dtype="float32")
+    explicit = copy.deepcopy(tiny_llama)
+    ids = random_token_batches(1)[0]
+    implicit_w = quantize_model(tiny_llama, method="int8")
+    explicit_w = quantize_model(explicit, INT8_METHOD_SPEC, "int8")
+    assert implicit_w.keys() == explicit_w.keys()
+    for name, qw in implicit_w.items():
+        assert qw.spec == explicit_w[name].spec == INT8_METHOD_SPEC
+        assert torch.equal(qw.codes, explicit_w[name].codes) and torch.equal(qw.scales, explicit_w[name].scales)
+    with torch.no_grad():
+        assert torch.equal(tiny_llama(ids).logits, explicit(ids).logits)
+
+
+def test_method_without_fixed_spec_needs_a_spec(tiny_llama):
+    assert get_method("rtn").fixed_spec is None and get_method("gptq").fixed_spec is None
+    with pytest.raises(ValueError, match=r"method='rtn' needs a QuantSpec, e.g. quantize_model\(model, "
+                                         r"QuantSpec\(bits=4, group_size=128\), method='rtn'\)"):
+        quantize_model(tiny_llama)
+    with pytest.raises(ValueError, match="method='gptq' needs a QuantSpec"):
+        quantize_model(tiny_llama, None, "gptq", calibration=random_token_batches(1))
+    assert not any(isinstance(m, PackedLinear) for m in tiny_llama.modules())
+
+
+def test_registered_fixed_spec_must_be_a_quantspec():
+    with pytest.raises(TypeError, match="Method 'x': fixed_spec must be a QuantSpec or None, got dict"):
+        Method("x", lambda *a: {}, needs_calibration=False, fixed_spec={"bits": 8})
 
 
 @pytest.mark.slow

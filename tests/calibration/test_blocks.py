@@ -1,4 +1,5 @@
 import pytest
+import torch
 from torch import nn
 
 from lightning_quant import testing
@@ -35,3 +36,46 @@ def test_override_and_errors():
     flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
     with pytest.raises(ValueError, match="Pass block_path="):
         find_blocks(flat)
+
+
+def test_forward_owner_finds_the_model_attribute_of_a_module_without_forward():
+    import lightning.pytorch as pl
+
+    from lightning_quant.calibration import forward_owner, forward_owner_path
+
+    class NoForward(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = testing.tiny_llama()
+
+    class WithForward(NoForward):
+        def forward(self, input_ids):
+            return self.model(input_ids=input_ids).logits
+
+    lm = NoForward()
+    assert forward_owner(lm) is lm.model and forward_owner_path(lm) == "model"
+    with_fwd = WithForward()
+    assert forward_owner(with_fwd) is with_fwd  # a LightningModule with forward keeps being called
+    assert forward_owner(lm.model) is lm.model
+
+
+def test_forward_owner_names_the_override_when_nothing_runs_the_blocks():
+    from lightning_quant.calibration import forward_owner
+
+    class Holder(torch.nn.Module):  # no forward anywhere above the blocks
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+    with pytest.raises(ValueError, match="defines no forward.*Pass model='<attribute path"):
+        forward_owner(Holder())
+
+
+def test_token_ids_outside_the_vocabulary_name_its_size():
+    from lightning_quant import QuantSpec, quantize_model
+
+    bad = torch.full((1, 8), testing.TINY_VOCAB, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"vocabulary size is {testing.TINY_VOCAB}.*got ids from 256 to 256"):
+        quantize_model(testing.tiny_llama(), QuantSpec(4, 32), "gptq", calibration=bad)
+    with pytest.raises(ValueError, match="must lie in \\[0, 256\\)"):
+        quantize_model(testing.tiny_llama(), QuantSpec(4, 32), "gptq", calibration=torch.full((1, 8), -100))

@@ -59,6 +59,10 @@ class _FakeQuant(nn.Module):
         scale, zero = P.compute_qparams(w, self.packed_spec)
         return QuantizedWeight.from_float(w, self.packed_spec, scale, zero)
 
+    def to_packed(self):
+        qw = self.quantized_weight()
+        return PackedLinear.from_quantized(qw, None if self.bias is None else self.bias.detach()), qw
+
 
 def _with_fake_quant(lm, packed_spec=None):
     for name, m in select_linears(lm).items():

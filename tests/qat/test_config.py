@@ -14,7 +14,7 @@ def test_defaults_and_normalised_filters():
     ({"spec": "w4"}, TypeError, "spec must be a QuantSpec"),
     ({"act_spec": "int8"}, TypeError, "act_spec must be an ActivationSpec"),
     ({"spec": QuantSpec(3, 32), "act_spec": ActivationSpec()}, ValueError, "use bits in \\(4, 8\\)"),
-    ({"include": "q_proj"}, TypeError, "write \\['q_proj'\\]"),
+    ({"include": "q_proj"}, ValueError, "write \\['q_proj'\\]"),
     ({"exclude": [""]}, ValueError, "non-empty strings"),
     ({"observer": "ema"}, ValueError, "use one of \\['lsq', 'minmax', 'moving_average', 'mse'"),
     ({"lora": "qlora"}, ValueError, "use one of \\('merged', 'separate'\\)"),

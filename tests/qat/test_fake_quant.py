@@ -136,7 +136,8 @@ def test_activation_quant_refuses_a_layer_kind_without_plain_activations():
             self.weight = nn.Parameter(torch.randn(8, 32))
             self.bias = None
 
-    targets.register_linear_kind(Gated, targets.LinearKind("gated", lambda m: m.weight, lambda m: m.bias))
+    targets.register_linear_kind(Gated, targets.LinearKind("gated", lambda m: m.weight, lambda m: m.bias,
+                                                           plain_input=False))
     try:
         with pytest.raises(TypeError, match="act_spec needs a layer whose input is a plain activation.*kind 'gated'"):
             FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32), ActivationSpec())

@@ -1,0 +1,52 @@
+"""peft adapter wrappers ("hosts") around linear layers: recognising, checking and merging them.
+
+A peft tuner layer (``BaseTunerLayer``, e.g. ``peft.tuners.lora.layer.Linear``) wraps a layer as
+``host.base_layer`` and adds its adapters (``lora_A`` / ``lora_B`` ...) in ``forward``. Target selection
+(:mod:`lightning_quant.targets`) names such a layer by the host's path and never targets the adapters;
+this module holds what every method needs to know about the host itself. peft is optional here.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+__all__ = ["SUPPORTED", "check_supported_host", "is_tuner_layer", "merge_into_base"]
+
+SUPPORTED = "peft LoRA on Linear / Conv1D layers (peft.tuners.lora.layer.Linear, no DoRA/variants, lora_bias=False)"
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    """True for any peft adapter wrapper (``BaseTunerLayer``); False when peft is not installed."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft is optional
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
+def check_supported_host(host: nn.Module, name: str, what: str = "QAT") -> None:
+    """Raise when the adapter wrapping the selected layer ``name`` is not plain LoRA on a Linear."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if not isinstance(host, LoraLinear):
+        raise NotImplementedError(
+            f"{name}: adapter type {type(host).__module__}.{type(host).__name__} is not supported by {what}; "
+            f"supported: {SUPPORTED}. Exclude this module or use a LoRA config."
+        )
+    if any(host.lora_variant.get(a) is not None for a in host.lora_A):
+        raise NotImplementedError(f"{name}: LoRA variants (DoRA, ...) are not supported by {what}; supported: {SUPPORTED}.")
+    if any(host.lora_bias.get(a, False) for a in host.lora_A):
+        raise NotImplementedError(f"{name}: lora_bias=True is not supported by {what}; supported: {SUPPORTED}.")
+    if host.merged:
+        raise ValueError(f"{name}: the LoRA adapters are merged into the base weight; call unmerge() before {what}.")
+
+
+def merge_into_base(model: nn.Module, hosts: dict[str, nn.Module], what: str) -> None:
+    """Fold each host's active adapters into its base weight (``W + Σ scaling·B@A``, peft's own merge) and
+    put the base layer in the host's place, so the layer at the host's path is the merged float layer."""
+    for name, host in hosts.items():
+        check_supported_host(host, name, what)
+    for name, host in hosts.items():
+        host.merge()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, host.get_base_layer())

@@ -1,0 +1,133 @@
+"""Every callback setup in every script style (see ``tests/composition.py``): one ``Trainer.fit`` a cell.
+
+Each cell asserts that every projection of the decoder blocks is quantized and no peft adapter is, that
+the in-memory model's logits are finite, and that the export written at fit end reloads with the same
+logits. The DDP row runs all setups in one 2-process gloo launch and compares with one process.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lightning_quant.layers.int8 import Int8OutlierLinear
+from lightning_quant.layers.packed import PackedLinear
+from tests import composition as C
+
+QUANTIZED = (PackedLinear, Int8OutlierLinear)
+
+
+def _check_quantized(style: C.Style, model: torch.nn.Module) -> None:
+    modules = dict(model.named_modules())
+    for name in C.float_projection_names(style):
+        m = modules.get(name)
+        base = getattr(m, "base_layer", None)
+        assert isinstance(m, QUANTIZED) or isinstance(base, QUANTIZED), f"{name} is {type(m).__name__}, not quantized"
+    adapters = [n for n, m in modules.items() if "lora_" in n and isinstance(m, QUANTIZED)]
+    assert not adapters, f"peft adapters were quantized: {adapters}"
+    assert not isinstance(modules.get("lm_head"), QUANTIZED), "lm_head is excluded by default"
+
+
+def _check_cell(style: C.Style, lm, out) -> None:
+    model = C.hf_model(lm)
+    _check_quantized(style, model)
+    ids = C.eval_ids()
+    got = C.logits(model, ids)
+    assert torch.isfinite(got).all()
+    reloaded = C.reload(out)
+    assert next(reloaded.parameters()).dtype == next(model.parameters()).dtype, "the export records the model's dtype"
+    torch.testing.assert_close(C.logits(reloaded, ids), got, rtol=0, atol=0)
+
+
+#: Known gaps, each failing today for the stated reason (strict: a fix turns the cell red until this is removed).
+KNOWN_GAPS = {
+    ("gpt2", "awq"): "GPT-2's attn.c_proj reads the v third of the fused c_attn, a fold AWQ does not do yet: it "
+                     "keeps an explicit input scale, which the gptq export refuses (with a message naming onnx)",
+}
+
+
+def _cells():
+    for style in sorted(C.STYLES):
+        for setup in C.SETUPS:
+            gap = KNOWN_GAPS.get((style, setup))
+            marks = [pytest.mark.xfail(reason=gap, strict=True, raises=ValueError)] if gap else []
+            yield pytest.param(style, setup, marks=marks, id=f"{style}-{setup}")
+
+
+@pytest.mark.parametrize(("style", "setup"), list(_cells()))
+def test_cell(style, setup, tmp_path):
+    st = C.STYLES[style]
+    lm = C.fit(st, setup, tmp_path)
+    _check_cell(st, lm, tmp_path)
+    if setup == "gptq+report":
+        assert (tmp_path / "report" / "report.md").exists()
+
+
+def test_qat_resume_equals_uninterrupted(tmp_path):
+    """A QAT run resumed from its mid-run checkpoint converts to the same codes as an uninterrupted one."""
+    st = C.STYLES["resume"]
+    resumed = C.quantized_state(C.fit(st, "qat", tmp_path / "resumed"))
+    straight = C.quantized_state(C.fit(C.STYLES["hf-attribute"], "qat", tmp_path / "straight"))
+    assert resumed.keys() == straight.keys()
+    for k in straight:
+        assert torch.equal(resumed[k], straight[k]), k
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(C.ddp_worker, args=(_free_port(), str(out), list(C.SETUPS)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.parametrize("setup", C.SETUPS)
+def test_ddp_cell(setup, ddp_results):
+    """2 gloo ranks through ``Trainer.fit(strategy="ddp")``: both ranks hold the same quantized layers,
+    rank 0 wrote the export (it reloads with the same logits), and PTQ gives the codes of one process
+    calibrated on both ranks' batches."""
+    from lightning_quant import quantize_model
+    from lightning_quant.algorithms.awq import AWQConfig
+    from lightning_quant.algorithms.gptq import GPTQConfig
+
+    out = ddp_results / setup
+    ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    st = C.STYLES["hf-attribute"]
+    for r in ranks:
+        assert r["quantized"].keys() == ranks[0]["quantized"].keys()
+        for k, v in ranks[0]["quantized"].items():
+            assert torch.equal(r["quantized"][k], v), k
+        torch.testing.assert_close(r["logits"], ranks[0]["logits"], rtol=0, atol=0)
+    reloaded = C.reload(out)
+    torch.testing.assert_close(C.logits(reloaded, C.eval_ids()), ranks[0]["logits"], rtol=0, atol=0)
+    _check_quantized(st, reloaded)
+    if setup.startswith("qat"):
+        return
+    model = C.build_model(st)
+    model.load_state_dict(ranks[0]["float"])
+    method, spec, config = {"gptq": ("gptq", C.SPEC, GPTQConfig()), "awq": ("awq", C.SPEC, AWQConfig()),
+                            "int8": ("int8", None, None)}[setup.split("+")[0]]
+    calib = None if method == "int8" else ranks[0]["calibration"] + ranks[1]["calibration"]  # both ranks' shares
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantize_model(model, spec, method, calibration=calib, config=config)
+    finally:
+        torch.set_num_threads(threads)
+    single = {n: m for n, m in model.named_modules() if isinstance(m, QUANTIZED)}
+    got = ranks[0]["quantized"]
+    for name, layer in single.items():
+        for k, v in layer.state_dict().items():
+            key = f"{name}.{k}"
+            if k in ("qweight", "qzeros", "weight"):
+                assert torch.equal(got[key], v), key
+            else:
+                torch.testing.assert_close(got[key], v, rtol=1e-6, atol=0)
