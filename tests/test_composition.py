@@ -43,10 +43,7 @@ def _check_cell(style: C.Style, lm, out) -> None:
 
 
 #: Known gaps, each failing today for the stated reason (strict: a fix turns the cell red until this is removed).
-KNOWN_GAPS = {
-    ("gpt2", "awq"): "GPT-2's attn.c_proj reads the v third of the fused c_attn, a fold AWQ does not do yet: it "
-                     "keeps an explicit input scale, which the gptq export refuses (with a message naming onnx)",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _cells():
@@ -131,3 +128,28 @@ def test_ddp_cell(setup, ddp_results):
                 assert torch.equal(got[key], v), key
             else:
                 torch.testing.assert_close(got[key], v, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("style", ["bf16-true", "bf16-mixed"])
+def test_qat_fake_quant_equals_converted_in_bf16(style, tmp_path):
+    """QAT trained under a bf16 precision converts to packed layers whose logits equal the fake-quant
+    model's: the fake quant rounds W in float32 and casts the result to the activation dtype, the packed
+    layer dequantizes the same codes in float32 and casts the same way, so the bf16 weights are identical
+    (tolerance 0; a bf16 ulp would be 2^-7 relative)."""
+    from lightning_quant import qat
+
+    st = C.STYLES[style]
+    lm = C.HFLM(C.build_model(st))
+    train, val = C.loaders("dict")
+    cb = C.QuantizationAwareTraining(C.SPEC, convert_on_fit_end=False)
+    C.make_trainer(st, [cb], tmp_path, 2).fit(lm, train, val)
+    model = C.hf_model(lm)
+    ids = C.eval_ids()
+    dtype = torch.bfloat16 if style == "bf16-true" else torch.float32
+    assert next(model.parameters()).dtype == dtype
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=style == "bf16-mixed"):
+        fake = C.logits(model, ids)
+        qat.convert(lm)
+        packed = C.logits(model, ids)
+    assert torch.isfinite(fake).all()
+    torch.testing.assert_close(packed, fake, rtol=0, atol=0)

@@ -34,6 +34,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
 __all__ = [
+    "UNFOLDABLE",
     "AWQConfig",
     "AWQGroupResult",
     "AWQStats",
@@ -44,6 +45,10 @@ __all__ = [
 ]
 
 
+#: What AWQ does with a group whose scales cannot be folded (see :class:`AWQConfig`).
+UNFOLDABLE = ("unscaled", "explicit")
+
+
 @dataclass(frozen=True)
 class AWQConfig(CalibrationOptions):
     """AWQ settings (validated at construction).
@@ -52,6 +57,11 @@ class AWQConfig(CalibrationOptions):
         n_grid: points of the scale-exponent grid ``α = i / n_grid``, ``i = 0..n_grid-1`` (20 in the paper).
         clip_grid: shrink factors tried per (row, group) in the clip search; 0 disables clipping.
         max_shrink: the smallest range tried is ``(1 − max_shrink)·max``; in ``[0, 1)``.
+        unfoldable: a group whose scales fold into no preceding op (GPT-2's ``c_proj`` after GELU or
+            after the fused ``c_attn``; anything whose fold fails the numerical check) is either
+            ``"unscaled"`` (the default, as AutoAWQ and llm-compressor do: no input scaling, only the clip
+            search, so every export format holds the layer) or ``"explicit"`` (the searched scales kept as
+            the layer's ``input_scale``: lower error, but only ``onnx`` and our own checkpoints hold it).
 
     Plus the runner options of :class:`~lightning_quant.calibration.options.CalibrationOptions`
     (``batch_size``, ``block_path``, ``device``, ``progress``).
@@ -60,6 +70,7 @@ class AWQConfig(CalibrationOptions):
     n_grid: int = 20
     clip_grid: int = 10
     max_shrink: float = 0.5
+    unfoldable: str = "unscaled"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,6 +81,8 @@ class AWQConfig(CalibrationOptions):
         if isinstance(self.max_shrink, bool) or not isinstance(self.max_shrink, (int, float)) \
                 or not 0.0 <= self.max_shrink < 1.0:
             raise ValueError(f"AWQConfig.max_shrink={self.max_shrink!r} must be in [0, 1); 0.5 is typical.")
+        if self.unfoldable not in UNFOLDABLE:
+            raise ValueError(f"AWQConfig.unfoldable={self.unfoldable!r} is not supported; use one of {UNFOLDABLE}.")
 
 
 class AWQStats:

@@ -5,7 +5,8 @@ Block by block (:func:`~lightning_quant.calibration.run_sequential`, float propa
 
 1. :func:`~lightning_quant.calibration.awq_mapping.discover_groups` finds the groups sharing an input
    and where each group's scales fold (norm weight, a preceding linear's rows) or, failing that,
-   that the group needs an explicit input scale — with the reason;
+   that it folds nowhere — with the reason; such a group is quantized unscaled (``s = 1``, clip search
+   only) or, with ``AWQConfig(unfoldable="explicit")``, keeps its scales as an explicit input scale;
 2. one forward collects each group's input statistics (:class:`~lightning_quant.algorithms.awq.AWQStats`),
    all-reduced over DDP ranks;
 3. groups are solved in *reverse* call order, so a group whose scales fold into a linear of an
@@ -16,14 +17,14 @@ The model is not changed by the method. Each ``QuantizedWeight.extras["awq"]`` i
 :class:`AWQLayerScaling`; :func:`swap_in_awq` (the method's swap) applies the folds and installs
 ``PackedLinear`` layers (with ``input_scale`` for explicit groups); :func:`fold_awq_scales` applies
 the same scalings to the *float* model (outputs unchanged: the exactness check);
-:func:`awq_summary` reports which groups were folded and which got explicit scales.
+:func:`awq_summary` reports which groups were folded, left unscaled or given explicit scales.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -53,7 +54,8 @@ class AWQLayerScaling:
     """How one layer's quantized weight relates to its float weight ``W [out, in]``.
 
     The codes quantize ``diag(1/row_scale) W diag(scales)``. ``plan`` says where ``1/scales`` goes
-    (``plan.producer``) or that the layer divides its input explicitly (``plan.producer is None``).
+    (``plan.producer``); a group that folds nowhere either divides its input explicitly (``explicit``)
+    or was searched unscaled (``scales`` all ones, ``AWQConfig.unfoldable="unscaled"``).
     ``row_scale [out]`` is set when a later group's scales were folded into this layer's rows.
     """
 
@@ -63,6 +65,7 @@ class AWQLayerScaling:
     ratio: float = 0.0
     error: float = 0.0
     rtn_error: float = 0.0
+    explicit: bool = False
 
 
 def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, cfg: AWQConfig, family: str | None,
@@ -80,13 +83,16 @@ def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, 
         for n in plan.group:
             w = linear_weight(lin[n]).detach().float()
             weights[n] = w / row_scale[n].unsqueeze(1) if n in row_scale else w  # [out, in] / [out, 1]
-        res = awq_quantize_group(st, weights, spec, cfg, tie=plan.tie)
+        unscaled = plan.producer is None and cfg.unfoldable == "unscaled"
+        res = awq_quantize_group(st, weights, spec, replace(cfg, n_grid=1) if unscaled else cfg,  # n_grid=1: α=0, s=1
+                                 tie=plan.tie)
         if plan.kind == "linear" and plan.producer in lin:
             row_scale[plan.producer] = plan.producer_scales(res.scales)
         for n in plan.group:
             qw = res.qweights[n]
             qw.dtype = linear_weight(lin[n]).dtype
-            qw.extras["awq"] = AWQLayerScaling(res.scales, plan, None, res.ratio, res.error, res.rtn_error)
+            qw.extras["awq"] = AWQLayerScaling(res.scales, plan, None, res.ratio, res.error, res.rtn_error,
+                                               explicit=plan.producer is None and not unscaled)
             qw.extras.update(awq_ratio=res.ratio, awq_error=res.error, awq_rtn_error=res.rtn_error)  # group figures
             solved[n] = qw
     for n, rs in row_scale.items():
@@ -113,7 +119,7 @@ def awq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec,
         info = qw.extras["awq"]
         qw.extras["awq"] = AWQLayerScaling(info.scales.cpu(), info.plan,
                                            None if info.row_scale is None else info.row_scale.cpu(),
-                                           info.ratio, info.error, info.rtn_error)
+                                           info.ratio, info.error, info.rtn_error, info.explicit)
     out = {n: qw.to("cpu") for n, qw in out.items()}
     outside = [n for n in targets if n not in out]
     if outside:
@@ -182,18 +188,20 @@ def swap_in_awq(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[s
     for n, qw in weights.items():
         old = get_layer(model, n)
         info = qw.extras.get("awq")
-        explicit = info is not None and info.plan.producer is None
+        explicit = info is not None and info.explicit
         new = PackedLinear.from_quantized(qw, _bias(old, info), input_scale=info.scales if explicit else None)
         replaced[n] = replace_layer(model, n, new)
     return replaced
 
 
 def awq_summary(weights: dict[str, QuantizedWeight]) -> dict[str, dict[str, str]]:
-    """``{"folded": {group: reason}, "explicit": {group: reason}}`` with groups as comma-joined names."""
-    report: dict[str, dict[str, str]] = {"folded": {}, "explicit": {}}
+    """``{"folded": ..., "explicit": ..., "unscaled": ...}``, each ``{group: reason}`` with groups as
+    comma-joined names: scales folded into a producer, kept as an explicit input scale, or left at 1."""
+    report: dict[str, dict[str, str]] = {"folded": {}, "explicit": {}, "unscaled": {}}
     for info in _infos(weights).values():
         key = ", ".join(info.plan.group)
-        report["folded" if info.plan.folded else "explicit"][key] = info.plan.reason
+        kind = "folded" if info.plan.folded else "explicit" if info.explicit else "unscaled"
+        report[kind][key] = info.plan.reason
     return report
 
 

@@ -27,7 +27,8 @@ class AWQ(PostTrainingQuantization):
         trainer.fit(model, datamodule=dm)   # PackedLinear layers afterwards; scales folded into norms
 
     Logged per layer: ``awq/<layer>/awq_ratio``, ``awq_error``, ``awq_rtn_error``. After quantizing,
-    :attr:`summary` says which groups were folded (and into what) and which got explicit input scales.
+    :attr:`summary` says which groups were folded (and into what), which were left unscaled (nothing to
+    fold into) and which got explicit input scales (``AWQConfig(unfoldable="explicit")``).
     """
 
     def __init__(self, spec: QuantSpec | None = None, config: AWQConfig | None = None,
@@ -43,8 +44,9 @@ class AWQ(PostTrainingQuantization):
 
         weights = super().quantize(trainer, pl_module)
         self.summary = awq_summary(weights)
-        rank_zero_info(f"AWQ: {len(self.summary['folded'])} group(s) folded, "
-                       f"{len(self.summary['explicit'])} with explicit input scales")
-        for group, reason in self.summary["explicit"].items():
-            rank_zero_info(f"AWQ explicit input scale for [{group}]: {reason}")
+        rank_zero_info(f"AWQ: {len(self.summary['folded'])} group(s) folded, {len(self.summary['unscaled'])} "
+                       f"unscaled, {len(self.summary['explicit'])} with explicit input scales")
+        for kind in ("unscaled", "explicit"):
+            for group, reason in self.summary[kind].items():
+                rank_zero_info(f"AWQ {kind} [{group}]: {reason}")
         return weights

@@ -130,8 +130,8 @@ def check_plain(name: str, layer: nn.Module, fmt_name: str, allow_act_spec: bool
     if getattr(layer, "input_scale", None) is not None:
         raise ValueError(f"Layer {name!r} has an explicit AWQ input_scale (its scales could not be folded into a "
                          f"preceding op, e.g. o_proj under grouped-query attention), which format {fmt_name!r} cannot "
-                         "hold; export as 'onnx' (keeps the scaling), or exclude such layers from AWQ and quantize "
-                         "them with RTN/GPTQ.")
+                         "hold; export as 'onnx' (keeps the scaling), or quantize with AWQConfig(unfoldable='unscaled') "
+                         "(the default), or exclude such layers from AWQ.")
     if not allow_act_spec and getattr(layer, "act_spec", None) is not None:
         raise ValueError(f"Layer {name!r} quantizes activations ({layer.act_spec}), which format {fmt_name!r} cannot "
                          "hold; export it as 'compressed-tensors' or convert with weight-only quantization.")

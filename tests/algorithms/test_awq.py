@@ -19,6 +19,8 @@ from lightning_quant.targets import linear_weight, select_linears
 from lightning_quant.testing import TINY_VOCAB
 
 SPEC = QuantSpec(4, 32)
+#: the tests of explicit input scales (groups that fold nowhere keep their searched scales)
+EXPLICIT = AWQConfig(n_grid=2, clip_grid=0, unfoldable="explicit")
 
 
 def _ids(n=8, t=48, seed=0):
@@ -134,7 +136,7 @@ def test_folds_leave_float_model_unchanged(tiny_model):
 
 
 def test_discovery_per_architecture(tiny_model):
-    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
+    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), EXPLICIT)
     summary = awq_summary(weights)
     kind = tiny_model.config.model_type
     if kind == "llama":  # GQA: v has 48 outputs, o reads 96 -> tied scales fold into v
@@ -199,9 +201,25 @@ def test_gqa_tie_needs_the_head_size(monkeypatch):
     assert awq_mapping._gqa_tie(block, "self_attn.v_proj", 48, 100) is None  # not whole repeats
     assert awq_mapping._gqa_tie(nn.Sequential(nn.Linear(4, 48)), "0", 48, 96) is None  # no head_dim anywhere
     monkeypatch.setattr(awq_mapping, "_gqa_tie", lambda *a: None)
-    weights = awq_method(model, select_linears(model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
+    weights = awq_method(model, select_linears(model), SPEC, _ids(2), EXPLICIT)
     reason = awq_summary(weights)["explicit"]["model.layers.0.self_attn.o_proj"]
     assert "no head_dim tells how they repeat" in reason
+
+
+def test_unfoldable_groups_default_to_unscaled():
+    """GPT-2's c_proj layers fold nowhere: by default they get s = 1 (clip search only, never worse than RTN)
+    and no input scale, so the gptq/awq/compressed-tensors exports hold them."""
+    from lightning_quant.testing import tiny_gpt2
+
+    model = tiny_gpt2()
+    weights = quantize_model(model, SPEC, "awq", calibration=_ids(2), config=AWQConfig(n_grid=2, clip_grid=4))
+    summary = awq_summary(weights)
+    unscaled = [f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")]
+    assert sorted(summary["unscaled"]) == unscaled and not summary["explicit"] and len(summary["folded"]) == 4
+    for n in unscaled:
+        assert model.get_submodule(n).input_scale is None
+        assert torch.equal(weights[n].extras["awq"].scales, torch.ones_like(weights[n].extras["awq"].scales))
+        assert weights[n].extras["awq_error"] <= weights[n].extras["awq_rtn_error"] * (1 + 1e-6)
 
 
 def test_unverifiable_fold_falls_back_to_explicit(monkeypatch):
@@ -211,7 +229,7 @@ def test_unverifiable_fold_falls_back_to_explicit(monkeypatch):
 
     tiny_model = tiny_gpt2()
     monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "gpt2", (("mlp.c_fc", "mlp.c_proj"),))
-    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), AWQConfig(n_grid=2, clip_grid=0))
+    weights = awq_method(tiny_model, select_linears(tiny_model), SPEC, _ids(2), EXPLICIT)
     reason = awq_summary(weights)["explicit"]["transformer.h.0.mlp.c_proj"]
     assert "failed the numerical check" in reason
 
@@ -223,7 +241,8 @@ def test_quantize_model_awq_swaps_packed_layers_with_explicit_scales(tiny_model)
     with torch.no_grad():
         ref = tiny_model(ids).logits
     oracle = copy.deepcopy(tiny_model)
-    weights = quantize_model(tiny_model, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=10, clip_grid=5))
+    weights = quantize_model(tiny_model, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=10, clip_grid=5,
+                                                                                        unfoldable="explicit"))
     fold_awq_scales(oracle, weights)
     with torch.no_grad():
         for n, qw in weights.items():
@@ -274,6 +293,8 @@ def test_bad_inputs():
         AWQConfig(n_grid=0)
     with pytest.raises(ValueError, match=r"AWQConfig.max_shrink=1.0 must be in \[0, 1\)"):
         AWQConfig(max_shrink=1.0)
+    with pytest.raises(ValueError, match="unfoldable='bogus' is not supported; use one of"):
+        AWQConfig(unfoldable="bogus")
 
 
 def test_method_needs_calibration_and_finite_activations(tiny_llama):
@@ -360,7 +381,7 @@ def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path, monke
 
     monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no v -> o / up -> down folds: explicit scales
     ids = _ids(2)
-    weights = quantize_model(tiny_llama, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=2, clip_grid=0))
+    weights = quantize_model(tiny_llama, SPEC, "awq", calibration=ids, config=EXPLICIT)
     save_quantized(tiny_llama, weights, "awq", tmp_path)
     back = load_quantized(tmp_path)
     assert back.model.layers[0].self_attn.o_proj.input_scale is not None

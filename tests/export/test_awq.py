@@ -85,10 +85,16 @@ def test_real_awq_models(tmp_path, ids, monkeypatch):
         assert torch.equal(export.load(tmp_path / name)(ids).logits, model(ids).logits), name
     monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no indirect folds: o_proj explicit
     llama = tiny_llama()
-    quantize_model(llama, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
+    quantize_model(llama, QuantSpec(4, 32), "awq", calibration=calib,
+                   config=AWQConfig(n_grid=4, clip_grid=0, unfoldable="explicit"))
     assert llama.model.layers[0].self_attn.o_proj.input_scale is not None
     with pytest.raises(ValueError, match="'model.layers.0.self_attn.o_proj' has an explicit AWQ input_scale"):
         export.save(llama, tmp_path / "llama", "awq")
+    unscaled = tiny_llama()  # the default leaves the unfoldable group unscaled: every format holds it
+    quantize_model(unscaled, QuantSpec(4, 32), "awq", calibration=calib, config=cfg)
+    assert unscaled.model.layers[0].self_attn.o_proj.input_scale is None
+    export.save(unscaled, tmp_path / "unscaled", "awq")
+    assert torch.equal(export.load(tmp_path / "unscaled")(ids).logits, unscaled(ids).logits)
     pytest.importorskip("onnxruntime")
     export.save(llama, tmp_path / "onnx", "onnx")
     torch.testing.assert_close(export.load(tmp_path / "onnx")(ids).logits, llama(ids).logits, rtol=0, atol=1e-4)
