@@ -12,9 +12,10 @@ Usage::
     config = register_packed_lora(LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
     model = get_peft_model(packed_model, config)
 
-**Merging is refused**: folding ``B·A`` into int codes would re-quantize the weight (a lossy step
-that deserves its own RTN/GPTQ pass), so :meth:`PackedLoraLinear.merge` raises with the
-alternatives instead of silently changing the model. ``model.unload()`` (drop the adapters) works.
+**Merging is explicit**: folding ``B·A`` into int codes re-quantizes the weight (a lossy step with its
+own choice of method), so peft's :meth:`PackedLoraLinear.merge` raises and points to
+:func:`merge_packed_lora`, which re-quantizes ``W_deq + Σ scaling·B@A`` with RTN on the base's own grid
+or with GPTQ on calibration data. ``model.unload()`` (drop the adapters) works.
 DoRA needs a float base weight and is refused at construction.
 
 Written against peft's ``LoraConfig._register_custom_module`` (peft >= 0.14) and its
@@ -23,12 +24,19 @@ Written against peft's ``LoraConfig._register_custom_module`` (peft >= 0.14) and
 
 from __future__ import annotations
 
+import re
+
+import torch
 from peft import LoraConfig
 from peft.tuners.lora.layer import Linear as _LoraLinear
+from torch import nn
 
+from lightning_quant import primitives as P
 from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.targets import set_submodule
 
-__all__ = ["PackedLoraLinear", "register_packed_lora"]
+__all__ = ["MERGE_METHODS", "PackedLoraLinear", "merge_packed_lora", "register_packed_lora"]
 
 
 class PackedLoraLinear(_LoraLinear):
@@ -47,9 +55,9 @@ class PackedLoraLinear(_LoraLinear):
 
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         raise NotImplementedError(
-            "Merging LoRA into a PackedLinear is refused: it would re-quantize the packed codes. Keep the adapter "
-            "unmerged, or merge into the float model first (train LoRA with QAT, merge, then quantize/pack), or "
-            "call model.unload() to drop the adapters."
+            "peft's merge cannot fold LoRA into a PackedLinear: that re-quantizes the packed codes. Use "
+            "lightning_quant.integrations.peft.merge_packed_lora(model, method='rtn' | 'gptq', ...), keep the "
+            "adapter unmerged, or call model.unload() to drop the adapters."
         )
 
     def unmerge(self) -> None:
@@ -65,3 +73,83 @@ def register_packed_lora(config: LoraConfig) -> LoraConfig:
         raise TypeError(f"register_packed_lora takes a peft LoraConfig, got {type(config).__name__}.")
     config._register_custom_module({PackedLinear: PackedLoraLinear})
     return config
+
+
+#: How :func:`merge_packed_lora` re-quantizes ``W_deq + Σ scaling·B@A``.
+MERGE_METHODS = ("rtn", "gptq")
+
+
+@torch.no_grad()
+def merge_packed_lora(model: nn.Module, method: str = "rtn", calibration=None,
+                      config=None) -> dict[str, QuantizedWeight]:
+    """Fold LoRA adapters trained on packed bases (QLoRA style) back into packed layers, in place.
+
+    Each :class:`PackedLoraLinear` host becomes one :class:`PackedLinear` quantizing
+    ``W_merged = W_deq + Σ_a scaling_a · B_a @ A_a`` (``[out, in]``):
+
+    * ``method="rtn"`` — on the base layer's own grid: its scales, zero points and ``g_idx`` are kept and
+      only the codes change, ``q = clamp(round(W_merged / s) + z, 0, 2^b − 1)``. No data needed; the
+      adapter's change is kept only where it moves a weight past a rounding boundary.
+    * ``method="gptq"`` — GPTQ (:func:`lightning_quant.quantize_model`) on ``calibration`` with the base
+      layer's spec: new qparams, error feedback on real activations. ``config`` is a ``GPTQConfig``.
+
+    Returns ``{host name: QuantizedWeight}``. Raises when the model has no such host, for an unknown
+    method, for calibration given to / missing from a method, and (GPTQ) for bases with activation quant
+    or an AWQ input scale, which GPTQ cannot rebuild.
+    """
+    from lightning_quant.adapters import check_supported_host
+    from lightning_quant.qat.lora import lora_delta
+
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge_packed_lora: method={method!r} is not supported; use one of {MERGE_METHODS}.")
+    if method == "rtn" and calibration is not None:
+        raise ValueError("merge_packed_lora(method='rtn') re-rounds on the base's own grid and takes no calibration; "
+                         "pass calibration=None or use method='gptq'.")
+    if method == "gptq" and calibration is None:
+        raise ValueError("merge_packed_lora(method='gptq') needs calibration=<token ids or a dataloader>.")
+    hosts = {n: m for n, m in model.named_modules() if isinstance(m, PackedLoraLinear)}
+    if not hosts:
+        raise ValueError("merge_packed_lora found no LoRA adapter on a PackedLinear; build them with "
+                         "get_peft_model(packed_model, register_packed_lora(LoraConfig(...))).")
+    merged: dict[str, tuple[PackedLinear, QuantizedWeight, torch.Tensor]] = {}
+    for name, host in hosts.items():
+        check_supported_host(host, name, "merge_packed_lora")
+        base = host.get_base_layer()
+        if method == "gptq" and (base.act_spec is not None or base.input_scale is not None):
+            raise ValueError(f"{name}: its packed base has activation quant or an AWQ input scale, which "
+                             "merge_packed_lora(method='gptq') cannot rebuild; use method='rtn'.")
+        qw = base.to_quantized()
+        delta = lora_delta(host)
+        w = qw.dequantize(torch.float32) + (0 if delta is None else delta.float())  # [out, in]
+        merged[name] = (base, qw, w)
+    if method == "rtn":
+        return {name: _merge_on_grid(model, name, base, qw, w) for name, (base, qw, w) in merged.items()}
+    return _merge_with_gptq(model, merged, calibration, config)
+
+
+def _merge_on_grid(model: nn.Module, name: str, base: PackedLinear, qw: QuantizedWeight, w: torch.Tensor):
+    codes = P.quantize(w, qw.scales, qw.zeros, qw.spec, qw.g_idx)
+    new = QuantizedWeight(codes=codes, scales=qw.scales, zeros=qw.zeros, spec=qw.spec, g_idx=qw.g_idx,
+                          dtype=qw.dtype)
+    set_submodule(model, name, PackedLinear.from_quantized(new, base.bias, act_spec=base.act_spec,
+                                                           input_scale=base.input_scale))
+    return new
+
+
+def _merge_with_gptq(model: nn.Module, merged: dict, calibration, config) -> dict[str, QuantizedWeight]:
+    from lightning_quant.api import quantize_model
+
+    by_spec: dict = {}
+    for name, (base, qw, w) in merged.items():
+        linear = nn.Linear(w.shape[1], w.shape[0], bias=base.bias is not None, dtype=base.compute_dtype,
+                           device=w.device)
+        linear.weight.copy_(w)
+        if base.bias is not None:
+            linear.bias.copy_(base.bias)
+        set_submodule(model, name, linear)
+        by_spec.setdefault(qw.spec, []).append(name)
+    out: dict[str, QuantizedWeight] = {}
+    for spec, names in by_spec.items():
+        out.update(quantize_model(model, spec, "gptq", include=[f"re:^{re.escape(n)}$" for n in names],
+                                  exclude=None, calibration=calibration, config=config))
+    return out
