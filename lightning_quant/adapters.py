@@ -10,18 +10,30 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["SUPPORTED", "check_supported_host", "is_tuner_layer", "merge_into_base"]
+__all__ = ["SUPPORTED", "check_supported_host", "is_peft_model", "is_tuner_layer", "merge_into_base"]
 
 SUPPORTED = "peft LoRA on Linear / Conv1D layers (peft.tuners.lora.layer.Linear, no DoRA/variants, lora_bias=False)"
 
 
-def is_tuner_layer(module: nn.Module) -> bool:
-    """True for any peft adapter wrapper (``BaseTunerLayer``); False when peft is not installed."""
+def _is_peft(module: nn.Module, where: str, name: str) -> bool:
+    """``isinstance(module, peft's <where>.<name>)``; False when peft is not installed (it is optional)."""
+    import importlib
+
     try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:  # peft is optional
+        cls = getattr(importlib.import_module(where), name)
+    except ImportError:
         return False
-    return isinstance(module, BaseTunerLayer)
+    return isinstance(module, cls)
+
+
+def is_tuner_layer(module: nn.Module) -> bool:
+    """True for any peft adapter wrapper (``BaseTunerLayer``)."""
+    return _is_peft(module, "peft.tuners.tuners_utils", "BaseTunerLayer")
+
+
+def is_peft_model(module: nn.Module) -> bool:
+    """True for a peft ``PeftModel`` (the wrapper ``get_peft_model`` returns)."""
+    return _is_peft(module, "peft", "PeftModel")
 
 
 def check_supported_host(host: nn.Module, name: str, what: str = "QAT") -> None:

@@ -128,14 +128,17 @@ class Style:
     peft: bool = False
     trainer: dict = field(default_factory=dict)
     resume: bool = False
+    lora: str = "merged"  # PTQ / QAT lora= option (peft styles)
 
 
 STYLES = {s.name: s for s in [
     Style("forward", module=ForwardLM),
     Style("hf-attribute"),
     Style("peft-lora", peft=True),
+    Style("peft-lora-separate", peft=True, lora="separate"),
     Style("bf16-true", trainer={"precision": "bf16-true"}),
     Style("bf16-mixed", trainer={"precision": "bf16-mixed"}),
+    Style("16-mixed", trainer={"precision": "16-mixed"}),
     Style("gpt2", arch="gpt2"),
     Style("accumulate+val", trainer={"accumulate_grad_batches": 2, "val_check_interval": 2}),
     Style("resume", resume=True),
@@ -155,20 +158,21 @@ def build_model(style: Style) -> torch.nn.Module:
     return model
 
 
-def callbacks(setup: str, out: Path) -> list[pl.Callback]:
+def callbacks(setup: str, out: Path, lora: str = "merged") -> list[pl.Callback]:
     exp = {"format": "int8" if setup == "int8" else "gptq", "path": str(out / "export")}
     if setup == "qat":
-        return [QuantizationAwareTraining(SPEC, export_on_fit_end=exp)]
+        return [QuantizationAwareTraining(SPEC, export_on_fit_end=exp, lora=lora)]
     if setup == "qat+packed-validation":
-        return [QuantizationAwareTraining(SPEC, export_on_fit_end=exp), PackedValidation()]
+        return [QuantizationAwareTraining(SPEC, export_on_fit_end=exp, lora=lora), PackedValidation()]
     if setup in ("gptq", "gptq+export"):
-        return [GPTQ(SPEC, num_samples=2, export_on_fit_end=exp)]
+        return [GPTQ(SPEC, num_samples=2, export_on_fit_end=exp, lora=lora)]
     if setup == "awq":
-        return [AWQ(SPEC, num_samples=2, export_on_fit_end=exp)]
+        return [AWQ(SPEC, num_samples=2, export_on_fit_end=exp, lora=lora)]
     if setup == "int8":
-        return [LLMInt8(export_on_fit_end=exp)]
+        return [LLMInt8(export_on_fit_end=exp, lora=lora)]
     if setup == "gptq+report":
-        return [GPTQ(SPEC, num_samples=2, export_on_fit_end=exp), QuantizationReport(str(out / "report"), num_batches=1)]
+        return [GPTQ(SPEC, num_samples=2, export_on_fit_end=exp, lora=lora),
+                QuantizationReport(str(out / "report"), num_batches=1)]
     raise ValueError(setup)
 
 
@@ -190,15 +194,16 @@ def fit(style: Style, setup: str, out: Path, max_steps: int = 4, **trainer_kw) -
         torch.manual_seed(0)
         first = style.module(build_model(style))
         ckpt = ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=1)
-        make_trainer(style, [*callbacks(setup, out / "first"), ckpt], out, max_steps // 2,
+        make_trainer(style, [*callbacks(setup, out / "first", style.lora), ckpt], out, max_steps // 2,
                      enable_checkpointing=True, **trainer_kw).fit(first, train, val)
         path = next((out / "ckpt").glob("*.ckpt"))
         lm = style.module(build_model(style))
-        make_trainer(style, callbacks(setup, out), out, max_steps, **trainer_kw).fit(lm, train, val, ckpt_path=str(path))
+        make_trainer(style, callbacks(setup, out, style.lora), out, max_steps, **trainer_kw).fit(
+            lm, train, val, ckpt_path=str(path))
         return lm
     torch.manual_seed(0)
     lm = style.module(build_model(style))
-    make_trainer(style, callbacks(setup, out), out, max_steps, **trainer_kw).fit(lm, train, val)
+    make_trainer(style, callbacks(setup, out, style.lora), out, max_steps, **trainer_kw).fit(lm, train, val)
     return lm
 
 

@@ -153,3 +153,21 @@ def test_qat_fake_quant_equals_converted_in_bf16(style, tmp_path):
         packed = C.logits(model, ids)
     assert torch.isfinite(fake).all()
     torch.testing.assert_close(packed, fake, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq", "int8"])
+def test_float16_weights_quantize_export_and_reload(method, tmp_path):
+    """Every method and exporter takes float16 weights (as bfloat16 / float32 above); the packed layers
+    compute in float16 and the export reloads in float16 with identical logits."""
+    from lightning_quant import export, quantize_model, testing
+
+    model = testing.tiny_llama().half()
+    calib = None if method in ("rtn", "int8") else testing.random_token_batches(2, 16, 2)
+    quantize_model(model, None if method == "int8" else C.SPEC, method, calibration=calib)
+    ids = C.eval_ids()
+    got = C.logits(model, ids)
+    assert torch.isfinite(got).all()
+    export.save(model, tmp_path / "out", "int8" if method == "int8" else "gptq")
+    reloaded = export.load(tmp_path / "out")
+    assert next(reloaded.parameters()).dtype == torch.float16
+    torch.testing.assert_close(C.logits(reloaded, ids), got, rtol=0, atol=0)

@@ -49,7 +49,9 @@ def save(
 
     Args:
         model: a transformers model whose quantized layers are ``PackedLinear`` (gptq, awq,
-            compressed-tensors, onnx) or ``Int8OutlierLinear`` (int8).
+            compressed-tensors, onnx) or ``Int8OutlierLinear`` (int8), or a peft ``PeftModel`` around one:
+            adapters kept on packed bases (``lora="separate"``) are written next to it as
+            ``adapter_model.safetensors`` / ``adapter_config.json`` (see :mod:`.adapters`).
         format: one of :func:`available_formats`.
         tokenizer: optional tokenizer; its files are written next to the weights.
         overwrite: replace an existing export (atomically) instead of raising.
@@ -60,12 +62,22 @@ def save(
         The export directory. The write is atomic: on any failure the previous content of
         ``path`` is left intact.
     """
+    from lightning_quant.export import adapters
     from lightning_quant.export.io import atomic_directory
 
     fmt = get_format(format)
     options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes)
+    peft_model = model if adapters.is_peft_model(model) else None
+    base = model.get_base_model() if peft_model is not None else model
+    hosts = adapters.tuner_hosts(base)
+    if hosts and peft_model is None:
+        raise ValueError(f"The model holds peft adapter layers ({next(iter(hosts))!r}, ...) but is not a PeftModel; "
+                         "export the PeftModel (its adapters are written as adapter_model.safetensors) or merge them.")
     with atomic_directory(path, overwrite=overwrite) as tmp:
-        fmt.save(model, tmp, options)
+        with adapters.unwrapped(base, hosts):
+            fmt.save(base, tmp, options)
+        if hosts:
+            adapters.save_adapters(peft_model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if not (tmp / "config.json").exists():
@@ -77,7 +89,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     """Read an export written by :func:`save` (any format, detected from ``config.json``).
 
     Returns a model with ``PackedLinear`` / ``Int8OutlierLinear`` layers (for ``onnx``: an
-    onnxruntime-backed module with the same call signature). Raises ``ValueError`` naming the
+    onnxruntime-backed module with the same call signature); with saved LoRA adapters, a ``PeftModel``
+    around it. Raises ``ValueError`` naming the
     problem for unknown formats, missing or mis-shaped tensors, wrong dtypes and non-safetensors files.
     """
     from lightning_quant.export.io import read_json
@@ -86,7 +99,12 @@ def load(path: str | os.PathLike) -> nn.Module:
     if not directory.is_dir():
         raise FileNotFoundError(f"{str(directory)!r} is not an export directory (written by lightning_quant.export.save).")
     config = read_json(directory / "config.json")
-    return detect_format(config).load(directory, config)
+    model = detect_format(config).load(directory, config)
+    from lightning_quant.export import adapters
+
+    if (directory / adapters.ADAPTER_CONFIG).exists():
+        return adapters.load_adapters(model, directory)
+    return model
 
 
 def from_pretrained(path: str | os.PathLike, device: Any = "cpu") -> nn.Module:

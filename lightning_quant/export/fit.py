@@ -68,10 +68,18 @@ class ExportConfig:
 
 
 def find_hf_model(module: nn.Module) -> nn.Module:
-    """The outermost transformers ``PreTrainedModel`` inside ``module`` (a LightningModule, peft model, ...)."""
+    """The outermost transformers ``PreTrainedModel`` or peft ``PeftModel`` inside ``module`` (a LightningModule, ...).
+
+    A ``PeftModel`` whose adapters were merged (PTQ's default) exports as its base model; one with adapters
+    kept (``lora="separate"``) exports the quantized base plus peft's adapter files.
+    """
     from transformers import PreTrainedModel
 
+    from lightning_quant.export.adapters import is_peft_model, tuner_hosts
+
     for m in module.modules():
+        if is_peft_model(m):
+            return m if tuner_hosts(m.get_base_model()) else m.get_base_model()
         if isinstance(m, PreTrainedModel):
             return m
     raise ValueError(f"{type(module).__name__} holds no transformers PreTrainedModel; exports write HF-style "

@@ -32,9 +32,13 @@ from peft.tuners.lora.layer import Linear as _LoraLinear
 from torch import nn
 
 from lightning_quant import primitives as P
+from lightning_quant.layers.int8 import Int8OutlierLinear
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import set_submodule
+
+#: the quantized layer kinds LoRA can sit on (the adapters stay float)
+_QUANTIZED = (PackedLinear, Int8OutlierLinear)
 
 __all__ = ["MERGE_METHODS", "PackedLoraLinear", "merge_packed_lora", "register_packed_lora"]
 
@@ -44,8 +48,8 @@ class PackedLoraLinear(_LoraLinear):
 
     def __init__(self, base_layer, adapter_name: str, config: LoraConfig | None = None, **kwargs) -> None:
         base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if not isinstance(base, PackedLinear):
-            raise TypeError(f"PackedLoraLinear wraps a PackedLinear, got {type(base).__name__}.")
+        if not isinstance(base, _QUANTIZED):
+            raise TypeError(f"PackedLoraLinear wraps a PackedLinear or Int8OutlierLinear, got {type(base).__name__}.")
         use_dora = kwargs.get("use_dora", getattr(config, "use_dora", False))
         if use_dora:
             raise ValueError("DoRA needs a float base weight; use LoraConfig(use_dora=False) on a packed base.")
@@ -71,7 +75,7 @@ def register_packed_lora(config: LoraConfig) -> LoraConfig:
     """Teach ``config`` to wrap every targeted :class:`PackedLinear` in a :class:`PackedLoraLinear`; returns it."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"register_packed_lora takes a peft LoraConfig, got {type(config).__name__}.")
-    config._register_custom_module({PackedLinear: PackedLoraLinear})
+    config._register_custom_module({kind: PackedLoraLinear for kind in _QUANTIZED})
     return config
 
 
@@ -93,7 +97,8 @@ def merge_packed_lora(model: nn.Module, method: str = "rtn", calibration=None,
     * ``method="gptq"`` — GPTQ (:func:`lightning_quant.quantize_model`) on ``calibration`` with the base
       layer's spec: new qparams, error feedback on real activations. ``config`` is a ``GPTQConfig``.
 
-    Returns ``{host name: QuantizedWeight}``. Raises when the model has no such host, for an unknown
+    Returns ``{host name: QuantizedWeight}``. Raises when the model has no such host, for an int8 base
+    (``TypeError``), for an unknown
     method, for calibration given to / missing from a method, and (GPTQ) for bases with activation quant
     or an AWQ input scale, which GPTQ cannot rebuild.
     """
@@ -115,6 +120,9 @@ def merge_packed_lora(model: nn.Module, method: str = "rtn", calibration=None,
     for name, host in hosts.items():
         check_supported_host(host, name, "merge_packed_lora")
         base = host.get_base_layer()
+        if not isinstance(base, PackedLinear):
+            raise TypeError(f"{name}: merge_packed_lora re-quantizes PackedLinear bases; this one is a "
+                             f"{type(base).__name__} (LLM.int8): keep its adapters separate or unload them.")
         if method == "gptq" and (base.act_spec is not None or base.input_scale is not None):
             raise ValueError(f"{name}: its packed base has activation quant or an AWQ input scale, which "
                              "merge_packed_lora(method='gptq') cannot rebuild; use method='rtn'.")

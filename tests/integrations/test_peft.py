@@ -143,3 +143,9 @@ def test_merge_back_bad_input(packed_llama):
         merge_packed_lora(model, "rtn", calibration=random_token_batches(1, 8, 1))
     with pytest.raises(ValueError, match="needs calibration"):
         merge_packed_lora(model, "gptq")
+    from lightning_quant.testing import tiny_llama
+
+    int8 = tiny_llama()
+    quantize_model(int8, method="int8")
+    with pytest.raises(TypeError, match="re-quantizes PackedLinear bases; this one is a Int8OutlierLinear"):
+        merge_packed_lora(_lora(int8))
