@@ -232,15 +232,33 @@ def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
+def spawn_two(worker, out: Path, *args) -> Path:
+    """Run ``worker(rank, port, str(out), *args)`` in 2 processes (a fresh local port) and return ``out``."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(port, str(out), *args), nprocs=2, join=True)
+    return out
+
+
+def join_as_rank(rank: int, port: int) -> None:
+    """What a launcher sets for one of 2 local ranks (Lightning then skips its own launcher); 1 thread each."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                      LOCAL_RANK=str(rank), NODE_RANK="0")
+
+
 def ddp_worker(rank: int, port: int, out_dir: str, setups: list[str]) -> None:
     """One rank of a 2-process gloo DDP ``Trainer.fit`` for each setup (HF-attribute style).
 
     Rank 0 saves, per setup, the float weights just before quantization (a callback listed first), the
     quantized layers' state and the logits of the in-memory model; the test compares them with one process.
     """
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                      LOCAL_RANK=str(rank), NODE_RANK="0")
+    join_as_rank(rank, port)
     style = STYLES["hf-attribute"]
     for setup in setups:
         out = Path(out_dir) / setup

@@ -7,11 +7,8 @@ logits. The DDP row runs all setups in one 2-process gloo launch and compares wi
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from lightning_quant.layers.int8 import Int8OutlierLinear
 from lightning_quant.layers.packed import PackedLinear
@@ -73,17 +70,9 @@ def test_qat_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(resumed[k], straight[k]), k
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(C.ddp_worker, args=(_free_port(), str(out), list(C.SETUPS)), nprocs=2, join=True)
-    return out
+    return C.spawn_two(C.ddp_worker, tmp_path_factory.mktemp("ddp"), list(C.SETUPS))
 
 
 @pytest.mark.parametrize("setup", C.SETUPS)

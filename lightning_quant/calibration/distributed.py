@@ -3,17 +3,25 @@
 Under DDP each rank calibrates on its own share of the batches; statistics (GPTQ Hessian sums and
 token counts) are summed with :func:`all_reduce_sum` before solving, so every rank computes the
 same result as one process would on all the data.
+
+Under FSDP the strategy's own sharding stays in charge: :func:`unsharded` asks the FSDP unit that
+owns a module to gather its full parameters (FSDP2 ``FSDPModule.unshard`` / ``reshard``; FSDP1
+``summon_full_params``) for the duration of a block, one unit at a time, so no rank holds more than
+that unit unsharded; :func:`owning_unit` finds the unit of a submodule. Every rank must enter the
+same units in the same order (they are collectives).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["all_reduce_sum", "is_distributed", "rank", "shard", "world_size"]
+__all__ = ["all_reduce_sum", "fsdp_units", "full_state_dict", "full_tensor", "is_distributed", "is_sharded", "owning_unit", "rank",
+           "shard", "unsharded", "world_size"]
 
 T = TypeVar("T")
 
@@ -60,3 +68,88 @@ def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None
             f"{len(items)} calibration batch(es) cannot be shared by {w} ranks; raise num_samples to at least {w}."
         )
     return [x for i, x in enumerate(items) if i % w == r]
+
+
+def _fsdp_unit_types() -> tuple[type, ...]:
+    """FSDP2's ``FSDPModule`` and FSDP1's ``FullyShardedDataParallel`` (those this torch has)."""
+    kinds = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        kinds.append(FSDPModule)
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        kinds.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(kinds)
+
+
+def fsdp_units(model: nn.Module) -> dict[str, nn.Module]:
+    """``{path: module}`` of every FSDP unit in ``model`` (FSDP2 ``fully_shard`` or FSDP1 wrappers)."""
+    kinds = _fsdp_unit_types()
+    return {n: m for n, m in model.named_modules() if kinds and isinstance(m, kinds)}
+
+
+def owning_unit(units: dict[str, nn.Module], path: str) -> str | None:
+    """The innermost unit (path) of ``units`` containing the module at ``path``, or ``None``."""
+    owners = [u for u in units if u == "" or path == u or path.startswith(u + ".")]
+    return max(owners, key=len, default=None)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when any parameter of ``model`` is a ``DTensor`` (FSDP2 / tensor parallel) or ``model`` holds FSDP units."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return bool(fsdp_units(model))
+    return any(isinstance(p, DTensor) for p in model.parameters()) or bool(fsdp_units(model))
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The full value of ``t``: ``DTensor.full_tensor()`` (a collective: every rank must call it), else ``t``."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return t
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextmanager
+def unsharded(unit: nn.Module | None) -> Iterator[None]:
+    """Full parameters of one FSDP ``unit`` inside the block (no-op for ``None`` or a plain module).
+
+    Writes to the gathered parameters are not kept (FSDP2 reshards the old shards; FSDP1 is asked not to
+    write back): callers that change weights install new modules instead.
+    """
+    if unit is None:
+        yield
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    if isinstance(unit, FSDPModule):
+        unit.unshard()
+        try:
+            yield
+        finally:
+            unit.reshard()
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(unit, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
+            yield
+        return
+    yield
+
+
+def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """The full state dict of a sharded ``model`` on global rank 0 (on CPU; ``{}`` elsewhere): torch's
+    ``get_model_state_dict(full_state_dict=True, cpu_offload=True)``, a collective every rank must call.
+    This is how one rank writes a full checkpoint of an FSDP model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

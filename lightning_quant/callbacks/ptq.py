@@ -92,7 +92,8 @@ class PostTrainingQuantization(Callback):
         if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise TypeError(
                 f"{type(self).__name__} supports single-device and DDP strategies, not "
-                f"{type(trainer.strategy).__name__}; use strategy='ddp' or quantize the saved model with quantize_model()."
+                f"{type(trainer.strategy).__name__} (block-wise calibration of a sharded model is not built yet; "
+                "QAT does run under FSDP): use strategy='ddp', or save the model and quantize it with quantize_model()."
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

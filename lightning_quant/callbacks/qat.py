@@ -13,7 +13,22 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
 
-__all__ = ["QuantizationAwareTraining"]
+__all__ = ["QAT_STRATEGIES", "QuantizationAwareTraining", "check_strategy"]
+
+#: Strategies QAT runs under (class names in ``lightning.pytorch.strategies``): FSDP2 through
+#: ``ModelParallelStrategy`` and FSDP1 through ``FSDPStrategy`` included (see docs/distributed.md).
+QAT_STRATEGIES = ("SingleDeviceStrategy", "DDPStrategy", "ModelParallelStrategy", "FSDPStrategy")
+
+
+def check_strategy(trainer: pl.Trainer, who: str, supported: tuple[str, ...]) -> None:
+    """``TypeError`` naming the supported strategies when ``trainer.strategy`` is none of them (e.g. DeepSpeed)."""
+    from lightning.pytorch import strategies
+
+    kinds = tuple(getattr(strategies, n) for n in supported if hasattr(strategies, n))
+    if not isinstance(trainer.strategy, kinds):
+        raise TypeError(f"{who} supports the strategies {list(supported)}, not {type(trainer.strategy).__name__}; "
+                        "see docs/distributed.md (DeepSpeed ZeRO partitions parameters outside Lightning's FSDP, "
+                        "which the one-unit-at-a-time gathering does not cover).")
 
 
 class QuantizationAwareTraining(Callback):
@@ -50,6 +65,7 @@ class QuantizationAwareTraining(Callback):
         self.quantized_weights: dict[str, QuantizedWeight] = {}
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        check_strategy(trainer, type(self).__name__, QAT_STRATEGIES)
         if not qat.fake_quant_modules(pl_module):
             qat.inject_config(pl_module, self.config)
 

@@ -44,6 +44,7 @@ def save(
     overwrite: bool = False,
     dtype: Any = None,
     max_shard_bytes: int = 5 * 1024**3,
+    full_state: dict | None = None,
 ) -> Path:
     """Write ``model`` (with packed / int8 layers) to the directory ``path`` in ``format``.
 
@@ -57,6 +58,8 @@ def save(
         overwrite: replace an existing export (atomically) instead of raising.
         dtype: cast non-quantized float tensors to this dtype (e.g. ``torch.float16``).
         max_shard_bytes: split ``model.safetensors`` above this size.
+        full_state: the full state dict of a sharded (FSDP) model, gathered on the writing rank
+            (:func:`lightning_quant.export.export_after_fit` does this).
 
     Returns:
         The export directory. The write is atomic: on any failure the previous content of
@@ -66,7 +69,7 @@ def save(
     from lightning_quant.export.io import atomic_directory
 
     fmt = get_format(format)
-    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes)
+    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes, full_state=full_state)
     peft_model = model if adapters.is_peft_model(model) else None
     base = model.get_base_model() if peft_model is not None else model
     hosts = adapters.tuner_hosts(base)

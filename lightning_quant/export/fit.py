@@ -87,19 +87,23 @@ def find_hf_model(module: nn.Module) -> nn.Module:
 
 
 def export_after_fit(trainer: Any, pl_module: nn.Module, config: ExportConfig | dict) -> Path | None:
-    """Export ``pl_module``'s (converted) transformers model on global rank 0, then barrier.
+    """Export ``pl_module``'s (converted) transformers model on global rank 0, then barrier. Under FSDP
+    every rank takes part in gathering the sharded tensors, one at a time, and rank 0 writes them.
 
     Returns the export path on rank 0 and None elsewhere.
     """
     import torch
 
+    from lightning_quant.calibration.distributed import full_state_dict, is_sharded
     from lightning_quant.export import save
 
     cfg = ExportConfig.coerce(config)
     model = find_hf_model(pl_module)
+    full = full_state_dict(model) if is_sharded(model) else None  # FSDP: every rank gathers, rank 0 keeps
     out = None
     if trainer.is_global_zero:
         dtype = None if cfg.dtype is None else getattr(torch, cfg.dtype)
-        out = save(model, cfg.path, cfg.format, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite, dtype=dtype)
+        out = save(model, cfg.path, cfg.format, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite, dtype=dtype,
+                   full_state=full)
     trainer.strategy.barrier("lightning_quant.export_after_fit")
     return out

@@ -94,9 +94,9 @@ def save_hf(model: nn.Module, directory: Path, options: SaveOptions, codec: Laye
     for name, layer in layers.items():
         tensors.update({f"{name}.{k}": v for k, v in codec.encode(name, layer).items()})
     dtype = options.dtype or model_dtype(model)
-    tensors.update(_plain_tensors(model, layers, options.dtype))
+    tensors.update(_plain_tensors(model, layers, options.dtype, options.full_state))
     cfg = config_obj.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [type(model).__name__]
+    cfg["architectures"] = cfg.get("architectures") or [_model_class(model).__name__]
     cfg["quantization_config"] = codec.config(layers, model)
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     if "torch_dtype" in cfg:
@@ -107,12 +107,23 @@ def save_hf(model: nn.Module, directory: Path, options: SaveOptions, codec: Laye
         io.write_json(directory / fname, obj)
 
 
-def _plain_tensors(model: nn.Module, layers: dict[str, nn.Module], dtype: torch.dtype | None) -> dict[str, Tensor]:
-    """Every state-dict tensor outside the quantized layers; tied duplicates (same storage) written once."""
+def _model_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2's ``fully_shard`` swaps in a subclass (``FSDPLlamaForCausalLM``)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        return type(model)
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+
+
+def _plain_tensors(model: nn.Module, layers: dict[str, nn.Module], dtype: torch.dtype | None,
+                   state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Every state-dict tensor outside the quantized layers (of ``state`` when given, e.g. the gathered
+    full state of an FSDP model); tied duplicates (same storage) written once."""
     prefixes = tuple(n + "." for n in layers)
     out: dict[str, Tensor] = {}
     seen: set[tuple] = set()
-    for key, t in model.state_dict(keep_vars=False).items():
+    for key, t in (model.state_dict(keep_vars=False) if state is None else state).items():
         if key.startswith(prefixes):
             continue
         if not isinstance(t, Tensor):

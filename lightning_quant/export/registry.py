@@ -25,10 +25,14 @@ class SaveOptions:
         dtype: cast the non-quantized floating tensors (embeddings, norms, biases, ``lm_head``) to
             this dtype (``None`` keeps the model's own); the config records it.
         max_shard_bytes: ``model.safetensors`` is split into shards above this size.
+        full_state: the model's full state dict, for a model whose own ``state_dict()`` is sharded (FSDP:
+            gathered by :func:`lightning_quant.calibration.distributed.full_state_dict`); ``None`` reads
+            the model's.
     """
 
     dtype: Any = None
     max_shard_bytes: int = 5 * 1024**3
+    full_state: dict | None = None
 
     def __post_init__(self) -> None:
         import torch

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from lightning_quant.calibration.distributed import fsdp_units, owning_unit, unsharded
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.qat import lora as L
 from lightning_quant.qat.config import QATConfig
@@ -80,11 +81,18 @@ def remove(model: nn.Module) -> dict[str, nn.Module]:
 @torch.no_grad()
 def packed_replacements(model: nn.Module) -> dict[str, tuple[PackedLinear, QuantizedWeight]]:
     """``{module path: (PackedLinear, QuantizedWeight)}`` that would replace each fake-quant layer (nothing
-    is swapped): the layer itself, or in merged LoRA mode its whole peft host (adapters folded in)."""
+    is swapped): the layer itself, or in merged LoRA mode its whole peft host (adapters folded in).
+
+    Under FSDP each layer is packed while the FSDP unit that owns it is gathered
+    (:func:`~lightning_quant.calibration.distributed.unsharded`), so every rank gets the full layer and
+    no rank holds more than one unit unsharded."""
     hosts = {id(m): n for n, m in model.named_modules() if L.is_tuner_layer(m)}
+    units = fsdp_units(model)
     out = {}
     for path, fq in deployable_layers(model).items():
-        packed, qw = fq.to_packed()
+        unit = owning_unit(units, path)
+        with unsharded(None if unit is None else units[unit]):  # FSDP: this layer's unit gathered, one at a time
+            packed, qw = fq.to_packed()
         out[hosts[id(fq._lora_host)] if getattr(fq, "lora_mode", None) == "merged" else path] = (packed, qw)
     return out
 

@@ -118,3 +118,15 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="include pattern 'nope' matched no linear layer"):
         trainer(1, callbacks=[QuantizationAwareTraining(SPEC, include=["nope"])]).fit(TinyCausalLM(), token_loader())
     assert isinstance(QuantizationAwareTraining(SPEC), pl.Callback)
+
+
+def test_unsupported_strategy_names_the_supported_ones():
+    from types import SimpleNamespace
+
+    from lightning_quant.callbacks import QuantizationAwareTraining
+    from lightning_quant.spec import QuantSpec
+
+    cb = QuantizationAwareTraining(QuantSpec(4, 32))
+    with pytest.raises(TypeError, match="supports the strategies \\['SingleDeviceStrategy', 'DDPStrategy', "
+                                        "'ModelParallelStrategy', 'FSDPStrategy'\\], not object"):
+        cb.setup(SimpleNamespace(strategy=object()), None, "fit")
