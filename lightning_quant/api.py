@@ -10,6 +10,7 @@ from torch import nn
 
 from lightning_quant.adapters import check_supported_host, merge_into_base
 from lightning_quant.algorithms.registry import get_method
+from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
@@ -33,7 +34,7 @@ def swap_in_packed(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dic
         old = get_layer(model, name)
         kind = linear_kind(old)
         bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
-        new = PackedLinear.from_quantized(qw, None if bias is None else bias.detach())
+        new = PackedLinear.from_quantized(qw, None if bias is None else full_tensor(bias.detach()))  # FSDP: gathered
         replaced[name] = replace_layer(model, name, new)
     return replaced
 

@@ -279,7 +279,11 @@ class FloatSnapshot(pl.Callback):
         self.state, self.batches = None, []
 
     def on_fit_end(self, trainer, pl_module):
-        self.state = {k: v.detach().clone() for k, v in hf_model(pl_module).state_dict().items()}
+        from lightning_quant.calibration.distributed import full_state_dict, is_sharded
+
+        model = hf_model(pl_module)  # sharded (FSDP2): every rank gathers, rank 0 keeps the full state
+        self.state = full_state_dict(model) if is_sharded(model) else {
+            k: v.detach().clone() for k, v in model.state_dict().items()}
         ptq = [cb for cb in trainer.callbacks if hasattr(cb, "calibration_batches")]
         self.batches = ptq[0].calibration_batches(trainer) if ptq else []
 

@@ -1,8 +1,8 @@
 """FSDP2 through Lightning's ``ModelParallelStrategy`` (2 gloo processes on CPU, ``fully_shard`` in
 ``configure_model``): QAT trains sharded, converts one FSDP unit at a time, and exports one full checkpoint
-from rank 0 — with the codes of one process trained on the same data. PTQ callbacks refuse the strategy
-in ``setup`` with a message naming the supported ones (block-wise sharded calibration is not built yet).
-FSDP1 (``FSDPStrategy``) needs CUDA: its test skips without a GPU."""
+from rank 0 — with the codes of one process trained on the same data; GPTQ at fit end calibrates one
+gathered block at a time, and AWQ / LLM.int8 too, each with the codes of one process. FSDP1
+(``FSDPStrategy``) needs CUDA: its test skips without a GPU."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_quant import QuantSpec, export, testing
-from lightning_quant.callbacks import GPTQ, PackedValidation, QuantizationAwareTraining
+from lightning_quant.callbacks import AWQ, GPTQ, LLMInt8, PackedValidation, QuantizationAwareTraining
 from tests import composition as C
 
 SPEC = QuantSpec(4, 32)
@@ -89,11 +89,45 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     torch.save({"quantized": C.quantized_state(lm), "logits": logits, "peak_unsharded": peak[0]},
                out / f"rank{rank}.pt")
     _resume(out, rank)
-    try:  # PTQ refuses the strategy in setup, naming what is supported
-        _trainer(out / "gptq", [GPTQ(SPEC, num_samples=2)], strategy=ModelParallelStrategy(
-            data_parallel_size=2, tensor_parallel_size=1), devices=2).fit(ShardedLM(testing.tiny_llama()), _loader(2))
-    except TypeError as e:
-        (out / f"gptq_error{rank}.txt").write_text(str(e))
+    for name in PTQ:
+        _ptq(out, rank, name)
+
+
+#: each PTQ callback at fit end on the sharded model, exporting in a format that holds its layers
+PTQ = {
+    "gptq": lambda out: GPTQ(SPEC, num_samples=2, export_on_fit_end={"format": "gptq", "path": str(out)}),
+    "awq": lambda out: AWQ(SPEC, num_samples=2, export_on_fit_end={"format": "gptq", "path": str(out)}),
+    "int8": lambda out: LLMInt8(stats_batches=2, export_on_fit_end={"format": "int8", "path": str(out)}),
+}
+
+
+def _ptq(out: Path, rank: int, name: str) -> None:
+    """One PTQ callback on the sharded model, counting how many decoder blocks are ever unsharded at once."""
+    from contextlib import contextmanager
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.tensor import DTensor
+
+    from lightning_quant.calibration import sequential
+
+    inner, peak = sequential.block_gathered, [0]
+
+    @contextmanager
+    def counting(unit):
+        with inner(unit):
+            full = sum(not isinstance(next(b.parameters()), DTensor) for b in lm.model.model.layers)
+            peak[0] = max(peak[0], full)
+            yield
+
+    sequential.block_gathered = counting
+    torch.manual_seed(0)
+    lm = ShardedLM(testing.tiny_llama())
+    snap, cb = C.FloatSnapshot(), PTQ[name](out / f"{name}_export")
+    _trainer(out / name, [snap, cb], strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1),
+             devices=2).fit(lm, _loader(2))
+    sequential.block_gathered = inner
+    torch.save({"float": snap.state, "calibration": snap.batches, "quantized": C.quantized_state(lm),
+                "logits": C.logits(lm.model, C.eval_ids()), "peak_blocks": peak[0]}, out / f"{name}{rank}.pt")
 
 
 def _resume(out: Path, rank: int) -> None:
@@ -176,10 +210,48 @@ def test_sharded_qat_resumes_from_its_distributed_checkpoint(fsdp_run):
             assert torch.equal(runs["resumed"][k], v), k
 
 
-def test_ptq_callbacks_refuse_fsdp_naming_the_supported_strategies(fsdp_run):
-    for r in range(2):
-        msg = (fsdp_run / f"gptq_error{r}.txt").read_text()
-        assert "supports single-device and DDP strategies, not ModelParallelStrategy" in msg
+@pytest.mark.parametrize("name", sorted(PTQ))
+def test_ptq_under_fsdp2_equals_one_process_one_block_at_a_time(name, fsdp_run):
+    """PTQ at fit end on the FSDP2-sharded model: each block gathered alone (never two unsharded blocks),
+    statistics all-reduced over the ranks' shares: the codes of one process on both ranks' batches, on every
+    rank; the export (one full checkpoint from rank 0) reloads with the in-memory logits."""
+    from lightning_quant import quantize_model
+
+    ranks = [torch.load(fsdp_run / f"{name}{r}.pt") for r in range(2)]
+    for r in ranks:
+        assert r["peak_blocks"] == (0 if name == "int8" else 1)  # int8 runs no calibration blocks
+        assert r["quantized"].keys() == ranks[0]["quantized"].keys()
+        assert all(torch.equal(r["quantized"][k], v) for k, v in ranks[0]["quantized"].items())
+    model = testing.tiny_llama()
+    model.load_state_dict(ranks[0]["float"])
+    calib = None if name == "int8" else ranks[0]["calibration"] + ranks[1]["calibration"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        quantize_model(model, None if name == "int8" else SPEC, name, calibration=calib)
+    finally:
+        torch.set_num_threads(threads)
+    want = C.quantized_state(torch.nn.ModuleDict({"model": model}))
+    got = ranks[0]["quantized"]
+    assert got.keys() == want.keys() and want
+    for k, v in want.items():
+        if k.endswith(("qweight", "qzeros", ".weight")):
+            assert torch.equal(got[k], v), k
+        else:
+            torch.testing.assert_close(got[k], v, rtol=1e-6, atol=0)
+    reloaded = export.load(fsdp_run / f"{name}_export")
+    torch.testing.assert_close(C.logits(reloaded, C.eval_ids()), ranks[0]["logits"], rtol=0, atol=0)
+
+
+def test_tensor_parallelism_is_refused_naming_the_fix():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    tp = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2))
+    for cb in (GPTQ(SPEC), QuantizationAwareTraining(SPEC)):
+        with pytest.raises(TypeError, match="tensor_parallel_size=2 shards weights across devices inside a layer"):
+            cb.setup(tp, None, "fit")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy (FSDP1) needs a CUDA device")

@@ -40,6 +40,7 @@ from lightning_quant.calibration.awq_mapping import (
     model_type,
     scale_input_columns,
 )
+from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import get_layer, linear_kind, linear_weight, replace_layer
@@ -126,7 +127,7 @@ def awq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec,
         warnings.warn(f"AWQ calibrates decoder blocks only; {outside} lie outside them and were quantized with RTN. "
                       "Add them to exclude=... to keep them in float.", RuntimeWarning, stacklevel=2)
         for n in outside:
-            out[n] = rtn_quantize(linear_weight(targets[n]).detach(), spec, name=n)
+            out[n] = rtn_quantize(full_tensor(linear_weight(targets[n]).detach()), spec, name=n)
     return out
 
 
@@ -157,7 +158,7 @@ def _bias(module: nn.Module, info: AWQLayerScaling | None) -> Tensor | None:
     bias = kind.bias(module) if kind is not None else getattr(module, "bias", None)
     if bias is None:
         return None
-    bias = bias.detach()
+    bias = full_tensor(bias.detach())  # FSDP: gathered (every rank swaps the same layers in the same order)
     return bias / info.row_scale.to(bias) if info is not None and info.row_scale is not None else bias
 
 

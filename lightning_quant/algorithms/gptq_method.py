@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import warnings
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
-from lightning_quant.algorithms.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from lightning_quant.algorithms.gptq import GPTQConfig, GPTQResult, HessianAccumulator, gptq_quantize
 from lightning_quant.algorithms.registry import register_method
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration import BlockContext, run_sequential
+from lightning_quant.calibration import distributed as dist
+from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import linear_weight
@@ -35,15 +38,47 @@ def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, 
     accumulates one Hessian per list (hooked on its first layer; the block stops after the last)."""
     acc = {g[0]: HessianAccumulator(linear_weight(lin[g[0]]).shape[1], ctx.device, ", ".join(g)) for g in readers}
     ctx.capture_inputs({n: lin[n] for n in acc}, lambda n, m, x: acc[n].add(x))
+    hessians = {}
     for group in readers:
         acc[group[0]].all_reduce()
-        h = acc[group[0]].hessian()
-        for n in group:
-            w = linear_weight(lin[n])
-            res = gptq_quantize(w, h, spec, cfg, name=n)
-            res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
-            out[n] = res.qweight.to("cpu")
-            ctx.set_weight(lin[n], res.dequantized.to(w.dtype))
+        hessians.update(dict.fromkeys(group, acc[group[0]].hessian()))
+    world, me = dist.world_size(), dist.rank()
+    for j, n in enumerate(hessians):  # under DDP / FSDP layer j is solved by rank j % world, then broadcast
+        w = linear_weight(lin[n])
+        res = gptq_quantize(w, hessians[n], spec, cfg, name=n) if j % world == me else None
+        res = _broadcast_result(res, j % world, w, spec) if world > 1 else res
+        res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
+        out[n] = res.qweight.to("cpu")
+        ctx.set_weight(lin[n], res.dequantized.to(w.dtype))
+
+
+def _broadcast_result(res: GPTQResult | None, src: int, w: Tensor, spec: QuantSpec) -> GPTQResult:
+    """``res`` (given on rank ``src`` only) on every rank: a small header (which optional tensors exist,
+    the group count, loss / damp / fallback), then each tensor, broadcast from ``src``."""
+    out_f, in_f = w.shape
+    head = torch.zeros(7, dtype=torch.float64, device=w.device)
+    if res is not None:
+        q = res.qweight
+        head.copy_(torch.tensor([q.zeros is not None, q.g_idx is not None, q.perm is not None, q.scales.shape[1],
+                                 res.loss, res.damp, res.fallback], dtype=torch.float64))
+    dist.broadcast(head, src)
+    has_zeros, has_g, has_perm, groups = (int(v) for v in head[:4])
+
+    def share(t: Tensor | None, shape, dtype) -> Tensor:
+        buf = t.to(w.device).contiguous() if t is not None else torch.empty(shape, dtype=dtype, device=w.device)
+        return dist.broadcast(buf, src)
+
+    q = None if res is None else res.qweight
+    codes = share(None if q is None else q.codes, (out_f, in_f), torch.uint8)
+    scales = share(None if q is None else q.scales, (out_f, groups), torch.float32)
+    zeros = share(None if q is None else q.zeros, (out_f, groups), torch.float32) if has_zeros else None
+    g_idx = share(None if q is None else q.g_idx, (in_f,), torch.int64) if has_g else None
+    perm = share(None if q is None else q.perm, (in_f,), torch.int64) if has_perm else None
+    deq = share(None if res is None else res.dequantized, (out_f, in_f), torch.float32)
+    if res is not None:
+        return res
+    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, spec=spec, g_idx=g_idx, perm=perm, dtype=w.dtype)
+    return GPTQResult(qw, deq, float(head[4]), float(head[5]), bool(head[6]))
 
 
 def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
@@ -70,7 +105,7 @@ def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec
             stacklevel=2,
         )
         for n in outside:
-            out[n] = rtn_quantize(linear_weight(targets[n]).detach(), spec, name=n)
+            out[n] = rtn_quantize(full_tensor(linear_weight(targets[n]).detach()), spec, name=n)
     return out
 
 

@@ -27,6 +27,7 @@ from lightning_quant.algorithms.llm_int8 import (
     int8_rowwise_quantize,
 )
 from lightning_quant.algorithms.registry import register_method
+from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, get_layer, linear_kind, linear_weight, replace_layer
@@ -69,7 +70,7 @@ def _int8_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpe
     config = config or LLMInt8Config()
     weights = {}
     for name, module in targets.items():
-        qw = int8_rowwise_quantize(linear_weight(module).detach(), name)
+        qw = int8_rowwise_quantize(full_tensor(linear_weight(module).detach()), name)  # FSDP: one layer gathered
         qw.extras["threshold"] = config.threshold
         weights[name] = qw
     return weights
@@ -95,6 +96,7 @@ def swap_in_int8(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[
         old = get_layer(model, name)
         kind = linear_kind(old)
         bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
+        bias = None if bias is None else full_tensor(bias.detach())
         new = Int8OutlierLinear.from_quantized(qw, bias, threshold=qw.extras.get("threshold", DEFAULT_THRESHOLD))
         replaced[name] = replace_layer(model, name, new)
     return replaced

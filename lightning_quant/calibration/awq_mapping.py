@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.calibration.distributed import all_reduce_sum
+from lightning_quant.calibration.distributed import all_reduce_sum, operand_like
 from lightning_quant.targets import is_linear_like, linear_weight
 
 __all__ = [
@@ -143,21 +143,23 @@ def model_type(model: nn.Module) -> str | None:
 # ---- applying a fold (shared by verification, the swap and the float-exactness helper) --------
 @torch.no_grad()
 def fold_into_producer(module: nn.Module, kind: str, s: Tensor) -> None:
-    """Divide the producer's output channels by ``s [C]``: a norm's weight/bias or a linear's rows/bias."""
+    """Divide the producer's output channels by ``s [C]``: a norm's weight/bias or a linear's rows/bias
+    (a sharded ``DTensor`` weight is divided shard by shard: ``s`` is replicated onto its mesh)."""
     if kind == "linear":
-        linear_weight(module).div_(s.to(module.weight.dtype).unsqueeze(1))  # [out, in] / [out, 1]
+        w = linear_weight(module)
+        w.div_(operand_like(w, s.to(w.dtype).unsqueeze(1)))  # [out, in] / [out, 1]
     else:
-        module.weight.div_(s.to(module.weight.dtype))
+        module.weight.div_(operand_like(module.weight, s.to(module.weight.dtype)))
     bias = getattr(module, "bias", None)
     if isinstance(bias, Tensor):
-        bias.div_(s.to(bias.dtype))
+        bias.div_(operand_like(bias, s.to(bias.dtype)))
 
 
 @torch.no_grad()
 def scale_input_columns(module: nn.Module, s: Tensor) -> None:
     """Multiply a linear-like module's input columns by ``s [in]`` (``W <- W diag(s)``)."""
     w = linear_weight(module)
-    w.mul_(s.to(w.dtype).unsqueeze(0))
+    w.mul_(operand_like(w, s.to(w.dtype).unsqueeze(0)))
 
 
 def _norm_like(m: nn.Module, width: int) -> bool:

@@ -20,8 +20,21 @@ from typing import TypeVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["all_reduce_sum", "fsdp_units", "full_state_dict", "full_tensor", "is_distributed", "is_sharded", "owning_unit", "rank",
-           "shard", "unsharded", "world_size"]
+__all__ = [
+    "all_reduce_sum",
+    "block_gathered",
+    "fsdp_units",
+    "full_state_dict",
+    "full_tensor",
+    "is_distributed",
+    "is_sharded",
+    "operand_like",
+    "owning_unit",
+    "rank",
+    "shard",
+    "unsharded",
+    "world_size",
+]
 
 T = TypeVar("T")
 
@@ -53,6 +66,20 @@ def all_reduce_sum(t: Tensor) -> Tensor:
         t.copy_(tmp)
     else:
         torch.distributed.all_reduce(t)
+    return t
+
+
+def broadcast(t: Tensor, src: int) -> Tensor:
+    """Broadcast ``t`` in place from rank ``src`` (no-op without a process group); returns ``t``. Like
+    :func:`all_reduce_sum`, CPU tensors travel through the device under NCCL."""
+    if not is_distributed():
+        return t
+    if torch.distributed.get_backend() == "nccl" and t.device.type != "cuda":
+        tmp = t.to(f"cuda:{torch.cuda.current_device()}")
+        torch.distributed.broadcast(tmp, src)
+        t.copy_(tmp)
+    else:
+        torch.distributed.broadcast(t, src)
     return t
 
 
@@ -153,3 +180,39 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextmanager
+def block_gathered(unit: nn.Module | None) -> Iterator[None]:
+    """One FSDP2 unit (a decoder block) gathered for a whole calibration step: unsharded once, and kept
+    unsharded across the block's own forward calls (``set_reshard_after_forward(False)``) so weights
+    written into it stay until the step ends; resharded after (the written values are dropped: methods
+    install new modules instead). No-op for ``None`` or a plain module; FSDP1 units are not supported here.
+    """
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover
+        FSDPModule = ()
+    if unit is None or not isinstance(unit, FSDPModule):
+        yield
+        return
+    unit.set_reshard_after_forward(False, recurse=False)
+    unit.unshard()
+    try:
+        yield
+    finally:
+        unit.reshard()
+        unit.set_reshard_after_forward(True, recurse=False)
+
+
+def operand_like(target: Tensor, t: Tensor) -> Tensor:
+    """``t`` as an operand for an in-place op on ``target``: replicated on ``target``'s mesh when ``target``
+    is a sharded ``DTensor`` (``t`` must be equal on every rank: no communication), else ``t`` itself."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # pragma: no cover
+        return t
+    if not isinstance(target, DTensor):
+        return t
+    mesh = target.device_mesh
+    return DTensor.from_local(t.to(target.device), mesh, [Replicate()] * mesh.ndim, run_check=False)

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from lightning_quant.calibration.blocks import BlockList, find_blocks, forward_owner
 from lightning_quant.calibration.capture import ActivationLedger, BlockInput, capture_block_inputs
 from lightning_quant.calibration.data import to_batches
+from lightning_quant.calibration.distributed import block_gathered, fsdp_units, owning_unit
 from lightning_quant.targets import linear_kind
 
 __all__ = ["BlockContext", "CalibrationReport", "run_sequential"]
@@ -296,6 +297,9 @@ def run_sequential(
     bar = None
     try:
         inputs = capture_block_inputs(forward_owner(model, blocks.path), blocks.blocks[0], batches, dev, ledger)
+        units = fsdp_units(model)
+        for unit in units.values():  # FSDP2: the capture forward stopped inside; keep only shards from here on
+            unit.reshard()
         for inp in inputs:
             _check_finite(inp.hidden, "at the input of the first block")
         set_bytes = ledger.live_bytes
@@ -304,12 +308,14 @@ def run_sequential(
             home = _module_device(block)
             block.to(dev)
             ctx = BlockContext(i, blocks.name(i), block, inputs, dev, ledger)
-            try:
-                process_block(ctx)
-                ctx.propagate()
-            finally:
-                ctx.restore_weights()
-                block.to(home)
+            unit = owning_unit(units, blocks.name(i))
+            with block_gathered(None if unit is None else units[unit]):  # FSDP2: this block's full weights only
+                try:
+                    process_block(ctx)
+                    ctx.propagate()
+                finally:
+                    ctx.restore_weights()
+                    block.to(home)
             if bar is not None:
                 bar[0].advance(bar[1])
     finally:

@@ -17,16 +17,19 @@ from lightning.pytorch.callbacks import Callback
 from lightning_quant.algorithms.registry import get_method
 from lightning_quant.api import LORA_MODES, quantize_model
 from lightning_quant.calibration import distributed as dist
+from lightning_quant.callbacks.qat import check_strategy
 from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns
 
-__all__ = ["WHEN", "PostTrainingQuantization"]
+__all__ = ["SHARDED_METHODS", "WHEN", "PostTrainingQuantization"]
 
 #: When the callback quantizes: at the end of ``fit``, at the end of training, or only when
 #: :meth:`PostTrainingQuantization.quantize` is called.
 WHEN = ("fit_end", "train_end", "manual")
+#: Methods that calibrate a model sharded by FSDP2 (``ModelParallelStrategy``), one gathered block at a time.
+SHARDED_METHODS = ("gptq", "int8", "awq")
 
 
 class PostTrainingQuantization(Callback):
@@ -87,13 +90,17 @@ class PostTrainingQuantization(Callback):
 
     # ---- hooks ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
+        if self.method in SHARDED_METHODS and isinstance(trainer.strategy, ModelParallelStrategy):
+            check_strategy(trainer, type(self).__name__, ("ModelParallelStrategy",))  # no tensor parallelism
+            return  # FSDP2: calibrated block by block, one gathered block at a time
         if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise TypeError(
-                f"{type(self).__name__} supports single-device and DDP strategies, not "
-                f"{type(trainer.strategy).__name__} (block-wise calibration of a sharded model is not built yet; "
-                "QAT does run under FSDP): use strategy='ddp', or save the model and quantize it with quantize_model()."
+                f"{type(self).__name__} supports single-device and DDP strategies"
+                f"{' and ModelParallelStrategy (FSDP2)' if self.method in SHARDED_METHODS else ''}, not "
+                f"{type(trainer.strategy).__name__}; under FSDP2 only {list(SHARDED_METHODS)} calibrate sharded "
+                "(docs/distributed.md). Use strategy='ddp', or save the model and quantize it with quantize_model()."
             )
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -25,6 +25,10 @@ def check_strategy(trainer: pl.Trainer, who: str, supported: tuple[str, ...]) ->
     from lightning.pytorch import strategies
 
     kinds = tuple(getattr(strategies, n) for n in supported if hasattr(strategies, n))
+    if getattr(trainer.strategy, "_tensor_parallel_size", 1) not in (1, "auto"):
+        raise TypeError(f"{who} runs under ModelParallelStrategy with data parallelism (FSDP2) only; "
+                        f"tensor_parallel_size={trainer.strategy._tensor_parallel_size} shards weights across "
+                        "devices inside a layer. Use ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1).")
     if not isinstance(trainer.strategy, kinds):
         raise TypeError(f"{who} supports the strategies {list(supported)}, not {type(trainer.strategy).__name__}; "
                         "see docs/distributed.md (DeepSpeed ZeRO partitions parameters outside Lightning's FSDP, "
