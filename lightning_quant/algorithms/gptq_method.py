@@ -43,10 +43,11 @@ def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, 
         acc[group[0]].all_reduce()
         hessians.update(dict.fromkeys(group, acc[group[0]].hessian()))
     world, me = dist.world_size(), dist.rank()
-    for j, n in enumerate(hessians):  # under DDP / FSDP layer j is solved by rank j % world, then broadcast
+    for j, n in enumerate(hessians, start=len(out)):  # DDP / FSDP: the k-th layer solved overall is solved by
+        owner = j % world                              # rank k % world (alternating across groups), then broadcast
         w = linear_weight(lin[n])
-        res = gptq_quantize(w, hessians[n], spec, cfg, name=n) if j % world == me else None
-        res = _broadcast_result(res, j % world, w, spec) if world > 1 else res
+        res = gptq_quantize(w, hessians[n], spec, cfg, name=n) if owner == me else None
+        res = _broadcast_result(res, owner, w, spec) if world > 1 else res
         res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
         out[n] = res.qweight.to("cpu")
         ctx.set_weight(lin[n], res.dequantized.to(w.dtype))
