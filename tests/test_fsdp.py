@@ -6,6 +6,8 @@ gathered block at a time, and AWQ / LLM.int8 too, each with the codes of one pro
 
 from __future__ import annotations
 
+import itertools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -131,8 +133,8 @@ def _ptq(out: Path, rank: int, name: str) -> None:
 
 
 def _resume(out: Path, rank: int) -> None:
-    """Sharded QAT resumed from its mid-run (distributed) checkpoint == uninterrupted: observer state and
-    the enabled flags travel in the checkpoint."""
+    """Sharded QAT resumed from its mid-run (distributed) checkpoint == uninterrupted: observer state (the
+    moving averages; LSQ's learned scales, sharded parameters) and the enabled flags travel in it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -140,21 +142,23 @@ def _resume(out: Path, rank: int) -> None:
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
 
     states = {}
-    for name in ("straight", "first", "resumed"):
+    for observer, name in itertools.product(("moving_average", "lsq"), ("straight", "first", "resumed")):
         torch.manual_seed(0)
         lm = ShardedLM(testing.tiny_llama())
-        cbs = [QuantizationAwareTraining(SPEC, observer="moving_average")]
+        cbs = [QuantizationAwareTraining(SPEC, observer=observer)]
         kw = {}
         if name == "first":
             cbs.append(ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_epochs=1, save_on_train_epoch_end=True))
             kw["enable_checkpointing"] = True
         steps = 1 if name == "first" else 2
         ckpt = str(next((out / "ckpt").iterdir())) if name == "resumed" else None
+        if name == "first":
+            shutil.rmtree(out / "ckpt", ignore_errors=True)
         trainer = C.make_trainer(C.STYLES["hf-attribute"], cbs, out / name, steps, strategy=strategy(), devices=2,
                                  limit_val_batches=0, **kw)
         trainer.fit(lm, _loader(2), ckpt_path=ckpt)
-        states[name] = C.quantized_state(lm)
-    torch.save({k: states[k] for k in ("straight", "resumed")}, out / f"resume{rank}.pt")
+        states[observer, name] = C.quantized_state(lm)
+    torch.save(states, out / f"resume{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -202,12 +206,14 @@ def test_fsdp2_export_is_one_full_checkpoint_from_rank_0(fsdp_run):
     torch.testing.assert_close(C.logits(reloaded, C.eval_ids()), ranks[0]["logits"], rtol=0, atol=0)
 
 
-def test_sharded_qat_resumes_from_its_distributed_checkpoint(fsdp_run):
+@pytest.mark.parametrize("observer", ["moving_average", "lsq"])
+def test_sharded_qat_resumes_from_its_distributed_checkpoint(observer, fsdp_run):
     for r in range(2):
         runs = torch.load(fsdp_run / f"resume{r}.pt")
-        assert runs["resumed"].keys() == runs["straight"].keys() and runs["straight"]
-        for k, v in runs["straight"].items():
-            assert torch.equal(runs["resumed"][k], v), k
+        straight, resumed = runs[observer, "straight"], runs[observer, "resumed"]
+        assert resumed.keys() == straight.keys() and straight
+        for k, v in straight.items():
+            assert torch.equal(resumed[k], v), k
 
 
 @pytest.mark.parametrize("name", sorted(PTQ))

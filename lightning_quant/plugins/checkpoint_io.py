@@ -109,6 +109,15 @@ class QuantizedCheckpointIO(TorchCheckpointIO, Callback):
 
     # ---- callback half: sees the model -----------------------------------------------
     def setup(self, trainer: Any, pl_module: nn.Module, stage: str) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+
+        if isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise TypeError(
+                f"QuantizedCheckpointIO writes single-file .ckpt checkpoints; under {type(trainer.strategy).__name__} "
+                "the strategy writes its own sharded checkpoints (they already hold the packed buffers and the "
+                "observer state, and resume through them). Drop QuantizedCheckpointIO there, and use "
+                "export_on_fit_end={'format': ..., 'path': ...} for one full deployable checkpoint."
+            )
         self._module = pl_module
 
     def on_save_checkpoint(self, trainer: Any, pl_module: nn.Module, checkpoint: dict) -> None:

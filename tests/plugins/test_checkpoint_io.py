@@ -138,3 +138,16 @@ def test_apply_manifest_errors():
     with pytest.raises(TypeError, match="weights_only must be True or False"):
         QuantizedCheckpointIO(weights_only="yes")
     assert MANIFEST_KEY == "lightning_quant_packed_layers"
+
+
+def test_sharded_strategies_are_refused_naming_what_to_use():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_quant.plugins import QuantizedCheckpointIO
+
+    trainer = SimpleNamespace(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    with pytest.raises(TypeError, match="under ModelParallelStrategy the strategy writes its own sharded "
+                                        "checkpoints.*export_on_fit_end"):
+        QuantizedCheckpointIO().setup(trainer, None, "fit")
