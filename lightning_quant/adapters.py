@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["SUPPORTED", "check_supported_host", "is_peft_model", "is_tuner_layer", "merge_into_base"]
+__all__ = ["SUPPORTED", "active_copy", "check_supported_host", "is_aux_wrapper", "is_peft_model", "is_tuner_layer",
+           "merge_into_base"]
 
 SUPPORTED = "peft LoRA on Linear / Conv1D layers (peft.tuners.lora.layer.Linear, no DoRA/variants, lora_bias=False)"
 
@@ -29,6 +30,21 @@ def _is_peft(module: nn.Module, where: str, name: str) -> bool:
 def is_tuner_layer(module: nn.Module) -> bool:
     """True for any peft adapter wrapper (``BaseTunerLayer``)."""
     return _is_peft(module, "peft.tuners.tuners_utils", "BaseTunerLayer")
+
+
+def is_aux_wrapper(module: nn.Module) -> bool:
+    """True for peft's ``modules_to_save`` wrapper (``AuxiliaryTrainingWrapper``: a trainable copy of a
+    whole module, e.g. ``lm_head``, next to the frozen original)."""
+    return _is_peft(module, "peft.utils.other", "AuxiliaryTrainingWrapper")
+
+
+def active_copy(wrapper: nn.Module) -> nn.Module:
+    """The module a ``modules_to_save`` wrapper runs: its active adapter's copy, or the original."""
+    copies = getattr(wrapper, "modules_to_save", None) or {}
+    active = [a for a in getattr(wrapper, "active_adapters", []) if a in copies]
+    if getattr(wrapper, "disable_adapters", False) or not active:
+        return wrapper.original_module
+    return copies[active[0]]
 
 
 def is_peft_model(module: nn.Module) -> bool:

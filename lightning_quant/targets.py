@@ -9,7 +9,8 @@ export. A layer is named by its *logical* path: its module path, or, for a layer
 adapter, the path of the adapter host (``...q_proj``, not ``...q_proj.base_layer``), so
 ``include=["q_proj"]`` means the same with and without peft. The base layer of a peft host is the
 target; modules inside a host other than its ``base_layer`` (``lora_A``, ``lora_B``,
-``lora_embedding_*``) never are.
+``lora_embedding_*``) never are. A peft ``modules_to_save`` wrapper (a trainable copy of e.g. ``lm_head``)
+is one layer under the wrapper's path (so ``exclude=["lm_head"]`` still applies): its active copy.
 
 Patterns (``include`` / ``exclude``) match a layer's logical name when the pattern
 
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lightning_quant.adapters import is_tuner_layer
+from lightning_quant.adapters import active_copy, is_aux_wrapper, is_tuner_layer
 
 __all__ = [
     "DEFAULT_EXCLUDE",
@@ -170,11 +171,18 @@ class Target:
 
 
 def _candidates(model: nn.Module) -> dict[str, Target]:
-    """Every linear-like layer by logical name; adapters inside peft hosts are left out."""
+    """Every linear-like layer by logical name; adapters inside peft hosts are left out, and a peft
+    ``modules_to_save`` wrapper (e.g. around ``lm_head``) is one layer named by its own path: its active copy."""
     hosts = {n: m for n, m in model.named_modules() if is_tuner_layer(m)}
+    wrappers = {n: m for n, m in model.named_modules() if is_aux_wrapper(m)}
     out: dict[str, Target] = {}
     for name, module in model.named_modules():
         if not is_linear_like(module):
+            continue
+        wrapper = max((w for w in wrappers if name.startswith(w + ".")), key=len, default=None)
+        if wrapper is not None:
+            if module is active_copy(wrappers[wrapper]):
+                out[wrapper] = Target(wrapper, name, module)
             continue
         host_name = max((h for h in hosts if name.startswith(h + ".")), key=len, default=None)
         if host_name is None:
@@ -245,13 +253,17 @@ def set_submodule(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 def get_layer(model: nn.Module, name: str) -> nn.Module:
-    """The linear-like module with logical ``name`` (the ``base_layer`` of a peft host)."""
+    """The linear-like module with logical ``name`` (the ``base_layer`` of a peft host, the active copy of a
+    ``modules_to_save`` wrapper)."""
     module = model.get_submodule(name)
+    if is_aux_wrapper(module):
+        return active_copy(module)
     return module.get_base_layer() if is_tuner_layer(module) else module
 
 
 def replace_layer(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put ``new`` in place of the layer with logical ``name``: at the module itself, or as the
-    ``base_layer`` of the peft host at ``name`` (adapters kept). Returns the replaced module."""
+    """Put ``new`` in place of the layer with logical ``name``: at the module itself (a ``modules_to_save``
+    wrapper as a whole), or as the ``base_layer`` of the peft host at ``name`` (adapters kept). Returns
+    the replaced module."""
     module = model.get_submodule(name)
     return set_submodule(model, name + ".base_layer" if is_tuner_layer(module) else name, new)

@@ -120,6 +120,19 @@ class HFLM(pl.LightningModule):
         return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-3)
 
 
+class ForwardDictLM(HFLM):
+    """A ``forward`` that takes the whole dict batch (``self(batch)`` in the steps)."""
+
+    def forward(self, batch: dict):
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        return self(batch).loss
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self(batch).loss)
+
+
 @dataclass(frozen=True)
 class Style:
     name: str
@@ -134,6 +147,7 @@ class Style:
 STYLES = {s.name: s for s in [
     Style("forward", module=ForwardLM),
     Style("hf-attribute"),
+    Style("forward-dict", module=ForwardDictLM),
     Style("peft-lora", peft=True),
     Style("peft-lora-separate", peft=True, lora="separate"),
     Style("bf16-true", trainer={"precision": "bf16-true"}),

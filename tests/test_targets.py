@@ -102,3 +102,15 @@ def test_a_spec_the_method_cannot_honour_is_refused_before_adapters_are_merged()
     with pytest.raises(ValueError, match="method='int8' got"):
         quantize_model(model, QuantSpec(bits=4, group_size=32), "int8")
     assert any("lora_A" in n for n, _ in model.named_modules())  # nothing was merged
+
+
+def test_modules_to_save_copies_are_one_layer_under_the_wrapper_name():
+    """peft's modules_to_save keeps a trainable copy of lm_head next to the original: one logical layer
+    'lm_head' (excluded by default like a plain head); included, its active copy is quantized."""
+    model = _peft(testing.tiny_llama(), modules_to_save=["lm_head"])
+    assert not [n for n in select_targets(model) if "lm_head" in n]
+    head = select_targets(model, include=["lm_head"], exclude=None)
+    (name, t), = head.items()
+    assert name == "base_model.model.lm_head" and t.path.endswith("modules_to_save.default")
+    quantize_model(model, QuantSpec(4, 32), "rtn", include=["lm_head"], exclude=None)
+    assert isinstance(model.get_submodule(name), PackedLinear)

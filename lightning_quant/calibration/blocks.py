@@ -5,9 +5,10 @@ The generic rule: the largest ``nn.ModuleList`` whose children all have the same
 add a prefix). Ties go to the list with more parameters. Odd models name theirs with an explicit
 ``block_path`` override.
 
-The module calibration *calls* is :func:`forward_owner`: the model itself when it defines
-``forward``, else the outermost module on the way to the blocks that does (``pl_module.model`` for a
-LightningModule that keeps its transformers / peft model as an attribute and defines no ``forward``).
+The module calibration *calls* is :func:`forward_owner`: the outermost transformers / peft model on the
+way to the blocks (its ``forward(input_ids=..., attention_mask=...)`` is known, whatever the
+LightningModule's own ``forward`` takes); without one, the model itself when it defines ``forward``, else
+the outermost module on the way that does.
 """
 
 from __future__ import annotations
@@ -92,18 +93,30 @@ def forward_owner(model: nn.Module, block_path: str | None = None) -> nn.Module:
     return model.get_submodule(forward_owner_path(model, block_path))
 
 
+def _known_signature(module: nn.Module) -> bool:
+    """A transformers ``PreTrainedModel`` or a peft ``PeftModel``: called as ``m(input_ids=..., attention_mask=...)``."""
+    from lightning_quant.adapters import is_peft_model
+
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:  # pragma: no cover - transformers is a runtime dependency
+        return is_peft_model(module)
+    return isinstance(module, PreTrainedModel) or is_peft_model(module)
+
+
 def forward_owner_path(model: nn.Module, block_path: str | None = None) -> str:
-    """Dotted path (``""`` for ``model`` itself) of :func:`forward_owner`; ``block_path`` defaults to
-    :func:`find_blocks`'s. Raises ``ValueError`` naming the overrides when no module on the way defines
-    ``forward``."""
-    if has_forward(model):
-        return ""
+    """Dotted path (``""`` for ``model`` itself) of :func:`forward_owner` (see the module docstring);
+    ``block_path`` defaults to :func:`find_blocks`'s. Raises ``ValueError`` naming the overrides when no
+    module on the way defines ``forward``."""
     block_path = find_blocks(model).path if block_path is None else block_path
     parts = block_path.split(".") if block_path else []
-    for i in range(1, len(parts) + 1):
-        path = ".".join(parts[:i])
+    prefixes = [".".join(parts[:i]) for i in range(len(parts) + 1)]  # "" (model itself) ... the block list
+    for path in prefixes:  # a transformers / peft model on the way: its forward(input_ids, attention_mask) is known
+        if _known_signature(model.get_submodule(path)):
+            return path
+    for path in prefixes:
         sub = model.get_submodule(path)
-        if isinstance(sub, (nn.ModuleList, nn.Sequential)):
+        if path and isinstance(sub, (nn.ModuleList, nn.Sequential)):
             break
         if has_forward(sub):
             return path

@@ -98,7 +98,7 @@ def call_model(model: nn.Module, batch: CalibrationBatch):
     check_token_ids(model, batch.input_ids)
     params = inspect.signature(model.forward).parameters
     var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if "input_ids" not in params:
+    if "input_ids" not in params and not var_kw:
         return model(batch.input_ids)
     kw = {"input_ids": batch.input_ids}
     if batch.attention_mask is not None and ("attention_mask" in params or var_kw):

@@ -49,9 +49,9 @@ class PostTrainingQuantization(Callback):
             :func:`lightning_quant.export.export_after_fit`.
         model: dotted attribute path (relative to the LightningModule) of the module to quantize, for
             unusual modules. By default the whole LightningModule is quantized, and calibration calls the
-            LightningModule if it defines ``forward``, else the outermost module holding the decoder blocks
-            that does (e.g. ``self.model``, an HF or peft model), with the batches' ``input_ids`` /
-            ``attention_mask`` (other keys such as ``labels`` are dropped).
+            transformers / peft model that runs the decoder blocks (e.g. ``self.model``), else the
+            LightningModule's ``forward`` (see :func:`lightning_quant.calibration.forward_owner`), with the
+            batches' ``input_ids`` / ``attention_mask`` (other keys such as ``labels`` are dropped).
         lora: what happens to peft LoRA adapters on the selected layers: ``"merged"`` (default) merges them
             into the float weight, then quantizes; ``"separate"`` quantizes the base and keeps the adapters
             in float on the packed base (see :data:`lightning_quant.api.LORA_MODES`).

@@ -55,8 +55,37 @@ def test_forward_owner_finds_the_model_attribute_of_a_module_without_forward():
     lm = NoForward()
     assert forward_owner(lm) is lm.model and forward_owner_path(lm) == "model"
     with_fwd = WithForward()
-    assert forward_owner(with_fwd) is with_fwd  # a LightningModule with forward keeps being called
+    assert forward_owner(with_fwd) is with_fwd.model  # the transformers model's signature is known: preferred
     assert forward_owner(lm.model) is lm.model
+
+    class Backbone(torch.nn.Module):  # no transformers model: the root's own forward is called
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(8, 4)
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(4, 4) for _ in range(2)])
+
+        def forward(self, ids):
+            x = self.embed(ids)
+            for layer in self.layers:
+                x = layer(x)
+            return x
+
+    class Root(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = Backbone()
+
+        def forward(self, ids):
+            return self.net(ids)
+
+    root = Root()
+    assert forward_owner(root) is root and forward_owner(NoForwardHolder(root.net)) is root.net
+
+
+class NoForwardHolder(torch.nn.Module):
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
 
 
 def test_forward_owner_names_the_override_when_nothing_runs_the_blocks():
