@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -42,6 +42,15 @@ class ReportData:
     extra: dict[str, float] = field(default_factory=dict)
     #: worst layers' float weights, dequantized weights and scales (for the histograms)
     samples: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def with_prefix(self, prefix: str) -> ReportData:
+        """The same figures with every layer name prefixed by ``prefix`` (``"model"``: names relative to a
+        LightningModule whose ``model`` attribute was measured); itself for ``""``."""
+        if not prefix:
+            return self
+        rows = [replace(r, layer=f"{prefix}.{r.layer}") for r in self.rows]
+        samples = {f"{prefix}.{k}": v for k, v in self.samples.items()}
+        return replace(self, rows=rows, samples=samples)
 
     @property
     def mean_bits_per_weight(self) -> float:

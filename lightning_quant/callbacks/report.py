@@ -64,7 +64,8 @@ class QuantizationReport(Callback):
         batches = self._batches(trainer)
         model = pl_module.get_submodule(self._path).eval()
         device = next(model.parameters()).device
-        self.data = build_report(self._float.to(device), model, [b.to(device) for b in batches], self.worst_k)
+        self.data = build_report(self._float.to(device), model, [b.to(device) for b in batches],
+                                 self.worst_k).with_prefix(self._path)  # layer names as the LightningModule has them
         out = Path(self.output_dir or Path(trainer.default_root_dir) / "quant_report")
         if trainer.is_global_zero:
             self.paths = write_report(self.data, out)
