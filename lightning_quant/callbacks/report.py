@@ -20,7 +20,7 @@ from lightning_quant.integrations import tracking
 from lightning_quant.report import build_report, write_report
 from lightning_quant.targets import set_submodule
 
-__all__ = ["QuantizationReport", "float_snapshot"]
+__all__ = ["QuantizationReport", "float_snapshot", "unpadded_windows"]
 
 
 def float_snapshot(module: torch.nn.Module) -> torch.nn.Module:
@@ -32,12 +32,42 @@ def float_snapshot(module: torch.nn.Module) -> torch.nn.Module:
     return snap.eval()
 
 
+def unpadded_windows(batches: list) -> list[torch.Tensor]:
+    """Token ids ``[B, L]`` of each batch with the padding cut off, all to one length ``L`` (the shortest
+    real sequence), so perplexity and KL count real tokens only and batches of different padded lengths
+    stack. Right padding keeps the first ``L`` tokens, left padding the last ``L``; a mask with holes
+    raises (no silent guess)."""
+    spans = []
+    for i, b in enumerate(batches):
+        ids, mask = b.input_ids, b.attention_mask
+        if mask is None:
+            spans.append((ids, "right", ids.shape[1]))
+            continue
+        mask = mask.bool()
+        lengths = mask.sum(1)
+        pos = torch.arange(ids.shape[1], device=mask.device)
+        if torch.equal(mask, pos < lengths[:, None]):
+            side = "right"
+        elif torch.equal(mask, pos >= ids.shape[1] - lengths[:, None]):
+            side = "left"
+        else:
+            raise ValueError(f"QuantizationReport: validation batch {i} has an attention_mask that is neither right- "
+                             "nor left-padding (zeros inside a row); give the report a loader of padded batches.")
+        spans.append((ids, side, int(lengths.min())))
+    length = min(n for _, _, n in spans)
+    if length < 2:
+        raise ValueError(f"QuantizationReport: the shortest validation sequence has {length} token(s); perplexity "
+                         "needs at least 2. Use longer validation rows or drop the empty ones.")
+    return [ids[:, :length] if side == "right" else ids[:, -length:] for ids, side, _ in spans]
+
+
 class QuantizationReport(Callback):
     """Write ``report.md`` + PNG plots after fit and log the figures and images to the loggers.
 
     Args:
         output_dir: where to write; default ``<trainer.default_root_dir>/quant_report``.
-        num_batches: validation batches used to measure per-layer errors and perplexity.
+        num_batches: validation batches used to measure per-layer errors and perplexity (padding cut off:
+            every row is measured on the shortest real length, see :func:`unpadded_windows`).
         worst_k: layers whose weight/scale histograms are plotted.
     """
 
@@ -80,7 +110,7 @@ class QuantizationReport(Callback):
         if loader is None:
             raise ValueError("QuantizationReport needs validation data: give the Trainer a val dataloader or datamodule.")
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader
-        return [b.input_ids for b in to_batches(loader, max_batches=self.num_batches)]
+        return unpadded_windows(to_batches(loader, max_batches=self.num_batches))
 
     def _log(self, trainer: Trainer) -> None:
         tracking.log_scalars(trainer, self.data.summary())

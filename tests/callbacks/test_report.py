@@ -84,3 +84,21 @@ def test_report_bad_args_and_unconverted_model(tmp_path):
                          enable_checkpointing=False, enable_progress_bar=False)
     with pytest.raises(ValueError, match="no quantized layers.*convert it before reporting"):
         trainer.fit(make_lightning_module(tiny_llama()), train, val)
+
+
+def test_unpadded_windows_measure_real_tokens_only():
+    import torch
+
+    from lightning_quant.calibration.data import CalibrationBatch
+    from lightning_quant.callbacks.report import unpadded_windows
+
+    ids = torch.arange(12).reshape(2, 6)
+    right = CalibrationBatch(ids, torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]]))
+    left = CalibrationBatch(ids + 100, torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+    a, b = unpadded_windows([right, left])
+    assert torch.equal(a, ids[:, :3]) and torch.equal(b, ids[:, -3:] + 100)  # one length: the shortest real row
+    holes = CalibrationBatch(ids, torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]))
+    with pytest.raises(ValueError, match="neither right- nor left-padding"):
+        unpadded_windows([holes])
+    with pytest.raises(ValueError, match="shortest validation sequence has 1 token"):
+        unpadded_windows([CalibrationBatch(ids, torch.tensor([[1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1]]))])
