@@ -10,8 +10,13 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["SUPPORTED", "active_copy", "check_supported_host", "is_aux_wrapper", "is_peft_model", "is_tuner_layer",
+__all__ = ["LORA_MODES", "SUPPORTED", "active_copy", "check_lora_mode", "check_supported_host", "is_aux_wrapper", "is_peft_model", "is_tuner_layer",
            "merge_into_base"]
+
+#: What happens to peft LoRA adapters on a quantized layer, for QAT and PTQ alike: ``"merged"`` — the
+#: quantized weight is ``W + Σ scaling·B@A`` (one quantized layer); ``"separate"`` — only the base ``W`` is
+#: quantized and the adapters stay float on it (QLoRA-style).
+LORA_MODES = ("merged", "separate")
 
 SUPPORTED = "peft LoRA on Linear / Conv1D layers (peft.tuners.lora.layer.Linear, no DoRA/variants, lora_bias=False)"
 
@@ -25,6 +30,13 @@ def _is_peft(module: nn.Module, where: str, name: str) -> bool:
     except ImportError:
         return False
     return isinstance(module, cls)
+
+
+def check_lora_mode(lora: str) -> str:
+    """``lora`` itself, or ``ValueError`` naming :data:`LORA_MODES`."""
+    if lora not in LORA_MODES:
+        raise ValueError(f"lora={lora!r} is not supported; use one of {LORA_MODES}.")
+    return lora
 
 
 def is_tuner_layer(module: nn.Module) -> bool:

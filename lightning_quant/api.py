@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_quant.adapters import check_supported_host, merge_into_base
+from lightning_quant.adapters import LORA_MODES, check_lora_mode, check_supported_host, merge_into_base
 from lightning_quant.algorithms.registry import get_method
 from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.layers.packed import PackedLinear
@@ -17,11 +17,6 @@ from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, get_layer, linear_kind, replace_layer, select_targets
 
 __all__ = ["LORA_MODES", "prepare_targets", "quantize_model", "swap_in_packed"]
-
-#: What PTQ does with peft LoRA adapters on a selected layer: ``"merged"`` folds them into the float
-#: weight first, then quantizes (one quantized layer); ``"separate"`` quantizes the base weight and keeps
-#: the adapters in float on the packed base (QLoRA-style). The spellings match QAT's ``lora=`` option.
-LORA_MODES = ("merged", "separate")
 
 
 def swap_in_packed(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
@@ -43,8 +38,7 @@ def prepare_targets(model: nn.Module, include: Sequence[str] | None, exclude: Se
                     lora: str, what: str) -> dict[str, nn.Module]:
     """``{logical name: linear module}`` to quantize, after handling the peft adapters on them per ``lora``
     (see :data:`LORA_MODES`; ``"merged"`` changes the model: hosts are replaced by their merged base)."""
-    if lora not in LORA_MODES:
-        raise ValueError(f"lora={lora!r} is not supported; use one of {LORA_MODES}.")
+    check_lora_mode(lora)
     chosen = select_targets(model, include, exclude)
     hosts = {n: t.host for n, t in chosen.items() if t.host is not None}
     if hosts and lora == "merged":

@@ -14,8 +14,9 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
+from lightning_quant.adapters import check_lora_mode
 from lightning_quant.algorithms.registry import get_method
-from lightning_quant.api import LORA_MODES, quantize_model
+from lightning_quant.api import quantize_model
 from lightning_quant.calibration import distributed as dist
 from lightning_quant.callbacks.qat import check_strategy
 from lightning_quant.export.fit import ExportConfig, export_after_fit
@@ -54,7 +55,7 @@ class PostTrainingQuantization(Callback):
             batches' ``input_ids`` / ``attention_mask`` (other keys such as ``labels`` are dropped).
         lora: what happens to peft LoRA adapters on the selected layers: ``"merged"`` (default) merges them
             into the float weight, then quantizes; ``"separate"`` quantizes the base and keeps the adapters
-            in float on the packed base (see :data:`lightning_quant.api.LORA_MODES`).
+            in float on the packed base (see :data:`lightning_quant.adapters.LORA_MODES`).
     """
 
     def __init__(self, spec: QuantSpec, method: str, config: Any = None, include: Sequence[str] | None = None,
@@ -76,9 +77,7 @@ class PostTrainingQuantization(Callback):
         include, exclude = check_patterns(include, "include") or None, check_patterns(exclude, "exclude")
         if model is not None and (not isinstance(model, str) or not model):
             raise ValueError(f"model must be a dotted attribute path such as 'model' (or None), got {model!r}.")
-        if lora not in LORA_MODES:
-            raise ValueError(f"lora={lora!r} is not supported; use one of {LORA_MODES}.")
-        self.model_path, self.lora = model, lora
+        self.model_path, self.lora = model, check_lora_mode(lora)
         self.spec, self.method, self.config = spec, method, config
         self.include, self.exclude = include, exclude
         self.num_samples, self.dataloader, self.when = num_samples, dataloader, when

@@ -6,13 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from lightning_quant.adapters import LORA_MODES, check_lora_mode
 from lightning_quant.observers import check_observer
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns
 
 __all__ = ["ACT_QUANT_WEIGHT_BITS", "LORA_MODES", "QATConfig"]
 
-LORA_MODES = ("merged", "separate")
 #: activation fake quant is defined for the W4A8 / W8A8 schemes only
 ACT_QUANT_WEIGHT_BITS = (4, 8)
 
@@ -53,7 +53,6 @@ class QATConfig:
         object.__setattr__(self, "include", check_patterns(self.include, "include") or None)
         object.__setattr__(self, "exclude", check_patterns(self.exclude, "exclude"))
         check_observer(self.observer)
-        if self.lora not in LORA_MODES:
-            raise ValueError(f"lora={self.lora!r} is not supported; use one of {LORA_MODES}.")
+        check_lora_mode(self.lora)
         if isinstance(self.start_step, bool) or not isinstance(self.start_step, int) or self.start_step < 0:
             raise ValueError(f"start_step must be an int >= 0 (0 = fake-quantize from the first step), got {self.start_step!r}.")
