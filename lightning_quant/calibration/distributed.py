@@ -23,6 +23,7 @@ from torch import Tensor, nn
 __all__ = [
     "all_reduce_sum",
     "block_gathered",
+    "broadcast",
     "fsdp_units",
     "full_state_dict",
     "full_tensor",
@@ -99,12 +100,7 @@ def shard(items: Sequence[T], rank_: int | None = None, world: int | None = None
 
 def _fsdp_unit_types() -> tuple[type, ...]:
     """FSDP2's ``FSDPModule`` and FSDP1's ``FullyShardedDataParallel`` (those this torch has)."""
-    kinds = []
-    try:
-        from torch.distributed.fsdp import FSDPModule
-        kinds.append(FSDPModule)
-    except ImportError:  # pragma: no cover - older torch
-        pass
+    kinds = [_fsdp2_module()] if _fsdp2_module() else []
     try:
         from torch.distributed.fsdp import FullyShardedDataParallel
         kinds.append(FullyShardedDataParallel)
@@ -143,30 +139,44 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def _fsdp2_module() -> type | tuple:
+    """FSDP2's ``FSDPModule`` (``()`` on a torch without it: ``isinstance`` is then always False)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - older torch
+        return ()
+    return FSDPModule
+
+
 @contextmanager
-def unsharded(unit: nn.Module | None) -> Iterator[None]:
+def unsharded(unit: nn.Module | None, across_forward: bool = False) -> Iterator[None]:
     """Full parameters of one FSDP ``unit`` inside the block (no-op for ``None`` or a plain module).
 
-    Writes to the gathered parameters are not kept (FSDP2 reshards the old shards; FSDP1 is asked not to
-    write back): callers that change weights install new modules instead.
+    With ``across_forward`` (FSDP2 only) the unit also stays unsharded through its own forward calls
+    (``set_reshard_after_forward(False)``), so weights written into it last until the block ends — a
+    calibration step. Writes are never kept after the block (FSDP2 reshards the old shards; FSDP1 is asked
+    not to write back): callers that change weights install new modules instead.
     """
     if unit is None:
         yield
         return
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()
-    if isinstance(unit, FSDPModule):
+    if isinstance(unit, _fsdp2_module()):
+        if across_forward:
+            unit.set_reshard_after_forward(False, recurse=False)
         unit.unshard()
         try:
             yield
         finally:
             unit.reshard()
+            if across_forward:
+                unit.set_reshard_after_forward(True, recurse=False)
         return
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     if isinstance(unit, FullyShardedDataParallel):
+        if across_forward:
+            raise TypeError("Block-wise calibration under FSDP1 (FSDPStrategy) is not supported; use "
+                            "ModelParallelStrategy (FSDP2) or DDP.")
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
             yield
         return
@@ -182,27 +192,10 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
-@contextmanager
-def block_gathered(unit: nn.Module | None) -> Iterator[None]:
-    """One FSDP2 unit (a decoder block) gathered for a whole calibration step: unsharded once, and kept
-    unsharded across the block's own forward calls (``set_reshard_after_forward(False)``) so weights
-    written into it stay until the step ends; resharded after (the written values are dropped: methods
-    install new modules instead). No-op for ``None`` or a plain module; FSDP1 units are not supported here.
-    """
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover
-        FSDPModule = ()
-    if unit is None or not isinstance(unit, FSDPModule):
-        yield
-        return
-    unit.set_reshard_after_forward(False, recurse=False)
-    unit.unshard()
-    try:
-        yield
-    finally:
-        unit.reshard()
-        unit.set_reshard_after_forward(True, recurse=False)
+def block_gathered(unit: nn.Module | None):
+    """One FSDP2 unit (a decoder block) gathered for a whole calibration step: :func:`unsharded` with
+    ``across_forward=True``."""
+    return unsharded(unit, across_forward=True)
 
 
 def operand_like(target: Tensor, t: Tensor) -> Tensor:
