@@ -10,7 +10,7 @@ from torch import nn
 
 from lightning_quant.adapters import LORA_MODES, check_lora_mode, check_supported_host, merge_into_base
 from lightning_quant.algorithms.registry import get_method
-from lightning_quant.calibration.distributed import full_tensor
+from lightning_quant.calibration.distributed import converted_groups, full_tensor
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
@@ -100,11 +100,14 @@ def quantize_model(
     missing = set(targets) - set(weights)
     if missing:
         raise RuntimeError(f"method={method!r} left {len(missing)} layer(s) unconverted: {sorted(missing)[:5]}.")
-    (m.swap or swap_in_packed)(model, weights)
+    for group in converted_groups(model, list(weights)):  # FSDP1: one unit at a time, unwrapped first
+        (m.swap or swap_in_packed)(model, {n: weights[n] for n in group})
     return weights
 
 
 def _in_features(module: nn.Module, name: str) -> int:
     from lightning_quant.targets import linear_weight
 
+    if isinstance(module, nn.Linear):
+        return module.in_features  # the weight may be an FSDP1 shard
     return linear_weight(module).shape[1]

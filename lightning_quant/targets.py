@@ -40,6 +40,7 @@ __all__ = [
     "is_linear_like",
     "linear_kind",
     "linear_weight",
+    "logical_path",
     "matches",
     "register_linear_kind",
     "replace_layer",
@@ -170,15 +171,27 @@ class Target:
     host: nn.Module | None = None
 
 
+#: attribute names of wrappers that forward attribute access to the module they wrap (FSDP1 units,
+#: activation checkpointing): left out of logical names, which therefore survive wrapping and unwrapping
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def logical_path(path: str) -> str:
+    """``path`` without :data:`WRAPPER_SEGMENTS` (``model.layers.0._fsdp_wrapped_module.mlp`` ->
+    ``model.layers.0.mlp``); it resolves through those wrappers' attribute forwarding."""
+    return ".".join(a for a in path.split(".") if a not in WRAPPER_SEGMENTS)
+
+
 def _candidates(model: nn.Module) -> dict[str, Target]:
     """Every linear-like layer by logical name; adapters inside peft hosts are left out, and a peft
     ``modules_to_save`` wrapper (e.g. around ``lm_head``) is one layer named by its own path: its active copy."""
-    hosts = {n: m for n, m in model.named_modules() if is_tuner_layer(m)}
-    wrappers = {n: m for n, m in model.named_modules() if is_aux_wrapper(m)}
+    hosts = {logical_path(n): m for n, m in model.named_modules() if is_tuner_layer(m)}
+    wrappers = {logical_path(n): m for n, m in model.named_modules() if is_aux_wrapper(m)}
     out: dict[str, Target] = {}
-    for name, module in model.named_modules():
+    for path, module in model.named_modules():
         if not is_linear_like(module):
             continue
+        name = logical_path(path)
         wrapper = max((w for w in wrappers if name.startswith(w + ".")), key=len, default=None)
         if wrapper is not None:
             if module is active_copy(wrappers[wrapper]):

@@ -293,11 +293,12 @@ class FloatSnapshot(pl.Callback):
         self.state, self.batches = None, []
 
     def on_fit_end(self, trainer, pl_module):
-        from lightning_quant.calibration.distributed import full_state_dict, is_sharded
+        from lightning_quant.calibration.distributed import full_state_dict, gathered_root, is_sharded
 
-        model = hf_model(pl_module)  # sharded (FSDP2): every rank gathers, rank 0 keeps the full state
-        self.state = full_state_dict(model) if is_sharded(model) else {
-            k: v.detach().clone() for k, v in model.state_dict().items()}
+        model = hf_model(pl_module)  # sharded (FSDP): every rank gathers, rank 0 keeps the full state
+        with gathered_root(trainer):  # FSDP1: the root unit's own parameters
+            self.state = full_state_dict(model) if is_sharded(model) else {
+                k: v.detach().clone() for k, v in model.state_dict().items()}
         ptq = [cb for cb in trainer.callbacks if hasattr(cb, "calibration_batches")]
         self.batches = ptq[0].calibration_batches(trainer) if ptq else []
 

@@ -1,13 +1,18 @@
 """FSDP2 through Lightning's ``ModelParallelStrategy`` (2 gloo processes on CPU, ``fully_shard`` in
 ``configure_model``): QAT trains sharded, converts one FSDP unit at a time, and exports one full checkpoint
 from rank 0 — with the codes of one process trained on the same data; GPTQ at fit end calibrates one
-gathered block at a time, and AWQ / LLM.int8 too, each with the codes of one process. FSDP1
-(``FSDPStrategy``) needs CUDA: its test skips without a GPU."""
+gathered block at a time, and AWQ / LLM.int8 too, each with the codes of one process.
+
+FSDP1 through Lightning's ``FSDPStrategy`` (decoder layers auto-wrapped) the same way, on CPU:
+Lightning refuses ``FSDPStrategy`` without CUDA by a check on the strategy's exact type, and torch's FSDP1
+runs on CPU once given ``device_id=cpu``, so :class:`CPUFSDPStrategy` (a subclass that wraps with that
+device) runs the real FSDP1 code paths with 2 gloo processes. A CUDA test runs the stock strategy."""
 
 from __future__ import annotations
 
 import itertools
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -58,35 +63,46 @@ def _trainer(out: Path, callbacks, **kw):
     return C.make_trainer(C.STYLES["hf-attribute"], callbacks, out, 2, limit_val_batches=1, **kw)
 
 
+@contextmanager
+def counting_unsharded_blocks():
+    """Patch :func:`distributed.unsharded` (every gather of the library goes through it: blocks, layers,
+    unwrapping, the FSDP1 root) to count the decoder-layer units unsharded at once; yields ``[peak]``."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_quant.calibration import distributed
+
+    inner, active, peak = distributed.unsharded, [0], [0]
+
+    @contextmanager
+    def counting(unit, *args, **kw):
+        block = unit is not None and isinstance(distributed.runnable(unit), LlamaDecoderLayer)
+        active[0] += block
+        peak[0] = max(peak[0], active[0])
+        try:
+            with inner(unit, *args, **kw):
+                yield
+        finally:
+            active[0] -= block
+
+    distributed.unsharded = counting
+    try:
+        yield peak
+    finally:
+        distributed.unsharded = inner
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lightning_quant.qat import surgery
-
     C.join_as_rank(rank, port)
-    active, peak = [0], [0]
-    inner = surgery.unsharded
-
-    from contextlib import contextmanager
-
-    @contextmanager
-    def counting(unit):
-        active[0] += unit is not None
-        peak[0] = max(peak[0], active[0])
-        try:
-            with inner(unit):
-                yield
-        finally:
-            active[0] -= unit is not None
-
-    surgery.unsharded = counting
     out = Path(out_dir)
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
     torch.manual_seed(0)
     lm = ShardedLM(testing.tiny_llama())
     cbs = [QuantizationAwareTraining(SPEC, export_on_fit_end={"format": "gptq", "path": str(out / "export")}),
            PackedValidation()]
-    _trainer(out, cbs, strategy=strategy, devices=2).fit(lm, _loader(2), _loader(2))
+    with counting_unsharded_blocks() as peak:
+        _trainer(out, cbs, strategy=strategy, devices=2).fit(lm, _loader(2), _loader(2))
     logits = C.logits(lm.model, C.eval_ids())  # every rank runs the (sharded) forward
     torch.save({"quantized": C.quantized_state(lm), "logits": logits, "peak_unsharded": peak[0]},
                out / f"rank{rank}.pt")
@@ -167,7 +183,11 @@ def fsdp_run(tmp_path_factory):
 
 
 def test_qat_under_fsdp2_equals_one_process(fsdp_run, tmp_path):
-    ranks = [torch.load(fsdp_run / f"rank{r}.pt") for r in range(2)]
+    _assert_qat_equals_one_process(fsdp_run, tmp_path, "FSDP2")
+
+
+def _assert_qat_equals_one_process(run: Path, tmp_path: Path, kind: str) -> None:
+    ranks = [torch.load(run / f"rank{r}.pt") for r in range(2)]
     for r in ranks:  # converted layers exist, full, on every rank; one FSDP unit unsharded at a time
         assert r["peak_unsharded"] == 1
         assert r["quantized"].keys() == ranks[0]["quantized"].keys()
@@ -195,7 +215,7 @@ def test_qat_under_fsdp2_equals_one_process(fsdp_run, tmp_path):
             flips, total = flips + int((a != b).sum()), total + a.numel()
         elif k.endswith("scales"):
             torch.testing.assert_close(got[k].float(), v.float(), rtol=1e-3, atol=0)
-    print(f"FSDP2 vs one process: {flips} of {total} codes differ")
+    print(f"{kind} vs one process: {flips} of {total} codes differ")
     assert flips <= 1e-3 * total, (flips, total)
     torch.testing.assert_close(C.logits(single.model, C.eval_ids()), ranks[0]["logits"], rtol=0, atol=1e-2)
 
@@ -221,11 +241,15 @@ def test_ptq_under_fsdp2_equals_one_process_one_block_at_a_time(name, fsdp_run):
     """PTQ at fit end on the FSDP2-sharded model: each block gathered alone (never two unsharded blocks),
     statistics all-reduced over the ranks' shares: the codes of one process on both ranks' batches, on every
     rank; the export (one full checkpoint from rank 0) reloads with the in-memory logits."""
+    _assert_ptq_equals_one_process(fsdp_run, name, 0 if name == "int8" else 1)  # int8 runs no calibration blocks
+
+
+def _assert_ptq_equals_one_process(run: Path, name: str, peak: int) -> None:
     from lightning_quant import quantize_model
 
-    ranks = [torch.load(fsdp_run / f"{name}{r}.pt") for r in range(2)]
+    ranks = [torch.load(run / f"{name}{r}.pt") for r in range(2)]
     for r in ranks:
-        assert r["peak_blocks"] == (0 if name == "int8" else 1)  # int8 runs no calibration blocks
+        assert r["peak_blocks"] == peak
         assert r["quantized"].keys() == ranks[0]["quantized"].keys()
         assert all(torch.equal(r["quantized"][k], v) for k, v in ranks[0]["quantized"].items())
     model = testing.tiny_llama()
@@ -245,7 +269,7 @@ def test_ptq_under_fsdp2_equals_one_process_one_block_at_a_time(name, fsdp_run):
             assert torch.equal(got[k], v), k
         else:
             torch.testing.assert_close(got[k], v, rtol=1e-6, atol=0)
-    reloaded = export.load(fsdp_run / f"{name}_export")
+    reloaded = export.load(run / f"{name}_export")
     torch.testing.assert_close(C.logits(reloaded, C.eval_ids()), ranks[0]["logits"], rtol=0, atol=0)
 
 
@@ -260,16 +284,122 @@ def test_tensor_parallelism_is_refused_naming_the_fix():
             cb.setup(tp, None, "fit")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy (FSDP1) needs a CUDA device")
-def test_qat_under_fsdp1_on_one_gpu(tmp_path):
-    import lightning.pytorch as pl
+# ---- FSDP1: FSDPStrategy ---------------------------------------------------------------------------
+def _fsdp1_strategy():
     from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
+    class CPUFSDPStrategy(FSDPStrategy):
+        """Lightning's FSDPStrategy, wrapping with ``device_id=cpu`` (all it lacks on CPU; see the module doc)."""
+
+        def _setup_model(self, model):
+            from torch.distributed.fsdp import FullyShardedDataParallel
+
+            return FullyShardedDataParallel(model, sharding_strategy=self.sharding_strategy,
+                                            device_id=torch.device("cpu"), **self.kwargs)
+
+    return CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+
+
+def _fsdp1_worker(rank: int, port: int, out_dir: str) -> None:
+    """QAT (+ PackedValidation, export) and each PTQ callback under FSDP1; every rank saves what it holds."""
+    from lightning_quant.calibration.distributed import gathered_root
+
+    C.join_as_rank(rank, port)
+    out = Path(out_dir)
     torch.manual_seed(0)
     lm = PlainLM(testing.tiny_llama())
-    cb = QuantizationAwareTraining(SPEC, export_on_fit_end={"format": "gptq", "path": str(tmp_path / "export")})
-    pl.Trainer(accelerator="cuda", devices=1, strategy=FSDPStrategy(), max_steps=2, logger=False,
-               enable_checkpointing=False, enable_progress_bar=False, callbacks=[cb]).fit(lm, _loader(2))
-    reloaded = export.load(tmp_path / "export").cuda()
-    ids = C.eval_ids().cuda()
-    torch.testing.assert_close(C.logits(reloaded, ids), C.logits(lm.model, ids), rtol=0, atol=0)
+    cbs = [QuantizationAwareTraining(SPEC, export_on_fit_end={"format": "gptq", "path": str(out / "export")}),
+           PackedValidation()]
+    trainer = _trainer(out, cbs, strategy=_fsdp1_strategy(), devices=2)
+    with counting_unsharded_blocks() as peak:
+        trainer.fit(lm, _loader(2), _loader(2))
+    with gathered_root(trainer):  # the root unit's embeddings / head: FSDP1 gathers them only in its own forward
+        logits = C.logits(lm.model, C.eval_ids())
+    torch.save({"quantized": C.quantized_state(lm), "logits": logits, "peak_unsharded": peak[0],
+                "state_keys": sorted(lm.state_dict())}, out / f"rank{rank}.pt")
+    for name, make in PTQ.items():
+        torch.manual_seed(0)
+        lm = PlainLM(testing.tiny_llama())
+        snap, cb = C.FloatSnapshot(), make(out / f"{name}_export")
+        trainer = _trainer(out / name, [snap, cb], strategy=_fsdp1_strategy(), devices=2)
+        with counting_unsharded_blocks() as peak:
+            trainer.fit(lm, _loader(2))
+        with gathered_root(trainer):
+            logits = C.logits(lm.model, C.eval_ids())
+        torch.save({"float": snap.state, "calibration": snap.batches, "quantized": C.quantized_state(lm),
+                    "logits": logits, "peak_blocks": peak[0]}, out / f"{name}{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def fsdp1_run(tmp_path_factory):
+    return C.spawn_two(_fsdp1_worker, tmp_path_factory.mktemp("fsdp1"))
+
+
+def test_qat_under_fsdp1_equals_one_process(fsdp1_run, tmp_path):
+    """FSDP1 QAT converts one unit at a time (each converted unit then unwrapped: packed layers and the
+    unit's norms full on every rank), so the model's ``state_dict`` is consistent; codes as one process."""
+    _assert_qat_equals_one_process(fsdp1_run, tmp_path, "FSDP1")
+    keys = torch.load(fsdp1_run / "rank0.pt")["state_keys"]
+    assert "model.model.layers.0.self_attn.q_proj.qweight" in keys
+    assert not [k for k in keys if "_fsdp_wrapped_module" in k or k.endswith("q_proj.weight")]
+
+
+def test_fsdp1_export_is_one_full_checkpoint_from_rank_0(fsdp1_run):
+    reloaded = export.load(fsdp1_run / "export")
+    logits = torch.load(fsdp1_run / "rank0.pt")["logits"]
+    torch.testing.assert_close(C.logits(reloaded, C.eval_ids()), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", sorted(PTQ))
+def test_ptq_under_fsdp1_equals_one_process_one_block_at_a_time(name, fsdp1_run):
+    """As under FSDP2: one summoned block at a time (for the block's calibration, then for unwrapping it to
+    swap its packed layers in), the codes of one process, the export reloading with the in-memory logits."""
+    _assert_ptq_equals_one_process(fsdp1_run, name, 1)
+
+
+def test_fsdp1_refuses_layers_of_the_root_unit_naming_the_fix():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from lightning_quant.calibration.distributed import check_fsdp1_placement
+
+    class Root(nn.Module):  # stands for FSDP1's root wrapper: only its type is looked at
+        pass
+
+    from torch.distributed import fsdp
+
+    root = fsdp.FullyShardedDataParallel.__new__(fsdp.FullyShardedDataParallel)
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=root))
+    model = testing.tiny_llama()
+    with pytest.raises(ValueError, match=r"auto_wrap_policy=\{LlamaDecoderLayer\}.*exclude layers outside them"):
+        check_fsdp1_placement(trainer, model, ["lm_head"], "GPTQ")
+    check_fsdp1_placement(SimpleNamespace(strategy=SimpleNamespace(model=model)), model, ["lm_head"], "GPTQ")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the stock FSDPStrategy (FSDP1) needs a CUDA device")
+def test_qat_and_gptq_under_stock_fsdp1_on_one_gpu(tmp_path):
+    import lightning.pytorch as pl
+    from lightning.pytorch.strategies import FSDPStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from lightning_quant.calibration.distributed import gathered_root
+
+    for name in ("qat", "gptq"):
+        torch.manual_seed(0)
+        lm = PlainLM(testing.tiny_llama())
+        exp = {"format": "gptq", "path": str(tmp_path / name)}
+        cb = QuantizationAwareTraining(SPEC, export_on_fit_end=exp) if name == "qat" else GPTQ(
+            SPEC, num_samples=2, export_on_fit_end=exp)
+        trainer = pl.Trainer(accelerator="cuda", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                             strategy=FSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer})),
+                             enable_progress_bar=False, callbacks=[cb])
+        trainer.fit(lm, _loader(2))
+        ids = C.eval_ids().cuda()
+        with gathered_root(trainer):
+            want = C.logits(lm.model, ids)
+        reloaded = export.load(tmp_path / name).cuda()
+        torch.testing.assert_close(C.logits(reloaded, ids), want, rtol=0, atol=0)

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.algorithms.awq import AWQConfig, AWQStats, awq_quantize_group
+from lightning_quant.algorithms.awq import AWQConfig, AWQGroupResult, AWQStats, awq_quantize_group
 from lightning_quant.algorithms.registry import register_method
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration import BlockContext, run_sequential
@@ -40,6 +40,7 @@ from lightning_quant.calibration.awq_mapping import (
     model_type,
     scale_input_columns,
 )
+from lightning_quant.calibration import distributed as dist
 from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
@@ -77,16 +78,21 @@ def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, 
         ctx.forward()
     row_scale: dict[str, Tensor] = {}
     solved: dict[str, QuantizedWeight] = {}
-    for plan in reversed(plans):
-        st = stats[plan.group[0]]
-        st.all_reduce()
+    order = list(reversed(plans))
+    for plan in order:  # every rank, in the same order (collectives)
+        stats[plan.group[0]].all_reduce()
+    owners = _chain_owners(order, dist.world_size())
+    for plan in order:
         weights = {}
         for n in plan.group:
             w = linear_weight(lin[n]).detach().float()
             weights[n] = w / row_scale[n].unsqueeze(1) if n in row_scale else w  # [out, in] / [out, 1]
         unscaled = plan.producer is None and cfg.unfoldable == "unscaled"
-        res = awq_quantize_group(st, weights, spec, replace(cfg, n_grid=1) if unscaled else cfg,  # n_grid=1: α=0, s=1
-                                 tie=plan.tie)
+        res = None
+        if owners[plan.group] == dist.rank():  # each group searched once, by the rank owning its chain
+            res = awq_quantize_group(stats[plan.group[0]], weights, spec,
+                                     replace(cfg, n_grid=1) if unscaled else cfg, tie=plan.tie)  # n_grid=1: s=1
+        res = _share_result(res, owners[plan.group], weights, spec) if dist.world_size() > 1 else res
         if plan.kind == "linear" and plan.producer in lin:
             row_scale[plan.producer] = plan.producer_scales(res.scales)
         for n in plan.group:
@@ -101,6 +107,32 @@ def _solve_block(ctx: BlockContext, lin: dict[str, nn.Module], spec: QuantSpec, 
     for p in plans:  # call order
         log.info("AWQ %s: %s", list(p.group), p.reason)
         out.update((n, solved[n]) for n in p.group)
+
+
+def _chain_owners(order: list[FoldPlan], world: int) -> dict[tuple[str, ...], int]:
+    """The rank that searches each group. A group whose scales fold into a linear of another group (v -> o,
+    up -> down) must be searched before it (that row scaling changes the other group's weights), so such
+    groups form a chain, searched in order by one rank; chains go round-robin over the ranks (Llama: the
+    attention chain o -> qkv and the MLP chain down -> gate/up, so 2 ranks each search half a block)."""
+    chain: dict[tuple[str, ...], int] = {}
+    for i, plan in enumerate(order):
+        fed = [chain[q.group] for q in order[:i] if q.kind == "linear" and q.producer in plan.group]
+        chain[plan.group] = fed[0] if fed else len(set(chain.values()))
+    return {g: c % world for g, c in chain.items()}
+
+
+def _share_result(res: AWQGroupResult | None, src: int, weights: dict[str, Tensor], spec: QuantSpec) -> AWQGroupResult:
+    """A group's search result (given on rank ``src`` only) on every rank: scales, figures, each layer's codes."""
+    w0 = next(iter(weights.values()))
+    dev = w0.device
+    figures = dist.broadcast_figures(None if res is None else (res.ratio, res.error, res.rtn_error), 3, src, dev)
+    scales = dist.broadcast(res.scales.to(dev, torch.float32).contiguous() if res is not None else
+                            torch.empty(w0.shape[1], dtype=torch.float32, device=dev), src)
+    qweights = {n: dist.broadcast_quantized(None if res is None else res.qweights[n], src, tuple(w.shape), spec,
+                                            w.dtype, dev) for n, w in weights.items()}
+    if res is not None:
+        return res
+    return AWQGroupResult(scales, figures[0], [], qweights=qweights, error=figures[1], rtn_error=figures[2])
 
 
 def awq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,

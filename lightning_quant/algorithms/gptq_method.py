@@ -54,32 +54,12 @@ def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, 
 
 
 def _broadcast_result(res: GPTQResult | None, src: int, w: Tensor, spec: QuantSpec) -> GPTQResult:
-    """``res`` (given on rank ``src`` only) on every rank: a small header (which optional tensors exist,
-    the group count, loss / damp / fallback), then each tensor, broadcast from ``src``."""
-    out_f, in_f = w.shape
-    head = torch.zeros(7, dtype=torch.float64, device=w.device)
-    if res is not None:
-        q = res.qweight
-        head.copy_(torch.tensor([q.zeros is not None, q.g_idx is not None, q.perm is not None, q.scales.shape[1],
-                                 res.loss, res.damp, res.fallback], dtype=torch.float64))
-    dist.broadcast(head, src)
-    has_zeros, has_g, has_perm, groups = (int(v) for v in head[:4])
-
-    def share(t: Tensor | None, shape, dtype) -> Tensor:
-        buf = t.to(w.device).contiguous() if t is not None else torch.empty(shape, dtype=dtype, device=w.device)
-        return dist.broadcast(buf, src)
-
-    q = None if res is None else res.qweight
-    codes = share(None if q is None else q.codes, (out_f, in_f), torch.uint8)
-    scales = share(None if q is None else q.scales, (out_f, groups), torch.float32)
-    zeros = share(None if q is None else q.zeros, (out_f, groups), torch.float32) if has_zeros else None
-    g_idx = share(None if q is None else q.g_idx, (in_f,), torch.int64) if has_g else None
-    perm = share(None if q is None else q.perm, (in_f,), torch.int64) if has_perm else None
-    deq = share(None if res is None else res.dequantized, (out_f, in_f), torch.float32)
-    if res is not None:
-        return res
-    qw = QuantizedWeight(codes=codes, scales=scales, zeros=zeros, spec=spec, g_idx=g_idx, perm=perm, dtype=w.dtype)
-    return GPTQResult(qw, deq, float(head[4]), float(head[5]), bool(head[6]))
+    """``res`` (given on rank ``src`` only) on every rank: its weight, figures and dequantized weight."""
+    qw = dist.broadcast_quantized(None if res is None else res.qweight, src, tuple(w.shape), spec, w.dtype, w.device)
+    figures = dist.broadcast_figures(None if res is None else (res.loss, res.damp, res.fallback), 3, src, w.device)
+    deq = None if res is None else res.dequantized.to(w.device).contiguous()
+    deq = dist.broadcast(deq if deq is not None else torch.empty(w.shape, dtype=torch.float32, device=w.device), src)
+    return res if res is not None else GPTQResult(qw, deq, figures[0], figures[1], bool(figures[2]))
 
 
 def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,

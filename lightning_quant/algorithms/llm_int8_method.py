@@ -27,7 +27,7 @@ from lightning_quant.algorithms.llm_int8 import (
     int8_rowwise_quantize,
 )
 from lightning_quant.algorithms.registry import register_method
-from lightning_quant.calibration.distributed import full_tensor
+from lightning_quant.calibration.distributed import fsdp_units, full_tensor, layer_gathered
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, get_layer, linear_kind, linear_weight, replace_layer
@@ -68,9 +68,10 @@ def _int8_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpe
                          "(outlier statistics: lightning_quant.algorithms.llm_int8.outlier_statistics).")
     check_int8_spec(spec)
     config = config or LLMInt8Config()
-    weights = {}
+    weights, units = {}, fsdp_units(model)
     for name, module in targets.items():
-        qw = int8_rowwise_quantize(full_tensor(linear_weight(module).detach()), name)  # FSDP: one layer gathered
+        with layer_gathered(model, name, units):  # FSDP: one layer's unit gathered at a time
+            qw = int8_rowwise_quantize(full_tensor(linear_weight(module).detach()), name)
         qw.extras["threshold"] = config.threshold
         weights[name] = qw
     return weights

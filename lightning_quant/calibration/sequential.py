@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from lightning_quant.calibration.blocks import BlockList, find_blocks, forward_owner
 from lightning_quant.calibration.capture import ActivationLedger, BlockInput, capture_block_inputs
 from lightning_quant.calibration.data import to_batches
-from lightning_quant.calibration.distributed import block_gathered, fsdp_units, owning_unit
+from lightning_quant.calibration.distributed import block_gathered, fsdp_units, owning_unit, reshard_all, runnable
 from lightning_quant.targets import linear_kind
 
 __all__ = ["BlockContext", "CalibrationReport", "run_sequential"]
@@ -298,8 +298,7 @@ def run_sequential(
     try:
         inputs = capture_block_inputs(forward_owner(model, blocks.path), blocks.blocks[0], batches, dev, ledger)
         units = fsdp_units(model)
-        for unit in units.values():  # FSDP2: the capture forward stopped inside; keep only shards from here on
-            unit.reshard()
+        reshard_all(units)  # FSDP2: the capture forward stopped inside; keep only shards from here on
         for inp in inputs:
             _check_finite(inp.hidden, "at the input of the first block")
         set_bytes = ledger.live_bytes
@@ -307,7 +306,7 @@ def run_sequential(
         for i, block in enumerate(blocks.blocks):
             home = _module_device(block)
             block.to(dev)
-            ctx = BlockContext(i, blocks.name(i), block, inputs, dev, ledger)
+            ctx = BlockContext(i, blocks.name(i), runnable(block), inputs, dev, ledger)  # FSDP1: the inner module
             unit = owning_unit(units, blocks.name(i))
             with block_gathered(None if unit is None else units[unit]):  # FSDP2: this block's full weights only
                 try:

@@ -47,11 +47,13 @@ class LLMInt8(PostTrainingQuantization):
         """Optionally gather outlier statistics, then convert ``pl_module`` in place."""
         if self.quantized_weights:
             raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
-        if self.stats_batches:
-            self.outlier_stats = self.collect_statistics(trainer, pl_module)
-            self._log(trainer, self.outlier_stats)
-        self.quantized_weights = quantize_model(self.target_module(pl_module), self.spec, "int8", include=self.include,
-                                                exclude=self.exclude, config=self.config, lora=self.lora)
+        model = self.target_module(pl_module)
+        with self.sharded_scope(trainer, model):
+            if self.stats_batches:
+                self.outlier_stats = self.collect_statistics(trainer, pl_module)
+                self._log(trainer, self.outlier_stats)
+            self.quantized_weights = quantize_model(model, self.spec, "int8", include=self.include,
+                                                    exclude=self.exclude, config=self.config, lora=self.lora)
         return self.quantized_weights
 
     def collect_statistics(self, trainer: pl.Trainer | None, pl_module: pl.LightningModule) -> dict[str, dict[str, float]]:

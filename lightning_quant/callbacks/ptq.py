@@ -22,7 +22,7 @@ from lightning_quant.callbacks.qat import check_strategy
 from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns
+from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns, select_targets
 
 __all__ = ["SHARDED_METHODS", "WHEN", "PostTrainingQuantization"]
 
@@ -89,16 +89,16 @@ class PostTrainingQuantization(Callback):
 
     # ---- hooks ------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
+        from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
-        if self.method in SHARDED_METHODS and isinstance(trainer.strategy, ModelParallelStrategy):
-            check_strategy(trainer, type(self).__name__, ("ModelParallelStrategy",))  # no tensor parallelism
-            return  # FSDP2: calibrated block by block, one gathered block at a time
+        if self.method in SHARDED_METHODS and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+            check_strategy(trainer, type(self).__name__, ("ModelParallelStrategy", "FSDPStrategy"))  # no TP
+            return  # FSDP: calibrated block by block, one gathered block at a time
         if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
             raise TypeError(
                 f"{type(self).__name__} supports single-device and DDP strategies"
-                f"{' and ModelParallelStrategy (FSDP2)' if self.method in SHARDED_METHODS else ''}, not "
-                f"{type(trainer.strategy).__name__}; under FSDP2 only {list(SHARDED_METHODS)} calibrate sharded "
+                f"{', ModelParallelStrategy (FSDP2) and FSDPStrategy' if self.method in SHARDED_METHODS else ''}, "
+                f"not {type(trainer.strategy).__name__}; under FSDP only {list(SHARDED_METHODS)} calibrate sharded "
                 "(docs/distributed.md). Use strategy='ddp', or save the model and quantize it with quantize_model()."
             )
 
@@ -121,11 +121,22 @@ class PostTrainingQuantization(Callback):
         if self.quantized_weights:
             raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
         batches = self.calibration_batches(trainer)
-        self.quantized_weights = quantize_model(self.target_module(pl_module), self.spec, self.method,
-                                                include=self.include, exclude=self.exclude, calibration=batches,
-                                                config=self.config, lora=self.lora)
+        model = self.target_module(pl_module)
+        with self.sharded_scope(trainer, model):
+            self.quantized_weights = quantize_model(model, self.spec, self.method, include=self.include,
+                                                    exclude=self.exclude, calibration=batches, config=self.config,
+                                                    lora=self.lora)
         self.log_layers(trainer, self.quantized_weights)
         return self.quantized_weights
+
+    def sharded_scope(self, trainer: pl.Trainer | None, model):
+        """Where the work on ``model`` runs. Under ``FSDPStrategy`` (FSDP1): checks every selected layer lies
+        in a nested unit (:func:`~lightning_quant.calibration.distributed.check_fsdp1_placement`) and keeps the
+        root unit's own parameters (embeddings, final norm, head) gathered; elsewhere nothing to do."""
+        if trainer is not None:
+            names = select_targets(model, self.include, self.exclude)
+            dist.check_fsdp1_placement(trainer, model, list(names), type(self).__name__)
+        return dist.gathered_root(trainer)
 
     def target_module(self, pl_module: pl.LightningModule):
         """The module to quantize: ``pl_module`` itself, or the submodule named by ``model=``."""

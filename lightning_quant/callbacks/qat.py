@@ -8,6 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_quant import qat
+from lightning_quant.calibration.distributed import check_fsdp1_placement
 from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
@@ -72,6 +73,10 @@ class QuantizationAwareTraining(Callback):
         check_strategy(trainer, type(self).__name__, QAT_STRATEGIES)
         if not qat.fake_quant_modules(pl_module):
             qat.inject_config(pl_module, self.config)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.convert_on_fit_end:  # FSDP1 has wrapped the model by now: conversion must be possible at the end
+            check_fsdp1_placement(trainer, pl_module, list(qat.fake_quant_modules(pl_module)), type(self).__name__)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._observe_in_training(pl_module)

@@ -94,16 +94,17 @@ def export_after_fit(trainer: Any, pl_module: nn.Module, config: ExportConfig | 
     """
     import torch
 
-    from lightning_quant.calibration.distributed import full_state_dict, is_sharded
+    from lightning_quant.calibration.distributed import full_state_dict, gathered_root, is_sharded
     from lightning_quant.export import save
 
     cfg = ExportConfig.coerce(config)
     model = find_hf_model(pl_module)
-    full = full_state_dict(model) if is_sharded(model) else None  # FSDP: every rank gathers, rank 0 keeps
     out = None
-    if trainer.is_global_zero:
-        dtype = None if cfg.dtype is None else getattr(torch, cfg.dtype)
-        out = save(model, cfg.path, cfg.format, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite, dtype=dtype,
-                   full_state=full)
+    with gathered_root(trainer):  # FSDP1: the root unit's own parameters (embeddings, head) are full
+        full = full_state_dict(model) if is_sharded(model) else None  # FSDP: every rank gathers, rank 0 keeps
+        if trainer.is_global_zero:
+            dtype = None if cfg.dtype is None else getattr(torch, cfg.dtype)
+            out = save(model, cfg.path, cfg.format, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite, dtype=dtype,
+                       full_state=full)
     trainer.strategy.barrier("lightning_quant.export_after_fit")
     return out

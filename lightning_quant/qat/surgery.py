@@ -11,21 +11,21 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightning_quant.calibration.distributed import fsdp_units, owning_unit, unsharded
+from lightning_quant.calibration.distributed import fsdp_units, layer_gathered, settle_fsdp1
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.qat import lora as L
 from lightning_quant.qat.config import QATConfig
 from lightning_quant.qat.fake_quant import FakeQuantLinear
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, Target, select_targets, set_submodule
+from lightning_quant.targets import DEFAULT_EXCLUDE, Target, logical_path, select_targets, set_submodule
 
 __all__ = ["convert", "deployable_layers", "fake_quant_modules", "inject", "inject_config", "packed_replacements", "remove", "set_enabled"]
 
 
 def fake_quant_modules(model: nn.Module) -> dict[str, FakeQuantLinear]:
     """Every :class:`FakeQuantLinear` in ``model`` by module path (``...base_layer`` under peft)."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
+    return {logical_path(n): m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear)}
 
 
 def _select(model: nn.Module, include, exclude) -> dict[str, Target]:
@@ -86,12 +86,11 @@ def packed_replacements(model: nn.Module) -> dict[str, tuple[PackedLinear, Quant
     Under FSDP each layer is packed while the FSDP unit that owns it is gathered
     (:func:`~lightning_quant.calibration.distributed.unsharded`), so every rank gets the full layer and
     no rank holds more than one unit unsharded."""
-    hosts = {id(m): n for n, m in model.named_modules() if L.is_tuner_layer(m)}
+    hosts = {id(m): logical_path(n) for n, m in model.named_modules() if L.is_tuner_layer(m)}
     units = fsdp_units(model)
     out = {}
     for path, fq in deployable_layers(model).items():
-        unit = owning_unit(units, path)
-        with unsharded(None if unit is None else units[unit]):  # FSDP: this layer's unit gathered, one at a time
+        with layer_gathered(model, path, units):  # FSDP: this layer's unit gathered, one at a time
             packed, qw = fq.to_packed()
         out[hosts[id(fq._lora_host)] if getattr(fq, "lora_mode", None) == "merged" else path] = (packed, qw)
     return out
@@ -101,7 +100,7 @@ def deployable_layers(model: nn.Module) -> dict[str, nn.Module]:
     """Modules that deploy as packed layers through ``to_packed() -> (PackedLinear, QuantizedWeight)``:
     every :class:`FakeQuantLinear`, and any user layer implementing that protocol (with an optional
     ``lora_mode == "merged"`` and ``_lora_host`` to replace its peft host)."""
-    return {n: m for n, m in model.named_modules() if callable(getattr(m, "to_packed", None))}
+    return {logical_path(n): m for n, m in model.named_modules() if callable(getattr(m, "to_packed", None))}
 
 
 @torch.no_grad()
@@ -117,4 +116,5 @@ def convert(model: nn.Module) -> dict[str, QuantizedWeight]:
         raise ValueError("convert found no fake-quant layer; call lightning_quant.qat.inject(model, spec) first.")
     for path, (packed, _) in replacements.items():
         set_submodule(model, path, packed)
+    settle_fsdp1(model)  # FSDP1: units whose layers were replaced are unwrapped (their float rest kept full)
     return {path: qw for path, (_, qw) in replacements.items()}

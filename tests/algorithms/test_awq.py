@@ -375,6 +375,29 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
             torch.testing.assert_close(got[name][2], awq_s, rtol=1e-6, atol=0)
 
 
+def test_search_is_split_by_fold_chain_across_ranks(tiny_llama):
+    """A group whose scales fold into another group's linear is searched before it, by the same rank:
+    Llama's MLP chain (down -> gate/up) and attention chain (o -> qkv) go to different ranks."""
+    from lightning_quant.algorithms.awq_method import _chain_owners
+    from lightning_quant.calibration import run_sequential
+    from lightning_quant.calibration.awq_mapping import discover_groups, model_type
+
+    owners = []
+
+    def first_block(ctx):
+        if ctx.index == 0:
+            lin = ctx.linears(select_linears(tiny_llama))
+            order = list(reversed(discover_groups(ctx.block, ctx.name, lin, ctx.inputs[0], model_type(tiny_llama))))
+            owners.extend([_chain_owners(order, 2), _chain_owners(order, 1)])
+
+    run_sequential(tiny_llama, torch.randint(0, TINY_VOCAB, (2, 8)), first_block)
+    two, one = owners
+    by_layer = {n.split(".")[-1]: r for g, r in two.items() for n in g}
+    assert by_layer == {"down_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "q_proj": 1, "k_proj": 1,
+                        "v_proj": 1}
+    assert set(one.values()) == {0}
+
+
 def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path, monkeypatch):
     from lightning_quant.calibration import awq_mapping
     from lightning_quant.cli import load_quantized, save_quantized

@@ -117,6 +117,6 @@ def test_too_small_loader_and_bad_arguments(tmp_path):
 def test_unsupported_strategy_is_rejected_in_setup():
     from types import SimpleNamespace
 
-    with pytest.raises(TypeError, match="supports single-device and DDP strategies and ModelParallelStrategy "
-                                        "\\(FSDP2\\), not object"):
+    with pytest.raises(TypeError, match="supports single-device and DDP strategies, ModelParallelStrategy "
+                                        "\\(FSDP2\\) and FSDPStrategy, not object"):
         GPTQ(SPEC).setup(SimpleNamespace(strategy=object()), LM(), "fit")
