@@ -59,6 +59,13 @@ class PlainLM(C.HFLM):
         return torch.optim.SGD(self.parameters(), lr=0.05)
 
 
+class MomentumLM(C.HFLM):
+    """With optimizer state (FSDP1's sharded optimizer-state loading rejects the empty state of plain SGD)."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
+
+
 def _trainer(out: Path, callbacks, **kw):
     return C.make_trainer(C.STYLES["hf-attribute"], callbacks, out, 2, limit_val_batches=1, **kw)
 
@@ -148,19 +155,22 @@ def _ptq(out: Path, rank: int, name: str) -> None:
                 "logits": C.logits(lm.model, C.eval_ids()), "peak_blocks": peak[0]}, out / f"{name}{rank}.pt")
 
 
-def _resume(out: Path, rank: int) -> None:
+def _fsdp2_strategy():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+
+
+def _resume(out: Path, rank: int, module=None, strategy=None, observers=("moving_average", "lsq")) -> None:
     """Sharded QAT resumed from its mid-run (distributed) checkpoint == uninterrupted: observer state (the
     moving averages; LSQ's learned scales, sharded parameters) and the enabled flags travel in it."""
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    def strategy():
-        return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
-
+    module, strategy = module or ShardedLM, strategy or _fsdp2_strategy
     states = {}
-    for observer, name in itertools.product(("moving_average", "lsq"), ("straight", "first", "resumed")):
+    for observer, name in itertools.product(observers, ("straight", "first", "resumed")):
         torch.manual_seed(0)
-        lm = ShardedLM(testing.tiny_llama())
+        lm = module(testing.tiny_llama())
         cbs = [QuantizationAwareTraining(SPEC, observer=observer)]
         kw = {}
         if name == "first":
@@ -285,7 +295,7 @@ def test_tensor_parallelism_is_refused_naming_the_fix():
 
 
 # ---- FSDP1: FSDPStrategy ---------------------------------------------------------------------------
-def _fsdp1_strategy():
+def _fsdp1_strategy(**kw):
     from lightning.pytorch.strategies import FSDPStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
@@ -299,7 +309,7 @@ def _fsdp1_strategy():
             return FullyShardedDataParallel(model, sharding_strategy=self.sharding_strategy,
                                             device_id=torch.device("cpu"), **self.kwargs)
 
-    return CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+    return CPUFSDPStrategy(auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}), **kw)
 
 
 def _fsdp1_worker(rank: int, port: int, out_dir: str) -> None:
@@ -319,6 +329,8 @@ def _fsdp1_worker(rank: int, port: int, out_dir: str) -> None:
         logits = C.logits(lm.model, C.eval_ids())
     torch.save({"quantized": C.quantized_state(lm), "logits": logits, "peak_unsharded": peak[0],
                 "state_keys": sorted(lm.state_dict())}, out / f"rank{rank}.pt")
+    # Lightning's sharded FSDP1 checkpoint (torch's full FSDP1 state dict crashes on CPU, a native fault)
+    _resume(out, rank, MomentumLM, lambda: _fsdp1_strategy(state_dict_type="sharded"), observers=("lsq",))
     for name, make in PTQ.items():
         torch.manual_seed(0)
         lm = PlainLM(testing.tiny_llama())
@@ -350,6 +362,16 @@ def test_fsdp1_export_is_one_full_checkpoint_from_rank_0(fsdp1_run):
     reloaded = export.load(fsdp1_run / "export")
     logits = torch.load(fsdp1_run / "rank0.pt")["logits"]
     torch.testing.assert_close(C.logits(reloaded, C.eval_ids()), logits, rtol=0, atol=0)
+
+
+def test_fsdp1_qat_resumes_from_its_checkpoint(fsdp1_run):
+    """LSQ's learned scales are FSDP1-sharded parameters: resumed == uninterrupted, on every rank."""
+    for r in range(2):
+        runs = torch.load(fsdp1_run / f"resume{r}.pt")
+        straight, resumed = runs["lsq", "straight"], runs["lsq", "resumed"]
+        assert resumed.keys() == straight.keys() and straight
+        for k, v in straight.items():
+            assert torch.equal(resumed[k], v), k
 
 
 @pytest.mark.parametrize("name", sorted(PTQ))
