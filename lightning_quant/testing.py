@@ -23,13 +23,15 @@ __all__ = [
 TINY_VOCAB = 256
 
 
-def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
+def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2, head_dim: int | None = None,
+               vocab: int = TINY_VOCAB, tie_word_embeddings: bool = False) -> nn.Module:
+    """4 query heads over 2 key/value heads (grouped-query); ``head_dim`` defaults to ``hidden / 4``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+                      head_dim=head_dim or hidden // 4, tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(cfg).eval()
 
 
