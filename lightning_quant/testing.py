@@ -76,11 +76,13 @@ def byte_text_loaders(seq_len: int = 64, n_train: int = 16, n_val: int = 4, batc
 
 
 def byte_tokenizer():
-    """A transformers fast tokenizer over the 256 byte-level symbols (matches the tiny models' vocab)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A transformers fast tokenizer over the 256 byte-level symbols (matches the tiny models' vocab); it
+    decodes back to the text (byte-level decoder), as onnxruntime-genai's tokenizer does from ``tokenizer.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
