@@ -223,8 +223,8 @@ def _save_generation(model: nn.Module, directory: Path, opts: OnnxOptions, token
 
 def _save(model: nn.Module, directory: Path, options: SaveOptions) -> None:
     if options.dtype is not None and options.dtype != model_dtype(model):
-        raise ValueError("format='onnx' exports the model in its own dtype (the generation graph computes in float32); "
-                         "cast the model instead of passing dtype=.")
+        raise ValueError("format='onnx' exports the model in its own dtype (the generation graph stores float16 / "
+                         "bfloat16 tables as they are and computes in float32); cast the model instead of passing dtype=.")
     opts = options.format_options or OnnxOptions()
     if opts.graph == "logits":
         meta = {"graph": "logits", **_save_logits(model, directory)}

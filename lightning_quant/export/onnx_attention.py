@@ -44,6 +44,23 @@ class GraphBuilder:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
         return name
 
+    def table(self, hint: str, value: Tensor) -> str:
+        """A float matrix stored in its own dtype (float16 / bfloat16 stay half size on disk) and cast to
+        float32 in the graph (onnxruntime folds the cast once at load); float32 is stored as is."""
+        import torch
+        from onnx import TensorProto, helper
+
+        value = value.detach().cpu().contiguous()
+        if value.dtype == torch.float32:
+            return self.const(hint, value)
+        kinds = {torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
+        if value.dtype not in kinds:
+            return self.const(hint, value.float())
+        name = self.name(hint)
+        raw = value.view(torch.int16).numpy().tobytes()
+        self.inits.append(helper.make_tensor(name, kinds[value.dtype], list(value.shape), raw, raw=True))
+        return self.op("Cast", [name], hint, to=TensorProto.FLOAT)
+
     def op(self, op_type: str, inputs: list[str], hint: str, n_out: int = 1, domain: str = "",
            outputs: list[str] | None = None, **attrs) -> str | list[str]:
         from onnx import helper

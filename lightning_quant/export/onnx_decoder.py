@@ -27,7 +27,9 @@ linears become ``com.microsoft::MatMulNBits`` with our codes, scales and zero po
 (:func:`~lightning_quant.export.onnx.matmulnbits_operands`); act-order layers gather their input by
 the kernel permutation first, AWQ explicit input scales divide it. Float linears (``lm_head``) are a
 ``MatMul`` with the transposed weight; with tied embeddings the one ``[hidden, vocab]`` table serves
-both the lookup (``Gather`` on axis 1) and the head. Everything computes in float32.
+both the lookup (``Gather`` on axis 1) and the head; these tables keep the model's dtype on disk (a
+float16 model's file stays small) and are cast to float32 in the graph. Everything computes in float32
+(MatMulNBits scales are float32, as its float32 input requires).
 """
 
 from __future__ import annotations
@@ -132,7 +134,7 @@ def _linear(g: GraphBuilder, x: str, layer: nn.Module, name: str, accuracy_level
     if not isinstance(layer, PackedLinear):
         if not isinstance(layer, nn.Linear):
             raise TypeError(f"Layer {name!r} is a {type(layer).__name__}; the ONNX decoder holds PackedLinear or nn.Linear.")
-        y = g.op("MatMul", [x, g.const(f"{name}.weight_t", layer.weight.detach().float().t())], name)
+        y = g.op("MatMul", [x, g.table(f"{name}.weight_t", layer.weight.t())], name)
         return y if layer.bias is None else g.op("Add", [y, g.const(f"{name}.bias", layer.bias.float())], name)
     if layer.act_spec is not None:
         raise ValueError(f"Layer {name!r} quantizes activations ({layer.act_spec}); the ONNX generation graph holds "
@@ -248,12 +250,12 @@ def _tied(model: nn.Module, layout: DecoderLayout) -> bool:
 
 
 def _embed(g: GraphBuilder, model: nn.Module, layout: DecoderLayout) -> str:
-    emb = model.get_submodule(layout.embed).weight.detach().float()  # [vocab, hidden]
+    emb = model.get_submodule(layout.embed).weight  # [vocab, hidden]
     if _tied(model, layout):
-        g.tied_table = g.const(f"{layout.embed}.weight_t", emb.t())  # [hidden, vocab]: lookup and head share it
+        g.tied_table = g.table(f"{layout.embed}.weight_t", emb.t())  # [hidden, vocab]: lookup and head share it
         cols = g.op("Gather", [g.tied_table, "input_ids"], layout.embed, axis=1)  # [hidden, B, S]
         return g.op("Transpose", [cols], layout.embed, perm=[1, 2, 0])
-    return g.op("Gather", [g.const(f"{layout.embed}.weight", emb), "input_ids"], layout.embed, axis=0)
+    return g.op("Gather", [g.table(f"{layout.embed}.weight", emb), "input_ids"], layout.embed, axis=0)
 
 
 def _head(g: GraphBuilder, x: str, model: nn.Module, layout: DecoderLayout, accuracy_level: int) -> None:

@@ -207,3 +207,16 @@ def test_bad_input_names_what_is_supported(tmp_path):
     with pytest.raises(ValueError, match="quantizes activations.*options=\\{'graph': 'logits'\\}"):
         export.save(model, tmp_path / "g", "onnx")
     assert not any((tmp_path / n).exists() for n in "abcdefg")
+
+
+def test_half_model_keeps_half_tables_and_computes_in_float32(tmp_path):
+    import copy
+
+    model = _model("w4g32-sym-tied")
+    torch.nn.Module.half(model)  # embeddings, norms in float16 (the base-class cast keeps PackedLinear buffers)
+    export.save(model, tmp_path / "m", "onnx")
+    graph = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
+    assert [i.data_type for i in graph.initializer if "embed_tokens" in i.name] == [onnx.TensorProto.FLOAT16]
+    ref_model = torch.nn.Module.float(copy.deepcopy(model))  # the same float16 values, computed in float32
+    ids = _ids(1, 8)
+    torch.testing.assert_close(export.load(tmp_path / "m")(ids).logits, _reference(ref_model, ids), rtol=0, atol=ATOL)
