@@ -29,7 +29,8 @@ the kernel permutation first, AWQ explicit input scales divide it. Float linears
 ``MatMul`` with the transposed weight; with tied embeddings the one ``[hidden, vocab]`` table serves
 both the lookup (``Gather`` on axis 1) and the head; these tables keep the model's dtype on disk (a
 float16 model's file stays small) and are cast to float32 in the graph. Everything computes in float32
-(MatMulNBits scales are float32, as its float32 input requires).
+(MatMulNBits takes float32 scales with its float32 input: float16 scales are stored as float16 and cast
+in the graph, which onnxruntime folds into constants before it prepacks the weights).
 """
 
 from __future__ import annotations
@@ -145,7 +146,7 @@ def _linear(g: GraphBuilder, x: str, layer: nn.Module, name: str, accuracy_level
         x = g.op("Gather", [x, g.const(f"{name}.perm", layer.perm)], name, axis=-1)
     ops = matmulnbits_operands(layer, name)
     n, nb = ops["N"], math.ceil(ops["K"] / ops["block_size"])
-    inputs = [x, g.const(f"{name}.B", ops["B"]), g.const(f"{name}.scales", ops["scales"].reshape(n, nb))]
+    inputs = [x, g.const(f"{name}.B", ops["B"]), g.table(f"{name}.scales", ops["scales"].reshape(n, nb).to(layer.scales.dtype))]
     inputs.append(g.const(f"{name}.zero_points", ops["zero_points"].reshape(n, -1)) if "zero_points" in ops else "")
     if layer.bias is not None:
         inputs += ["", g.const(f"{name}.bias", layer.bias.float())]  # g_idx (deprecated) omitted
