@@ -220,3 +220,20 @@ def test_half_model_keeps_half_tables_and_computes_in_float32(tmp_path):
     ref_model = torch.nn.Module.float(copy.deepcopy(model))  # the same float16 values, computed in float32
     ids = _ids(1, 8)
     torch.testing.assert_close(export.load(tmp_path / "m")(ids).logits, _reference(ref_model, ids), rtol=0, atol=ATOL)
+
+
+def test_plain_attention_takes_left_padding(tmp_path):
+    model = _model("w4g32-head24")
+    export.save(model, tmp_path / "m", "onnx")
+    runner = export.load(tmp_path / "m")
+    short, long = _ids(1, 5, seed=1), _ids(1, 8, seed=2)
+    batch = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), long])  # row 0 left-padded
+    mask = torch.cat([torch.cat([torch.zeros(1, 3), torch.ones(1, 5)], 1), torch.ones(1, 8)])
+    pos = torch.cat([torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.arange(5)[None]], 1), torch.arange(8)[None]])
+    logits, past = runner.step(batch, mask, pos, runner.empty_cache(2))
+    torch.testing.assert_close(logits[0, 3:], _reference(model, short)[0], rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits[1], _reference(model, long)[0], rtol=0, atol=ATOL)
+    nxt = torch.tensor([[7], [9]])
+    logits, _ = runner.step(nxt, torch.cat([mask, torch.ones(2, 1)], 1), torch.tensor([[5], [8]]), past)
+    torch.testing.assert_close(logits[0, 0], _reference(model, torch.cat([short, nxt[:1]], 1))[0, -1], rtol=0, atol=ATOL)
+    torch.testing.assert_close(logits[1, 0], _reference(model, torch.cat([long, nxt[1:]], 1))[0, -1], rtol=0, atol=ATOL)
