@@ -32,6 +32,7 @@ CASES = {
     "w4g64-asym-actorder": (QuantSpec(4, 64, symmetric=False), 96, 32, False, True),
     "w4g32-sym-tied": (QuantSpec(4, 32, symmetric=True), 96, 32, True, False),
     "w4g128-sym-h192": (QuantSpec(4, 128, symmetric=True), 192, 48, False, False),
+    "w4g128-asym-h576-tied": (QuantSpec(4, 128, symmetric=False), 576, 64, True, False),  # SmolLM2's width: 4.5 groups
     "w8-per-channel": (QuantSpec(8, -1, symmetric=True), 96, 32, False, False),
     "w4g32-head24": (QuantSpec(4, 32, symmetric=False), 96, 24, False, False),  # plain-op attention (24 % 16 != 0)
 }
