@@ -10,7 +10,11 @@ sequence ignored); tokens/s counts the tokens after the first one (prefill exclu
 ``--eval-windows`` non-overlapping ``--seq-len`` windows of WikiText-2 test, each engine's logits
 through the same torchmetrics Perplexity (onnxruntime runs the exported graph with an empty cache).
 
-    /work/main/.venv/bin/python benchmarks/edge.py --threads 2 --num-samples 32 --eval-windows 16
+    /work/main/.venv/bin/python benchmarks/edge.py --threads 2 --num-samples 16 --eval-windows 8
+    /work/main/.venv/bin/python benchmarks/edge.py --threads 1 --speed-only   # decode rows again, reusing the exports
+
+``--speed-only`` skips GPTQ and perplexity and times the exports a previous run left in ``--work-dir``
+(a second reading of the speeds, e.g. with another thread count on a machine under other load).
 
 Goals (issue 16): onnxruntime-genai int4 decode >= 2x transformers float32; every engine's perplexity
 within 0.5 % of our own figure for the same quantized model.
@@ -67,7 +71,7 @@ def _transformers_row(model, ctx: EdgeContext, name: str) -> Row:
     return Row(name, "float32", rate, prefill, None, size, out[0, ctx.prompt.shape[1]:].tolist())
 
 
-def _genai_row(directory: Path, ctx: EdgeContext, level: int) -> Row:
+def _genai_row(directory: Path, ctx: EdgeContext, level: int, with_ppl: bool = True) -> Row:
     import onnxruntime_genai as og
 
     cfg = og.Config(str(directory))
@@ -92,7 +96,7 @@ def _genai_row(directory: Path, ctx: EdgeContext, level: int) -> Row:
     rate, prefill = decode_rate(stamps, start)
     from lightning_quant.export.onnx import OnnxCausalLM
 
-    ppl = perplexity(OnnxCausalLM(directory, threads=ctx.threads), ctx.windows)
+    ppl = perplexity(OnnxCausalLM(directory, threads=ctx.threads), ctx.windows) if with_ppl else None
     return Row("onnxruntime-genai", f"W4 g64 MatMulNBits, accuracy_level={level}", rate, prefill, ppl,
                dir_size(directory / "model.onnx"), tokens)
 
@@ -121,11 +125,17 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--work-dir", default="/tmp/lq_edge")
     p.add_argument("--engines", default="edge_gguf", help="comma list of modules with rows(ctx) (may be absent)")
+    p.add_argument("--speed-only", action="store_true", help="decode speed of the exports already in --work-dir")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     tokenizer = load_tokenizer("smollm2")
     float_model = load_causal_lm("smollm2").eval()
+    if args.speed_only:
+        args.num_samples, args.eval_windows = 0, 0
     prompt, windows, calib = _texts(tokenizer, args)
+    if args.speed_only:
+        _speed_only(float_model, tokenizer, prompt, args)
+        return
     spec = QuantSpec(4, 64, symmetric=True)
     quantized = copy.deepcopy(float_model)
     t0 = now()
@@ -161,6 +171,16 @@ def main() -> None:
         if r.ppl is not None and r is not base:
             d = 100 * abs(r.ppl / our_ppl - 1)
             print(f"goal ppl within 0.5 % ({r.engine}, {r.weights}): {d:.3f} % ({'met' if d <= 0.5 else 'NOT met'})")
+
+
+def _speed_only(float_model, tokenizer, prompt, args) -> None:
+    work = Path(args.work_dir)
+    ctx = EdgeContext(float_model, None, tokenizer, prompt, args.new_tokens, None, float("nan"), args.threads, work)
+    base = _transformers_row(float_model, ctx, "transformers generate")
+    rows = [base] + [_genai_row(work / f"onnx-a{level}", ctx, level, with_ppl=False) for level in (0, 4)]
+    print(f"\nSmolLM2-135M decode speed, {args.threads} threads, prompt {prompt.shape[1]} + {args.new_tokens} generated "
+          f"(exports from {work})\n")
+    print_table(rows, base, float("nan"))
 
 
 if __name__ == "__main__":
