@@ -3,6 +3,7 @@
     lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
                              [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
                              [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,int8,onnx}]
+                             [--export-option KEY=VALUE ...]   # the format's options, e.g. accuracy_level=4 (onnx)
     lightning-quant quantize --model DIR --method int8 --out DIR    # the spec is fixed: W8 per channel
     lightning-quant eval --model DIR --data FILE --seq-len 512 [--max-windows N]   # last line: ppl=<value>
 
@@ -20,6 +21,9 @@ layer ``in_features``, ``out_features``, ``bias``, ``act_order`` and the method'
 ``model.safetensors`` (all weights; quantized layers as ``PackedLinear`` buffers). With ``--format``
 another value, ``quantize`` writes that format with :func:`lightning_quant.export.save` instead
 (``docs/formats.md``), and ``eval`` reads it with :func:`lightning_quant.export.load`.
+``--export-option KEY=VALUE`` (repeatable) sets one of the format's options (``onnx``: ``graph``,
+``accuracy_level``, ``context_length`` of :class:`~lightning_quant.export.onnx.OnnxOptions`); values
+read as int when they are digits, ``true``/``false`` as bool, ``none`` as None, else as text.
 """
 
 from __future__ import annotations
@@ -87,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--format", default=FORMAT, choices=[FORMAT, *_export_formats()],
                    help=f"on-disk format (default {FORMAT}; others: see docs/formats.md)")
+    q.add_argument("--export-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --format (repeatable), e.g. accuracy_level=4 for onnx")
     e = sub.add_parser("eval", help="perplexity on non-overlapping windows of a text file")
     e.add_argument("--model", required=True, help="directory written by 'quantize', HF directory, .gguf or 'smollm2'")
     e.add_argument("--data", required=True, help="text file")
@@ -150,6 +156,29 @@ def _spec(args: argparse.Namespace, method):
         raise SystemExit(f"error: {e}") from None
 
 
+def _option_value(text: str):
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "none":
+        return None
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
+def _export_options(args: argparse.Namespace) -> dict | None:
+    """``--export-option KEY=VALUE`` flags as a dict (None when none are given)."""
+    items = getattr(args, "export_option", None) or []
+    if items and args.format == FORMAT:
+        raise SystemExit(f"error: --export-option needs --format (one of {_export_formats()}); {FORMAT} has no options.")
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --export-option takes KEY=VALUE, got {item!r}.")
+        out[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return out or None
+
+
 def quantize(args: argparse.Namespace) -> Path:
     """The ``quantize`` subcommand: load, calibrate, quantize, save; returns the output directory."""
     from lightning_quant.algorithms.registry import get_method
@@ -160,6 +189,14 @@ def quantize(args: argparse.Namespace) -> Path:
     _positive("seq-len", args.seq_len)
     method = get_method(args.method)
     spec = _spec(args, method)
+    export_options = _export_options(args)
+    if export_options is not None:
+        from lightning_quant.export.registry import format_options, get_format
+
+        try:
+            format_options(get_format(args.format), export_options)  # fail before quantizing, not after
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"error: --export-option: {e}") from None
     config = _method_config(method, args.act_order)
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     calib = None
@@ -176,7 +213,7 @@ def quantize(args: argparse.Namespace) -> Path:
         from lightning_quant import export
 
         try:
-            out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True)
+            out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True, options=export_options)
         except ValueError as e:
             raise SystemExit(f"error: --format {args.format}: {e}") from None
     print(f"quantized {len(weights)} layers with {args.method} ({spec}) -> {out}")

@@ -23,13 +23,15 @@ __all__ = [
 TINY_VOCAB = 256
 
 
-def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
+def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2, head_dim: int | None = None,
+               vocab: int = TINY_VOCAB, tie_word_embeddings: bool = False) -> nn.Module:
+    """4 query heads over 2 key/value heads (grouped-query); ``head_dim`` defaults to ``hidden / 4``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
+                      head_dim=head_dim or hidden // 4, tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -74,11 +76,13 @@ def byte_text_loaders(seq_len: int = 64, n_train: int = 16, n_val: int = 4, batc
 
 
 def byte_tokenizer():
-    """A transformers fast tokenizer over the 256 byte-level symbols (matches the tiny models' vocab)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A transformers fast tokenizer over the 256 byte-level symbols (matches the tiny models' vocab); it
+    decodes back to the text (byte-level decoder), as onnxruntime-genai's tokenizer does from ``tokenizer.json``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)

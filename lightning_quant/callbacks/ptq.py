@@ -45,9 +45,10 @@ class PostTrainingQuantization(Callback):
             else ``trainer.datamodule.train_dataloader()``, else the Trainer's train dataloader.
         dataloader: an explicit iterable of calibration batches (see :mod:`lightning_quant.calibration.data`).
         when: one of :data:`WHEN`.
-        export_on_fit_end: ``{"format": ..., "path": ...}`` (or an :class:`~lightning_quant.export.ExportConfig`):
-            export the quantized model at the end of ``fit`` (rank 0, atomically) with
-            :func:`lightning_quant.export.export_after_fit`.
+        export_on_fit_end: ``{"format": ..., "path": ...}`` (or an :class:`~lightning_quant.export.ExportConfig`;
+            a format's own options under ``"options"``, e.g. ``{"format": "onnx", "path": "out/edge",
+            "options": {"accuracy_level": 4}}``): export the quantized model at the end of ``fit`` (rank 0,
+            atomically) with :func:`lightning_quant.export.export_after_fit`.
         model: dotted attribute path (relative to the LightningModule) of the module to quantize, for
             unusual modules. By default the whole LightningModule is quantized, and calibration calls the
             transformers / peft model that runs the decoder blocks (e.g. ``self.model``), else the

@@ -1,7 +1,8 @@
 """Export quantized models to formats real inference stacks load, and load them back.
 
 ``save(model, path, format=...)`` writes an HF-style directory (``gptq``, ``gptq_v2``, ``awq``,
-``compressed-tensors``, ``int8``) or an ONNX model (``onnx``) atomically; ``load(path)`` reads any
+``compressed-tensors``, ``int8``) or an ONNX decoder with a KV cache that onnxruntime-genai generates
+with (``onnx``) atomically; ``load(path)`` reads any
 of them back (safetensors and JSON only, never pickle). See ``docs/formats.md``.
 """
 
@@ -18,6 +19,7 @@ from lightning_quant.export.registry import (
     SaveOptions,
     available_formats,
     detect_format,
+    format_options,
     get_format,
     register_format,
 )
@@ -45,6 +47,7 @@ def save(
     dtype: Any = None,
     max_shard_bytes: int = 5 * 1024**3,
     full_state: dict | None = None,
+    options: Any = None,
 ) -> Path:
     """Write ``model`` (with packed / int8 layers) to the directory ``path`` in ``format``.
 
@@ -60,6 +63,9 @@ def save(
         max_shard_bytes: split ``model.safetensors`` above this size.
         full_state: the full state dict of a sharded (FSDP) model, gathered on the writing rank
             (:func:`lightning_quant.export.export_after_fit` does this).
+        options: the format's own options, a dict of its fields or its options dataclass (``onnx``:
+            :class:`~lightning_quant.export.onnx.OnnxOptions`, e.g. ``{"accuracy_level": 4}``); unknown
+            keys raise naming the allowed ones.
 
     Returns:
         The export directory. The write is atomic: on any failure the previous content of
@@ -69,7 +75,8 @@ def save(
     from lightning_quant.export.io import atomic_directory
 
     fmt = get_format(format)
-    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes, full_state=full_state)
+    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes, full_state=full_state, tokenizer=tokenizer,
+                          format_options=format_options(fmt, options))
     peft_model = model if adapters.is_peft_model(model) else None
     base = model.get_base_model() if peft_model is not None else model
     hosts = adapters.tuner_hosts(base)

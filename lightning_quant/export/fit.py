@@ -1,6 +1,7 @@
 """Export at the end of ``fit``: the one helper the PTQ and QAT callbacks share.
 
-``export_on_fit_end={"format": "gptq", "path": "out/w4"}`` on a callback becomes an
+``export_on_fit_end={"format": "gptq", "path": "out/w4"}`` (or ``{"format": "onnx", "path": "out/edge",
+"options": {"accuracy_level": 4}}``) on a callback becomes an
 :class:`ExportConfig`; after conversion the callback calls :func:`export_after_fit`, which writes
 the export on global rank 0 only (atomically) and then waits at a barrier so no rank races ahead.
 """
@@ -29,6 +30,8 @@ class ExportConfig:
         overwrite: replace an existing export at ``path`` (atomically); False raises if it exists.
         dtype: ``"float16"`` / ``"bfloat16"`` / ``"float32"`` for the non-quantized tensors, or None (keep).
         tokenizer: optional tokenizer (anything with ``save_pretrained``) written next to the weights.
+        options: the format's own options as a dict (``onnx``: ``{"accuracy_level": 4}``, see
+            :class:`~lightning_quant.export.onnx.OnnxOptions`), checked here against the format.
     """
 
     format: str
@@ -36,6 +39,7 @@ class ExportConfig:
     overwrite: bool = False
     dtype: str | None = None
     tokenizer: Any = None
+    options: dict | None = None
 
     def __post_init__(self) -> None:
         from lightning_quant.export.registry import available_formats
@@ -50,6 +54,9 @@ class ExportConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {_DTYPES} or None.")
         if self.tokenizer is not None and not hasattr(self.tokenizer, "save_pretrained"):
             raise ValueError(f"tokenizer must have save_pretrained (a transformers tokenizer), got {type(self.tokenizer).__name__}.")
+        from lightning_quant.export.registry import format_options, get_format
+
+        format_options(get_format(self.format), self.options)  # raises on unknown keys / bad values now, not after fit
 
     @classmethod
     def coerce(cls, value: ExportConfig | dict | None) -> ExportConfig | None:
@@ -63,7 +70,7 @@ class ExportConfig:
         unknown = set(value) - allowed
         if unknown or not {"format", "path"} <= set(value):
             raise ValueError(f"export_on_fit_end needs keys 'format' and 'path' (optional: overwrite, dtype, "
-                             f"tokenizer); got {sorted(value)}.")
+                             f"tokenizer, options); got {sorted(value)}.")
         return cls(**value)
 
 
@@ -105,6 +112,6 @@ def export_after_fit(trainer: Any, pl_module: nn.Module, config: ExportConfig | 
         if trainer.is_global_zero:
             dtype = None if cfg.dtype is None else getattr(torch, cfg.dtype)
             out = save(model, cfg.path, cfg.format, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite, dtype=dtype,
-                       full_state=full)
+                       full_state=full, options=cfg.options)
     trainer.strategy.barrier("lightning_quant.export_after_fit")
     return out

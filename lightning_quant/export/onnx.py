@@ -10,16 +10,28 @@ weight stays packed (2/4/8 bits). Operand layout, for ``K = in``, ``N = out``, b
   (asymmetric only; symmetric omits it and onnxruntime uses ``2^(bits−1)``).
 
 ``y = x · ((q − z) · s)ᵀ`` — the same numbers as ours. Act-order layers gather ``x`` by the
-kernel permutation first (groups are then contiguous). Explicit input scales and per-token
-activation quant are exported as ordinary ONNX ops. The graph takes ``input_ids`` and
-``attention_mask`` (``[batch, seq]``, dynamic) and returns ``logits``.
+kernel permutation first (groups are then contiguous).
+
+Two graphs (:class:`OnnxOptions` ``graph``):
+
+* ``"generation"`` (default): a decoder with a KV cache in onnxruntime-genai's conventions, plus
+  ``genai_config.json`` (:mod:`lightning_quant.export.onnx_decoder`); with ``tokenizer=`` given,
+  ``onnxruntime_genai.Model(path)`` and its ``Tokenizer`` / ``Generator`` generate text from the directory.
+  ``accuracy_level`` sets MatMulNBits' compute: 0 float32 (matches our logits to float rounding), 4
+  int8 activations per block (usually the fastest decode on CPU).
+* ``"logits"``: traced with ``torch.onnx``; takes ``input_ids`` and ``attention_mask`` (``[batch, seq]``)
+  and returns ``logits``, recomputing the prefix at each call. Explicit input scales and per-token
+  activation quant are exported as ordinary ONNX ops (the generation graph refuses activation quant).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,11 +42,55 @@ from lightning_quant.export.registry import ExportFormat, SaveOptions
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.targets import set_submodule
 
-__all__ = ["ONNX", "ONNX_BITS", "OnnxCausalLM", "matmulnbits_operands"]
+__all__ = ["ACCURACY_LEVELS", "GRAPHS", "ONNX", "ONNX_BITS", "OnnxCausalLM", "OnnxOptions", "matmulnbits_operands"]
 
 ONNX_BITS = (2, 4, 8)
 _FILE = "model.onnx"
+_GENAI_CONFIG = "genai_config.json"
 _KEY = "lightning_quant_export"
+GRAPHS = ("generation", "logits")
+#: MatMulNBits ``accuracy_level``: 0 unset (input as is), 1 fp32, 2 fp16, 3 bf16, 4 int8 (CPU: int8 dot products)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)
+#: above this many bytes of initializers the graph is saved with external data (protobuf's 2 GiB limit)
+_EXTERNAL_DATA_BYTES = 1 << 30
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """Options of ``format="onnx"`` (``export.save(..., options={...})``, ``--export-option KEY=VALUE``).
+
+    Args:
+        graph: ``"generation"`` (KV cache, onnxruntime-genai) or ``"logits"`` (traced, logits only).
+        accuracy_level: MatMulNBits compute, one of :data:`ACCURACY_LEVELS` (4: int8 activations, the fast
+            CPU decode; 0: float32, our logits to float rounding). Generation graph only.
+        attention: ``"auto"`` (onnxruntime's fused ``GroupQueryAttention`` where the head size is a multiple of
+            16, else plain ONNX ops), ``"gqa"`` or ``"plain"``. Generation graph only.
+        context_length: longest sequence (prompt + generated) the generation graph supports: sizes the rotary
+            tables and ``genai_config.json``'s ``context_length`` / ``max_length``; ``None`` takes the model's
+            ``max_position_embeddings``.
+    """
+
+    graph: Literal["generation", "logits"] = "generation"
+    accuracy_level: int = 0
+    attention: Literal["auto", "gqa", "plain"] = "auto"
+    context_length: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.graph not in GRAPHS:
+            raise ValueError(f"graph={self.graph!r} is not an ONNX graph; use one of {GRAPHS}.")
+        if isinstance(self.accuracy_level, bool) or self.accuracy_level not in ACCURACY_LEVELS:
+            raise ValueError(f"accuracy_level={self.accuracy_level!r} is not supported by MatMulNBits; use one of "
+                             f"{ACCURACY_LEVELS} (4 = int8 compute on CPU, 0 = float).")
+        if self.context_length is not None and (isinstance(self.context_length, bool)
+                                                or not isinstance(self.context_length, int) or self.context_length < 1):
+            raise ValueError(f"context_length must be a positive int or None, got {self.context_length!r}.")
+        from lightning_quant.export.onnx_decoder import ATTENTIONS
+
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention={self.attention!r} is not supported; use one of {ATTENTIONS}.")
+        if self.graph == "logits" and (self.accuracy_level != 0 or self.attention != "auto"):
+            raise ValueError("accuracy_level and attention apply to graph='generation' only; drop them or use the "
+                             "generation graph.")
 
 
 def _block_size(layer: PackedLinear, name: str) -> int:
@@ -126,9 +182,7 @@ class _LogitsOnly(nn.Module):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
 
-def _save(model: nn.Module, directory: Path, options: SaveOptions) -> None:
-    if options.dtype is not None and options.dtype != model_dtype(model):
-        raise ValueError("format='onnx' exports the model in its own dtype; cast the model instead of passing dtype=.")
+def _save_logits(model: nn.Module, directory: Path) -> dict:
     layers = quantized_layers(model, PackedLinear, "onnx")
     swapped = {n: set_submodule(model, n, _OnnxPackedLinear(m, n)) for n, m in layers.items()}
     was_training = model.training
@@ -146,16 +200,49 @@ def _save(model: nn.Module, directory: Path, options: SaveOptions) -> None:
         for n, m in swapped.items():
             set_submodule(model, n, m)
         model.train(was_training)
+    return {"inputs": ["input_ids", "attention_mask"], "output": "logits"}
+
+
+def _save_generation(model: nn.Module, directory: Path, opts: OnnxOptions, tokenizer) -> dict:
+    import onnx  # build_decoder raised with the install hint if it is missing
+
+    from lightning_quant.export.onnx_decoder import build_decoder, genai_config
+
+    quantized_layers(model, PackedLinear, "onnx")  # raises when there are none, or LLM.int8 layers
+    context = opts.context_length or getattr(model.config, "max_position_embeddings", None)
+    if context is None:
+        raise ValueError("The model config has no max_position_embeddings; pass options={'context_length': N}.")
+    proto = build_decoder(model, context, opts.accuracy_level, opts.attention)
+    big = sum(len(t.raw_data) for t in proto.graph.initializer) > _EXTERNAL_DATA_BYTES
+    onnx.save_model(proto, str(directory / _FILE), save_as_external_data=big, all_tensors_to_one_file=True,
+                    location=_FILE + ".data")
+    write_json(directory / _GENAI_CONFIG, genai_config(model, _FILE, context, tokenizer))
+    return {"graph": "generation", "accuracy_level": opts.accuracy_level, "attention": opts.attention, "context_length": context,
+            "genai_config": _GENAI_CONFIG, "tokenizer": tokenizer is not None}
+
+
+def _save(model: nn.Module, directory: Path, options: SaveOptions) -> None:
+    if options.dtype is not None and options.dtype != model_dtype(model):
+        raise ValueError("format='onnx' exports the model in its own dtype (the generation graph stores float16 / "
+                         "bfloat16 tables as they are and computes in float32); cast the model instead of passing dtype=.")
+    opts = options.format_options or OnnxOptions()
+    if opts.graph == "logits":
+        meta = {"graph": "logits", **_save_logits(model, directory)}
+    else:
+        meta = _save_generation(model, directory, opts, options.tokenizer)
     cfg = model.config.to_dict() if hasattr(model, "config") else {}
-    cfg[_KEY] = {"format": "onnx", "file": _FILE, "inputs": ["input_ids", "attention_mask"], "output": "logits",
-                 "op": "com.microsoft::MatMulNBits"}
+    cfg[_KEY] = {"format": "onnx", "file": _FILE, "op": "com.microsoft::MatMulNBits", **meta}
     write_json(directory / "config.json", cfg)
 
 
 class OnnxCausalLM(nn.Module):
-    """Runs an exported ``model.onnx`` with onnxruntime (CPU); ``forward`` returns an object with ``.logits``."""
+    """Runs an exported ``model.onnx`` with onnxruntime (CPU); ``forward`` returns an object with ``.logits``.
 
-    def __init__(self, directory: str | Path) -> None:
+    For the generation graph ``forward`` runs the whole sequence with an empty cache; :meth:`step` feeds
+    new tokens with a cache (``past`` from the previous step's ``present``) and returns both.
+    """
+
+    def __init__(self, directory: str | Path, threads: int | None = None) -> None:
         super().__init__()
         try:
             import onnxruntime as ort
@@ -163,18 +250,46 @@ class OnnxCausalLM(nn.Module):
             raise ImportError("Running ONNX exports needs onnxruntime: pip install onnxruntime") from None
         directory = Path(directory)
         self.config = read_json(directory / "config.json")
-        self.session = ort.InferenceSession(str(directory / self.config[_KEY]["file"]),
-                                            providers=["CPUExecutionProvider"])
+        meta = self.config[_KEY]
+        self.graph = meta.get("graph", "logits")
+        so = ort.SessionOptions()
+        if threads is not None:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(directory / meta["file"]), so, providers=["CPUExecutionProvider"])
+        self._past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """Zero-length ``past_key_values.*`` for a first step."""
+        return {i.name: np.zeros((batch, i.shape[1], 0, i.shape[3]), np.float32) for i in self._past}
+
+    def step(self, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor,
+             past: dict[str, np.ndarray]) -> tuple[Tensor, dict[str, np.ndarray]]:
+        """One call of the generation graph: ``(logits [B, S, V], {past name: present})``."""
+        if self.graph != "generation":
+            raise ValueError("step() needs an export with graph='generation'; this one is logits-only.")
+        feeds = {"input_ids": input_ids.cpu().long().numpy(), "attention_mask": attention_mask.cpu().long().numpy(),
+                 "position_ids": position_ids.cpu().long().numpy(), **past}
+        names = [o.name for o in self.session.get_outputs()]
+        out = dict(zip(names, self.session.run(names, feeds)))
+        present = {n: out[n.replace("past_key_values.", "present.")] for n in past}
+        return torch.from_numpy(out["logits"]), present
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, **_: object):
         from transformers.modeling_outputs import CausalLMOutput
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.graph == "generation":
+            if not bool(attention_mask.bool().all()):
+                raise ValueError("The generation graph's forward takes unpadded sequences (attention_mask all ones); "
+                                 "run padded batches row by row or use step() with right padding.")
+            positions = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+            return CausalLMOutput(logits=self.step(input_ids, attention_mask, positions,
+                                                   self.empty_cache(input_ids.shape[0]))[0])
         feeds = {"input_ids": input_ids.cpu().long().numpy(), "attention_mask": attention_mask.cpu().long().numpy()}
         logits = torch.from_numpy(self.session.run(["logits"], feeds)[0])
         return CausalLMOutput(logits=logits)
 
 
-ONNX = ExportFormat(name="onnx", save=_save, load=lambda d, c: OnnxCausalLM(d),
+ONNX = ExportFormat(name="onnx", save=_save, load=lambda d, c: OnnxCausalLM(d), options=OnnxOptions,
                     detect=lambda c: isinstance(c.get(_KEY), dict) and c[_KEY].get("format") == "onnx")

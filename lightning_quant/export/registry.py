@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ExportFormat", "SaveOptions", "available_formats", "detect_format", "get_format", "register_format"]
+__all__ = ["ExportFormat", "SaveOptions", "available_formats", "detect_format", "format_options", "get_format",
+           "register_format"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,17 @@ class SaveOptions:
         full_state: the model's full state dict, for a model whose own ``state_dict()`` is sharded (FSDP:
             gathered by :func:`lightning_quant.calibration.distributed.full_state_dict`); ``None`` reads
             the model's.
+        tokenizer: the tokenizer passed to :func:`~lightning_quant.export.save` (its files are written by
+            ``save`` itself); a format may read it (its vocabulary, special ids) or require it.
+        format_options: the format's own options, an instance of :attr:`ExportFormat.options`
+            (``None`` for a format without options), built by :func:`format_options`.
     """
 
     dtype: Any = None
     max_shard_bytes: int = 5 * 1024**3
     full_state: dict | None = None
+    tokenizer: Any = None
+    format_options: Any = None
 
     def __post_init__(self) -> None:
         import torch
@@ -52,12 +59,39 @@ class ExportFormat:
         save: ``(model, directory, options) -> None`` writes into an (empty, temporary) directory.
         load: ``(directory, config) -> model`` reads it back (``config`` is the parsed config.json).
         detect: ``(config) -> bool``, True when ``config.json`` describes this format.
+        options: optional frozen dataclass of the format's own options (validated in its ``__post_init__``);
+            ``save(..., options={...})`` builds it from a dict (:func:`format_options`).
     """
 
     name: str
     save: Callable[[nn.Module, Path, SaveOptions], None]
     load: Callable[[Path, dict], Any]
     detect: Callable[[dict], bool]
+    options: type | None = None
+
+
+def format_options(fmt: ExportFormat, value: Any = None) -> Any:
+    """``fmt``'s options from ``None`` (its defaults), a dict of its fields, or an instance; ``None`` for a
+    format without options. Unknown keys raise naming the allowed ones."""
+    import dataclasses
+
+    if fmt.options is None:
+        if value:
+            raise ValueError(f"Format {fmt.name!r} takes no options, got {value!r}; formats with options: "
+                             f"{[n for n in available_formats() if get_format(n).options is not None]}.")
+        return None
+    if value is None:
+        return fmt.options()
+    if isinstance(value, fmt.options):
+        return value
+    if not isinstance(value, dict):
+        raise TypeError(f"options for format {fmt.name!r} must be a dict or {fmt.options.__name__}, got "
+                        f"{type(value).__name__}.")
+    allowed = [f.name for f in dataclasses.fields(fmt.options)]
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for format {fmt.name!r}; its options are {allowed}.")
+    return fmt.options(**value)
 
 
 #: name -> "module:attribute" of the built-in formats (imported lazily)

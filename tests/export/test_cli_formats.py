@@ -59,3 +59,21 @@ def test_format_that_cannot_hold_the_spec_exits_with_reason(model_dir, tmp_path)
         main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--bits", "8", "--group-size", "32",
               "--out", str(tmp_path / "x"), "--format", "awq"])
     assert not (tmp_path / "x").exists()
+
+
+def test_onnx_export_options(model_dir, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx")
+    _quantize(model_dir, tmp_path / "o", "onnx", extra=["--sym", "--export-option", "accuracy_level=4",
+                                                        "--export-option", "context-length=128"])
+    graph = onnx.load(str(tmp_path / "o" / "model.onnx")).graph
+    levels = {a.i for n in graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert (tmp_path / "o" / "genai_config.json").exists() and (tmp_path / "o" / "tokenizer.json").exists()
+    assert _ppl(model_dir, tmp_path / "o", capsys) > 1.0
+    with pytest.raises(SystemExit, match=r"--export-option: accuracy_level=7 is not supported by MatMulNBits"):
+        _quantize(model_dir, tmp_path / "bad", "onnx", extra=["--export-option", "accuracy_level=7"])
+    with pytest.raises(SystemExit, match="--export-option takes KEY=VALUE"):
+        _quantize(model_dir, tmp_path / "bad", "onnx", extra=["--export-option", "accuracy_level"])
+    with pytest.raises(SystemExit, match="--export-option needs --format"):
+        _quantize(model_dir, tmp_path / "bad", "lightning-quant", extra=["--export-option", "graph=logits"])
+    assert not (tmp_path / "bad").exists()

@@ -105,3 +105,19 @@ def test_gptq_callback_exports_on_fit_end(tmp_path, ids):
     assert torch.equal(export.load(tmp_path / "g")(ids).logits, module.model(ids).logits)
     with pytest.raises(ValueError, match="export_on_fit_end needs when='fit_end' or 'train_end'"):
         GPTQ(QuantSpec(4, 32), when="manual", export_on_fit_end={"format": "gptq", "path": "x"})
+
+
+def test_onnx_export_on_fit_end_takes_options(tmp_path, ids):
+    pytest.importorskip("onnxruntime")
+    cfg = {"format": "onnx", "path": str(tmp_path / "edge"), "options": {"attention": "plain", "context_length": 64}}
+    cb = ConvertAndExport(cfg)
+    module = _fit(tmp_path, [cb])
+    loaded = export.load(tmp_path / "edge")
+    meta = loaded.config["lightning_quant_export"]
+    assert (meta["graph"], meta["attention"], meta["context_length"]) == ("generation", "plain", 64)
+    assert (tmp_path / "edge" / "genai_config.json").exists()
+    torch.testing.assert_close(loaded(ids).logits, module.model(ids).logits, rtol=0, atol=1e-4)
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['bits'\] for format 'onnx'; its options are"):
+        ExportConfig("onnx", "out", options={"bits": 4})
+    with pytest.raises(ValueError, match="Format 'gptq' takes no options"):
+        ExportConfig.coerce({"format": "gptq", "path": "out", "options": {"accuracy_level": 4}})

@@ -19,22 +19,26 @@ onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
 
-def _save(model, path):
+def _save(model, path, graph="logits"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        export.save(model, path, "onnx")
+        export.save(model, path, "onnx", options={"graph": graph})
 
 
+@pytest.mark.parametrize("graph", ["logits", "generation"])
 @pytest.mark.parametrize("bits,group_size,symmetric,act_order",
                          [(4, 32, True, False), (4, 64, False, True), (8, -1, True, False), (2, 16, False, False)])
-def test_onnxruntime_matches_logits(tmp_path, bits, group_size, symmetric, act_order):
+def test_onnxruntime_matches_logits(tmp_path, bits, group_size, symmetric, act_order, graph):
     model = packed_tiny(bits, group_size, symmetric, act_order)
-    _save(model, tmp_path / "m")
-    graph = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
+    _save(model, tmp_path / "m", graph)
+    proto = onnx.load(str(tmp_path / "m" / "model.onnx")).graph
     n_packed = sum(isinstance(m, PackedLinear) for m in model.modules())
-    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in graph.node) == n_packed
-    big_float = [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
-    assert len(big_float) == 2  # embeddings + the unquantized lm_head: no float copy of a packed weight
+    assert sum(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in proto.node) == n_packed
+    # float matrices: embeddings + the unquantized lm_head (+ the generation graph's scales and rotary tables),
+    # never a float copy of a packed weight
+    big_float = [i.name for i in proto.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2
+                 and ".scales" not in i.name and not i.name.startswith(("cos_cache", "sin_cache"))]
+    assert len(big_float) == 2, big_float
     runner = export.load(tmp_path / "m")
     ids = torch.randint(0, 256, (3, 10), generator=torch.Generator().manual_seed(1))  # other shape than traced
     mask = torch.ones_like(ids)
