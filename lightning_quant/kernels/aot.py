@@ -50,6 +50,10 @@ class KernelBuild:
     registers: int
     spill_bytes: int
     mma_version: int | None
+    #: SASS instructions (one warp issue each) in the main loop's body, see :func:`main_loop_instructions`
+    loop_instructions: int | None = None
+    #: the loop body's opcode counts (``{"LDG": 2, "FFMA": 64, ...}``), for reading where issue slots go
+    loop_opcodes: tuple = ()
 
     @property
     def fits_shared_memory(self) -> bool:
@@ -113,8 +117,52 @@ def compile_kernel(jit_fn, signature: dict[str, str], constants: dict, *, num_wa
                             options={"num_warps": num_warps, "num_stages": num_stages})
     regs, spills = _ptxas_resources(kernel.asm["ptx"], arch)
     mma = re.search(r"versionMajor = (\d)", kernel.asm["ttgir"])
+    loop = main_loop_instructions(disassemble(kernel.asm["cubin"]))
     return KernelBuild(name or jit_fn.__name__, arch, dict(constants), num_warps, num_stages,
-                       int(kernel.metadata.shared), regs, spills, int(mma.group(1)) if mma else None)
+                       int(kernel.metadata.shared), regs, spills, int(mma.group(1)) if mma else None,
+                       None if loop is None else sum(loop.values()), tuple(sorted(loop.items())) if loop else ())
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, from the Triton wheel's own ``nvdisasm`` (``-c``: code only)."""
+    from triton.backends.nvidia import compiler as nv
+
+    tool = Path(nv.__file__).parent / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.cubin")
+        src.write_bytes(cubin)
+        proc = subprocess.run([str(tool), "-c", str(src)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+_BRANCH = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+
+
+def main_loop_instructions(sass: str) -> dict[str, int] | None:
+    """Opcode counts of the kernel's main loop: the innermost backward branch whose body loads from
+    global memory (``LDG``, or ``UTMALDG``/``LDGSTS`` when pipelined), the largest such when several.
+    ``None`` when the kernel has no loop. Each SASS instruction is one warp-instruction issue."""
+    lines = sass.splitlines()
+    labels = {ln.rstrip(":").strip(): i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:", ln.strip())}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = _BRANCH.search(ln)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    inner = [(a, b) for a, b in loops if not any(a < c < d <= b and (c, d) != (a, b) for c, d in loops)]
+    best = None
+    for a, b in inner:
+        ops: dict[str, int] = {}
+        for ln in lines[a:b + 1]:
+            m = _SASS_LINE.match(ln)
+            if m:
+                ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+        if any(k in ops for k in ("LDG", "LDGSTS", "UTMALDG")) and (best is None or sum(ops.values()) > sum(best.values())):
+            best = ops
+    return best
 
 
 def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
