@@ -30,7 +30,8 @@ import torch
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "int8_builds", "wq_builds"]
+__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "disassemble", "gemv_builds", "int8_builds",
+           "main_loop_instructions", "wq_builds"]
 
 #: Largest dynamic shared memory one block may use, bytes, by compute capability (CUDA guide, table 21).
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -65,7 +66,8 @@ class KernelBuild:
         split = self.constants.get("SPLIT_K")
         return (f"{self.name:<13} {blocks:<12} {'' if split is None else f'split {split}':<9} "
                 f"warps {self.num_warps} stages {self.num_stages}  smem {self.shared_bytes / 1024:6.1f} KiB  "
-                f"regs {self.registers:3d}  spill {self.spill_bytes:5d} B  mma v{self.mma_version}")
+                f"regs {self.registers:3d}  spill {self.spill_bytes:5d} B  mma v{self.mma_version}  "
+                f"loop {self.loop_instructions} instr")
 
 
 def _ptxas(arch: int) -> str:
@@ -188,6 +190,24 @@ def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4,
     return builds
 
 
+def gemv_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
+                symmetric: bool = False, bias: bool = True, act_order: bool = False, rows: int = 1) -> list[KernelBuild]:
+    """Every autotune config of :mod:`~lightning_quant.kernels.wq_gemv` that its group-size pre-filter keeps
+    (scales in the activation dtype, as ``PackedLinear`` stores them for float16 models)."""
+    from lightning_quant.kernels import wq_gemv as gv
+
+    triton, _ = _runtime.load_triton()
+    jit = gv._build(False)["jit"]
+    t = _TRITON_DTYPE[dtype]
+    sig = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "s_ptr": f"*{t}", "z_ptr": "*i32", "b_ptr": f"*{t}", "p_ptr": "*i64",
+           "out_ptr": f"*{t}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_zg": "i32"}
+    launch = gv.gemv_constants(bits, not symmetric, bias, act_order, group_size, dtype, dtype, rows)
+    return [compile_kernel(jit, sig, {**launch, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           arch=arch, aligned=("N", "K", "stride_zg"), name="wq-gemv")
+            for cfg in gv.prune_gemv(gv.gemv_configs(triton), {"GROUP_SIZE": launch["GROUP_SIZE"]})]
+
+
 def int8_builds(arch: int = 90) -> list[KernelBuild]:
     """Every autotune config of :mod:`~lightning_quant.kernels.int8_matmul`."""
     from lightning_quant.kernels import int8_matmul as i8
@@ -206,11 +226,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--family", choices=["all", "wq", "int8"], default="all")
+    p.add_argument("--family", choices=["all", "wq", "gemv", "int8"], default="all")
+    p.add_argument("--profile", action="store_true",
+                   help="static profile at the goal shape: main-loop instructions per weight, launches per call, "
+                        "spills, shared memory, registers (lightning_quant.kernels.profile)")
     args = p.parse_args(argv)
+    if args.profile:
+        from lightning_quant.kernels.profile import profile
+
+        profile(args.arch)
+        return
     builds = []
     if args.family in ("all", "wq"):
         builds += wq_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
+    if args.family in ("all", "gemv"):
+        builds += gemv_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
     if args.family in ("all", "int8"):
         builds += int8_builds(args.arch)
     for b in builds:

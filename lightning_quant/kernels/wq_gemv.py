@@ -210,7 +210,7 @@ def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, p
             if config is None:
                 raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_N': .., 'BLOCK_K': .., 'SPLIT_K': ..}.")
             cfg = {"SPLIT_K": 1, **config}
-            kernels["jit"][(-(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"])](*args, **const, **cfg)
+            _runtime.launch(kernels["jit"], (-(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"]), *args, **const, **cfg)
         else:
-            kernels["tuned"][lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"])](*args, **const)
+            _runtime.launch(kernels["tuned"], lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"]), *args, **const)
     return out

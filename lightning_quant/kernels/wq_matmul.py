@@ -268,13 +268,13 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
         config = {"SPLIT_K": 1, **config}
         grid = (_cdiv(m, config["BLOCK_M"]), _cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
         with _runtime.on_device(x):
-            kernels["jit"][grid](*args, **const, **config)
+            _runtime.launch(kernels["jit"], grid, *args, **const, **config)
     else:
         def grid(meta):
             return (_cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         with _runtime.on_device(x):
-            kernels[path][grid](*args, **const)
+            _runtime.launch(kernels[path], grid, *args, **const)
     return out.to(x.dtype) if atomic else out
 
 
