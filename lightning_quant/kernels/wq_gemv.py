@@ -45,7 +45,7 @@ from lightning_quant.kernels import _runtime
 __all__ = ["GEMV_MAX_ROWS", "gemv_configs", "gemv_constants", "prune_gemv", "wq_gemv"]
 
 #: Inputs with at most this many rows take the GEMV (``path="gemv"``) under ``path="auto"``.
-GEMV_MAX_ROWS = 8
+GEMV_MAX_ROWS = 4
 _PER_CHANNEL_GROUP = 1 << 30
 _HALF_CODE = {torch.float16: 1}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
@@ -132,17 +132,20 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
 def gemv_configs(triton) -> list:
     """``(BLOCK_N, BLOCK_K, SPLIT_K, warps)``: ``BLOCK_N = 128·warps`` keeps each warp on its own
     128 outputs (4 words per thread, one 16-byte load per word row) so the ``K`` sums stay in-thread."""
-    shapes = [(128, 64, 1, 1), (128, 128, 4, 1), (256, 64, 1, 2), (256, 128, 4, 2), (256, 128, 8, 2),
-              (512, 64, 4, 4), (512, 128, 8, 4), (128, 32, 8, 1)]
+    shapes = [(128, 64, 1, 1), (128, 64, 4, 1), (128, 32, 8, 1), (256, 64, 1, 2), (256, 64, 4, 2),
+              (512, 64, 4, 4), (128, 16, 8, 1), (256, 16, 8, 2)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=3)
             for n, k, sk, w in shapes]
 
 
 def prune_gemv(configs: list, named_args: dict, **kwargs) -> list:
-    """Keep configs whose ``BLOCK_K`` divides the group size (one scale row per step), if any do."""
+    """Keep the configs whose ``BLOCK_K`` divides the group size (one scale row per step) and whose
+    activation chunk fits in registers, ``BLOCK_M · BLOCK_K <= 64`` (every thread holds the chunk of
+    all rows: 8 rows x 64 would spill); relax each rule when no config meets it."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
-    aligned = [c for c in configs if group is not None and group % c.kwargs["BLOCK_K"] == 0]
-    return aligned or list(configs)
+    rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
+    aligned = [c for c in configs if group is not None and group % c.kwargs["BLOCK_K"] == 0] or list(configs)
+    return [c for c in aligned if rows * c.kwargs["BLOCK_K"] <= 64] or aligned
 
 
 def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_size: int, x_dtype: torch.dtype,

@@ -65,3 +65,26 @@ def test_command_line_prints_one_row_per_config(capsys):
 def test_ptxas_failure_names_the_target():
     with pytest.raises(RuntimeError, match=r"ptxas failed for sm_90a \(exit [1-9]"):
         aot._ptxas_resources("this is not PTX", 90)
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_gemv_configs_compile_for_sm90_without_spills(rows):
+    """W4 g128 asymmetric act-order float16 with bias (the heaviest variant) at 1 and 4 rows."""
+    builds = aot.gemv_builds(90, torch.float16, 4, 128, symmetric=False, bias=True, act_order=True, rows=rows)
+    _check(builds)
+    assert all(b.mma_version is None and b.loop_instructions for b in builds)  # no tensor cores; a main loop
+
+
+def test_main_loop_is_the_innermost_loop_that_loads():
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, R2 ;",
+        ".L_x_0:",
+        "        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",
+        "        /*0020*/                   FFMA R5, R4, R4, R5 ;",
+        "        /*0030*/              @!P0 BRA `(.L_x_0) ;",
+        ".L_x_1:",
+        "        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;",
+        "        /*0050*/               @P1 BRA `(.L_x_1) ;",
+    ])
+    assert aot.main_loop_instructions(sass) == {"LDG": 1, "FFMA": 1, "BRA": 1}
+    assert aot.main_loop_instructions("        /*0000*/                   EXIT ;") is None
