@@ -3,6 +3,8 @@ fits in shared memory and does not spill registers; Hopper tiles use ``wgmma``."
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
@@ -76,15 +78,15 @@ def test_gemv_configs_compile_for_sm90_without_spills(rows):
 
 
 def test_main_loop_is_the_innermost_loop_that_loads():
-    sass = "\n".join([
-        "        /*0000*/                   MOV R1, R2 ;",
-        ".L_x_0:",
-        "        /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",
-        "        /*0020*/                   FFMA R5, R4, R4, R5 ;",
-        "        /*0030*/              @!P0 BRA `(.L_x_0) ;",
-        ".L_x_1:",
-        "        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;",
-        "        /*0050*/               @P1 BRA `(.L_x_1) ;",
-    ])
+    sass = textwrap.dedent("""\
+                /*0000*/                   MOV R1, R2 ;
+        .L_x_0:
+                /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+                /*0020*/                   FFMA R5, R4, R4, R5 ;
+                /*0030*/              @!P0 BRA `(.L_x_0) ;
+        .L_x_1:
+                /*0040*/                   IADD3 R1, R1, 0x1, RZ ;
+                /*0050*/               @P1 BRA `(.L_x_1) ;
+        """)
     assert aot.main_loop_instructions(sass) == {"LDG": 1, "FFMA": 1, "BRA": 1}
     assert aot.main_loop_instructions("        /*0000*/                   EXIT ;") is None

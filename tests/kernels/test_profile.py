@@ -20,12 +20,12 @@ from lightning_quant.kernels.wq_matmul import wq_linear_triton
 def _meta_operands(m, k, n, bits, group, asym, act_order, bias, dtype=torch.float16):
     meta = {"device": "meta"}
     groups = 1 if group == -1 else k // group
-    return dict(x=torch.empty(m, k, dtype=dtype, **meta),
-                qweight=torch.empty(packing.packed_len(k, bits), n, dtype=torch.int32, **meta),
-                scales=torch.empty(groups, n, dtype=dtype, **meta),
-                qzeros=torch.empty(groups, packing.packed_len(n, bits), dtype=torch.int32, **meta) if asym else None,
-                perm=torch.empty(k, dtype=torch.int64, **meta) if act_order else None,
-                bias=torch.empty(n, dtype=dtype, **meta) if bias else None)
+    return {"x": torch.empty(m, k, dtype=dtype, **meta),
+                "qweight": torch.empty(packing.packed_len(k, bits), n, dtype=torch.int32, **meta),
+                "scales": torch.empty(groups, n, dtype=dtype, **meta),
+                "qzeros": torch.empty(groups, packing.packed_len(n, bits), dtype=torch.int32, **meta) if asym else None,
+                "perm": torch.empty(k, dtype=torch.int64, **meta) if act_order else None,
+                "bias": torch.empty(n, dtype=dtype, **meta) if bias else None}
 
 
 @pytest.mark.parametrize("m", range(1, GEMV_MAX_ROWS + 1))
