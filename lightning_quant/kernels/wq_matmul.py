@@ -8,8 +8,9 @@
 * ``qzeros`` int32 ``[G, ceil(N·b/32)]`` (:func:`~lightning_quant.packing.pack_cols`) or ``None``
   (symmetric: implicit zero ``2^(b-1)``);
 * ``perm`` int64 ``[K]`` or ``None`` — act-order: kernel column ``k`` multiplies input feature
-  ``perm[k]``. The Triton path gathers the input once per call; the kernel's group of column ``k``
-  is always ``k // group_size`` (contiguous groups), so scales are never gathered by ``g_idx``.
+  ``perm[k]``. The tensor-core paths gather the input once per call, the GEMV inside the kernel;
+  the group of kernel column ``k`` is always ``k // group_size`` (contiguous groups), so scales are
+  never gathered by ``g_idx``.
 
 Dequantization is ``w = (q − z)·s`` in float32 (the project's one convention, see
 :mod:`lightning_quant.spec`), cast to the activation dtype, then multiplied with float32 accumulation
@@ -18,12 +19,17 @@ each packed word is loaded once (``[BLOCK_K·b/32, BLOCK_N]`` int32) and unpacke
 scales come as one row when the block lies inside a group, as one row per group broadcast over
 the block when whole groups fit in it, and per element only for groups straddling blocks (e.g. 48).
 
-Two launch paths share one kernel, dispatched by rows:
+Three launch paths, dispatched by rows (:func:`select_path`):
 
-* ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program;
-* ``"splitk"`` (decode, ``M <= 16``): ``BLOCK_M = 16`` and the ``K`` loop split over ``SPLIT_K``
-  programs that ``atomic_add`` float32 partials — a GEMV that keeps all SMs busy streaming the
-  weight when ``N / BLOCK_N`` alone would leave most idle.
+* ``"gemv"`` (decode, ``M <= 4``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
+  launch per call (act-order gather, bias and cast inside the kernel);
+* ``"splitk"`` (``4 < M <= 16``): this kernel with ``BLOCK_M = 16`` and the ``K`` loop split over
+  ``SPLIT_K`` programs that ``atomic_add`` (relaxed) float32 partials into a zeroed buffer, then a
+  cast — three launches (four with act-order: the input gather);
+* ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program.
+
+Row and output offsets are int64 (``M·K`` or ``M·N`` may pass ``2^31``: a 128k-vocabulary head at
+16k tokens).
 
 The pure-torch :func:`wq_linear_reference` (dequantize, then ``F.linear``) is the CPU path and the
 tests' oracle. The ``torch.library`` op ``lightning_quant::wq_linear`` runs the reference on CPU and
