@@ -91,12 +91,19 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
             z = (zw >> zsh) & QMASK
         else:
             z = tl.full((1, 1, 1), 1 << (BITS - 1), tl.int32)
-        codes = (words[:, None, :] >> shifts) & QMASK  # [WR, PER, BLOCK_N]
         if HALF == 1:  # float16 magic number: 1024 + q exactly, minus 1024 + z, one rounding in the multiply
-            qh = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+            # two codes per 32-bit op: code j in the low half, code j + PER/2 in the high half
+            PER2: tl.constexpr = PER // 2
+            pair = (words[:, None, :] >> (tl.arange(0, PER2) * BITS)[None, :, None]) & (QMASK | (QMASK << 16))
+            pair = pair | 0x64006400  # [WR, PER/2, BLOCK_N]
+            lo = pair.to(tl.int16).to(tl.float16, bitcast=True)
+            hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+            q4 = tl.permute(tl.join(lo, hi), (0, 3, 1, 2))  # [WR, 2, PER/2, BLOCK_N]: k = r·PER + half·PER/2 + j
+            qh = tl.reshape(q4, (WR, PER, BLOCK_N))
             zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
             w = ((qh - zh) * s.to(tl.float16)).to(tl.float32)
         else:  # float32 magic number: 2^23 + q exactly, minus 2^23 + z; the reference's cast to x's dtype
+            codes = (words[:, None, :] >> shifts) & QMASK  # [WR, PER, BLOCK_N]
             qf = (codes | 0x4B000000).to(tl.float32, bitcast=True)
             zf = (z | 0x4B000000).to(tl.float32, bitcast=True)
             w = ((qf - zf) * s.to(tl.float32)).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
