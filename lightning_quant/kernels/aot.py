@@ -205,8 +205,7 @@ def gemv_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 
     launch = gv.gemv_constants(bits, not symmetric, bias, act_order, group_size, dtype, dtype, rows)
     return [compile_kernel(jit, sig, {**launch, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                            arch=arch, aligned=("N", "K", "stride_zg"), name="wq-gemv")
-            for cfg in gv.prune_gemv(gv.gemv_configs(triton), {"GROUP_SIZE": launch["GROUP_SIZE"],
-                                                               "BLOCK_M": launch["BLOCK_M"]})]
+            for cfg in gv.prune_gemv(gv.gemv_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BLOCK_M", "BITS")})]
 
 
 def int8_builds(arch: int = 90) -> list[KernelBuild]:

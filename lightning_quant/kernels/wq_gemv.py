@@ -45,7 +45,7 @@ from lightning_quant.kernels import _runtime
 __all__ = ["GEMV_MAX_ROWS", "gemv_configs", "gemv_constants", "prune_gemv", "wq_gemv"]
 
 #: Inputs with at most this many rows take the GEMV (``path="gemv"``) under ``path="auto"``.
-GEMV_MAX_ROWS = 4
+GEMV_MAX_ROWS = 8
 _PER_CHANNEL_GROUP = 1 << 30
 _HALF_CODE = {torch.float16: 1}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
@@ -140,19 +140,25 @@ def gemv_configs(triton) -> list:
     """``(BLOCK_N, BLOCK_K, SPLIT_K, warps)``: ``BLOCK_N = 128·warps`` keeps each warp on its own
     128 outputs (4 words per thread, one 16-byte load per word row) so the ``K`` sums stay in-thread."""
     shapes = [(128, 64, 1, 1), (128, 64, 4, 1), (128, 32, 8, 1), (256, 64, 1, 2), (256, 64, 4, 2),
-              (512, 64, 4, 4), (128, 16, 8, 1), (256, 16, 8, 2)]
+              (512, 64, 4, 4), (128, 16, 8, 1), (256, 16, 8, 2), (128, 8, 8, 1), (256, 8, 16, 2)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=3)
             for n, k, sk, w in shapes]
 
 
 def prune_gemv(configs: list, named_args: dict, **kwargs) -> list:
-    """Keep the configs whose ``BLOCK_K`` divides the group size (one scale row per step) and whose
-    activation chunk fits in registers, ``BLOCK_M · BLOCK_K <= 64`` (every thread holds the chunk of
-    all rows: 8 rows x 64 would spill); relax each rule when no config meets it."""
-    group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
-    rows = kwargs.get("BLOCK_M", named_args.get("BLOCK_M", 1))
-    aligned = [c for c in configs if group is not None and group % c.kwargs["BLOCK_K"] == 0] or list(configs)
-    return [c for c in aligned if rows * c.kwargs["BLOCK_K"] <= 64] or aligned
+    """Autotune pre-filter: ``BLOCK_K`` must hold whole words (``>= 32/bits`` codes); prefer the configs
+    whose ``BLOCK_K`` divides the group size (one scale row per step), then those whose activation
+    chunk fits in registers, ``BLOCK_M · BLOCK_K <= 64`` (every thread holds the chunk of all rows:
+    8 rows x 64 spill KiBs), else the smallest ``BLOCK_K``."""
+    def arg(name, default=None):
+        return kwargs.get(name, named_args.get(name, default))
+
+    group, rows, per = arg("GROUP_SIZE"), arg("BLOCK_M", 1), 32 // arg("BITS", 4)
+    whole = [c for c in configs if c.kwargs["BLOCK_K"] >= per]
+    aligned = [c for c in whole if group is not None and group % c.kwargs["BLOCK_K"] == 0] or whole
+    fit = [c for c in aligned if rows * c.kwargs["BLOCK_K"] <= 64]
+    smallest = min(c.kwargs["BLOCK_K"] for c in aligned)
+    return fit or [c for c in aligned if c.kwargs["BLOCK_K"] == smallest]
 
 
 def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_size: int, x_dtype: torch.dtype,
@@ -220,6 +226,8 @@ def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, p
             if config is None:
                 raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_N': .., 'BLOCK_K': .., 'SPLIT_K': ..}.")
             cfg = {"SPLIT_K": 1, **config}
+            if cfg["BLOCK_K"] % (32 // bits):
+                raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must be a multiple of 32/bits = {32 // bits} (whole words).")
             _runtime.launch(kernels["jit"], (-(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"]), *args, **const, **cfg)
         else:
             _runtime.launch(kernels["tuned"], lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"]), *args, **const)

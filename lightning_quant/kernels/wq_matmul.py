@@ -21,9 +21,9 @@ the block when whole groups fit in it, and per element only for groups straddlin
 
 Three launch paths, dispatched by rows (:func:`select_path`):
 
-* ``"gemv"`` (decode, ``M <= 4``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
+* ``"gemv"`` (decode, ``M <= 8``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
   launch per call (act-order gather, bias and cast inside the kernel);
-* ``"splitk"`` (``4 < M <= 16``): this kernel with ``BLOCK_M = 16`` and the ``K`` loop split over
+* ``"splitk"`` (``8 < M <= 16``): this kernel with ``BLOCK_M = 16`` and the ``K`` loop split over
   ``SPLIT_K`` programs that ``atomic_add`` (relaxed) float32 partials into a zeroed buffer, then a
   cast — three launches (four with act-order: the input gather);
 * ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program.

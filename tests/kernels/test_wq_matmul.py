@@ -108,7 +108,7 @@ def _cuda_case(m, spec, act_order, dtype, n=1376):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("m", [1, 3, 16, 64, 333])
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 64, 333])
 @pytest.mark.parametrize("spec,act_order,dtype", [
     (QuantSpec(4, 128), False, torch.float16), (QuantSpec(4, 128, False), True, torch.float16),
     (QuantSpec(8, -1, False), False, torch.float16), (QuantSpec(8, 128), True, torch.float16),
@@ -164,3 +164,16 @@ def test_importing_the_package_does_not_import_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2]).stdout
     assert out.strip() == "False"
+
+
+def test_gemv_prefilter_whole_words_group_alignment_and_registers():
+    from types import SimpleNamespace
+
+    from lightning_quant.kernels.wq_gemv import prune_gemv
+
+    configs = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (8, 16, 32, 64)]
+    ks = lambda **kw: [c.kwargs["BLOCK_K"] for c in prune_gemv(configs, {}, **kw)]
+    assert ks(GROUP_SIZE=128, BLOCK_M=1, BITS=4) == [8, 16, 32, 64]
+    assert ks(GROUP_SIZE=128, BLOCK_M=8, BITS=4) == [8]  # 8 rows x 8 codes: the chunk fits in registers
+    assert ks(GROUP_SIZE=48, BLOCK_M=1, BITS=4) == [8, 16]  # steps inside one group of 48
+    assert ks(GROUP_SIZE=128, BLOCK_M=8, BITS=2) == [16]  # 16 two-bit codes per word: none fits, the smallest
