@@ -26,6 +26,7 @@ from lightning_quant.spec import QuantSpec
 __all__ = [
     "DEFAULT_THRESHOLD",
     "INT8_ROWWISE",
+    "MAX_OUTLIER_COLUMNS",
     "absmax_quantize_rows",
     "check_threshold",
     "int8_outlier_matmul",
@@ -40,6 +41,9 @@ __all__ = [
 INT8_ROWWISE = QuantSpec(bits=8, group_size=-1, symmetric=True, scale_dtype="float32")
 #: Lightning's and the paper's outlier threshold (bitsandbytes' own default is 0.0).
 DEFAULT_THRESHOLD = 6.0
+#: Width of the float outlier path of :func:`int8_outlier_matmul` (static, so no host sync decides it);
+#: the paper reports at most a few dozen outlier feature dimensions per layer up to 13B parameters.
+MAX_OUTLIER_COLUMNS = 128
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -95,25 +99,38 @@ def outlier_columns(x: Tensor, threshold: float) -> Tensor:
     return (x.abs() > threshold).any(dim=0)
 
 
-def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float,
+                        max_outliers: int = MAX_OUTLIER_COLUMNS) -> tuple[Tensor, Tensor]:
     """LLM.int8 product ``x [M, in] @ W^T`` for ``W = codes * SCB / 127``: returns ``(y float32 [M, out], outliers [in])``.
 
     ``y = X_o W_o^T + (round(X_r·127/a) @ codes_r^T) · a/127 · SCB/127`` where ``o`` are the outlier
     columns (float path with dequantized weights) and ``r`` the rest (int8 x int8 -> int32 through
     :func:`lightning_quant.kernels.int8_matmul.int8_matmul`, ``a`` the per-token absmax of ``X_r``).
+
+    Without a host sync: the float path has a static width of ``min(in, max_outliers)`` columns
+    (``nonzero_static``; unused slots multiply zeros), so no ``bool(outliers.any())`` waits for the
+    GPU. Outlier columns beyond the first ``max_outliers`` (in feature order) stay on the int8 path;
+    ``outliers`` still marks every column above the threshold.
     """
     from lightning_quant.kernels.int8_matmul import int8_matmul
 
     xf = x.float()
     outliers = outlier_columns(xf, threshold)
-    has_outliers = bool(outliers.any())
-    x_rest = xf.masked_fill(outliers, 0.0) if has_outliers else xf
+    width = min(x.shape[-1], max_outliers) if threshold > 0.0 else 0
+    if width:
+        kept = outliers & (torch.cumsum(outliers, 0) <= width)  # [in]: the first `width` outlier columns
+        idx = torch.nonzero_static(kept, size=width, fill_value=0).squeeze(1)  # [width], padded with column 0
+        valid = torch.arange(width, device=x.device) < kept.sum()  # [width]: False on the padding
+        x_o = xf.index_select(1, idx) * valid  # [M, width]
+        x_rest = xf.masked_fill(kept, 0.0)
+    else:
+        x_rest = xf
     a_codes, a_absmax = absmax_quantize_rows(x_rest)  # [M, in] int8, [M]
     acc = int8_matmul(a_codes, codes)  # [M, out] int32
     y = acc.float() * (a_absmax / 127.0).unsqueeze(1) * (scb.float() / 127.0).unsqueeze(0)
-    if has_outliers:
-        w_o = codes[:, outliers].float() * (scb.float() / 127.0).unsqueeze(1)  # [out, n_outliers]
-        y = y + xf[:, outliers] @ w_o.t()
+    if width:
+        w_o = codes.index_select(1, idx).float() * (scb.float() / 127.0).unsqueeze(1)  # [out, width]
+        y = y + x_o @ w_o.t()
     return y, outliers
 
 

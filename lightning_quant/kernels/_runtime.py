@@ -20,8 +20,8 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["FORCE_REFERENCE_ENV", "check_device", "force_reference_from_env", "interpreting", "load_triton",
-           "on_device", "reference_forced"]
+__all__ = ["FORCE_REFERENCE_ENV", "check_device", "force_reference_from_env", "interpreting", "launch", "load_triton",
+           "on_device", "recording_launches", "reference_forced"]
 
 FORCE_REFERENCE_ENV = "LIGHTNING_QUANT_FORCE_REFERENCE"
 _TRUE = {"1", "true", "yes", "on"}
@@ -66,3 +66,26 @@ def check_device(*tensors: Tensor | None) -> torch.device:
 def on_device(t: Tensor):
     """Context making ``t``'s CUDA device current (Triton launches on the current device); no-op on CPU."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+_RECORDER: list | None = None
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)``: every Triton launch of the package goes through here, so
+    :func:`recording_launches` can count them (and skip them) on a machine without a GPU."""
+    if _RECORDER is not None:
+        _RECORDER.append(getattr(getattr(kernel, "fn", kernel), "__name__", str(kernel)))
+        return
+    kernel[grid](*args, **kwargs)
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Within the block, Triton launches are recorded by kernel name (in the yielded list) instead of run."""
+    global _RECORDER
+    previous, _RECORDER = _RECORDER, []
+    try:
+        yield _RECORDER
+    finally:
+        _RECORDER = previous

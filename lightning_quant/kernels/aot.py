@@ -30,7 +30,8 @@ import torch
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "int8_builds", "wq_builds"]
+__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "disassemble", "gemv_builds", "int8_builds",
+           "main_loop_instructions", "wq_builds"]
 
 #: Largest dynamic shared memory one block may use, bytes, by compute capability (CUDA guide, table 21).
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -50,6 +51,10 @@ class KernelBuild:
     registers: int
     spill_bytes: int
     mma_version: int | None
+    #: SASS instructions (one warp issue each) in the main loop's body, see :func:`main_loop_instructions`
+    loop_instructions: int | None = None
+    #: the loop body's opcode counts (``{"LDG": 2, "FFMA": 64, ...}``), for reading where issue slots go
+    loop_opcodes: tuple = ()
 
     @property
     def fits_shared_memory(self) -> bool:
@@ -61,7 +66,8 @@ class KernelBuild:
         split = self.constants.get("SPLIT_K")
         return (f"{self.name:<13} {blocks:<12} {'' if split is None else f'split {split}':<9} "
                 f"warps {self.num_warps} stages {self.num_stages}  smem {self.shared_bytes / 1024:6.1f} KiB  "
-                f"regs {self.registers:3d}  spill {self.spill_bytes:5d} B  mma v{self.mma_version}")
+                f"regs {self.registers:3d}  spill {self.spill_bytes:5d} B  mma v{self.mma_version}  "
+                f"loop {self.loop_instructions} instr")
 
 
 def _ptxas(arch: int) -> str:
@@ -113,8 +119,52 @@ def compile_kernel(jit_fn, signature: dict[str, str], constants: dict, *, num_wa
                             options={"num_warps": num_warps, "num_stages": num_stages})
     regs, spills = _ptxas_resources(kernel.asm["ptx"], arch)
     mma = re.search(r"versionMajor = (\d)", kernel.asm["ttgir"])
+    loop = main_loop_instructions(disassemble(kernel.asm["cubin"]))
     return KernelBuild(name or jit_fn.__name__, arch, dict(constants), num_warps, num_stages,
-                       int(kernel.metadata.shared), regs, spills, int(mma.group(1)) if mma else None)
+                       int(kernel.metadata.shared), regs, spills, int(mma.group(1)) if mma else None,
+                       None if loop is None else sum(loop.values()), tuple(sorted(loop.items())) if loop else ())
+
+
+def disassemble(cubin: bytes) -> str:
+    """SASS text of a cubin, from the Triton wheel's own ``nvdisasm`` (``-c``: code only)."""
+    from triton.backends.nvidia import compiler as nv
+
+    tool = Path(nv.__file__).parent / "bin" / "nvdisasm"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp, "kernel.cubin")
+        src.write_bytes(cubin)
+        proc = subprocess.run([str(tool), "-c", str(src)], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvdisasm failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
+    return proc.stdout
+
+
+_SASS_LINE = re.compile(r"^\s*/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(\.[A-Z0-9_.]+)?")
+_BRANCH = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+
+
+def main_loop_instructions(sass: str) -> dict[str, int] | None:
+    """Opcode counts of the kernel's main loop: the innermost backward branch whose body loads from
+    global memory (``LDG``, or ``UTMALDG``/``LDGSTS`` when pipelined), the largest such when several.
+    ``None`` when the kernel has no loop. Each SASS instruction is one warp-instruction issue."""
+    lines = sass.splitlines()
+    labels = {ln.rstrip(":").strip(): i for i, ln in enumerate(lines) if re.match(r"^\.L_x_\d+:", ln.strip())}
+    loops = []
+    for i, ln in enumerate(lines):
+        m = _BRANCH.search(ln)
+        if m and labels.get(m.group(1), i) < i:
+            loops.append((labels[m.group(1)], i))
+    inner = [(a, b) for a, b in loops if not any(a < c < d <= b and (c, d) != (a, b) for c, d in loops)]
+    best = None
+    for a, b in inner:
+        ops: dict[str, int] = {}
+        for ln in lines[a:b + 1]:
+            m = _SASS_LINE.match(ln)
+            if m:
+                ops[m.group(1)] = ops.get(m.group(1), 0) + 1
+        if any(k in ops for k in ("LDG", "LDGSTS", "UTMALDG")) and (best is None or sum(ops.values()) > sum(best.values())):
+            best = ops
+    return best
 
 
 def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
@@ -140,6 +190,24 @@ def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4,
     return builds
 
 
+def gemv_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
+                symmetric: bool = False, bias: bool = True, act_order: bool = False, rows: int = 1) -> list[KernelBuild]:
+    """Every autotune config of :mod:`~lightning_quant.kernels.wq_gemv` that its group-size pre-filter keeps
+    (scales in the activation dtype, as ``PackedLinear`` stores them for float16 models)."""
+    from lightning_quant.kernels import wq_gemv as gv
+
+    triton, _ = _runtime.load_triton()
+    jit = gv._build(False)["jit"]
+    t = _TRITON_DTYPE[dtype]
+    sig = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "s_ptr": f"*{t}", "z_ptr": "*i32", "b_ptr": f"*{t}", "p_ptr": "*i64",
+           "out_ptr": f"*{t}", "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+           "stride_zg": "i32"}
+    launch = gv.gemv_constants(bits, not symmetric, bias, act_order, group_size, dtype, dtype, rows)
+    return [compile_kernel(jit, sig, {**launch, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           arch=arch, aligned=("N", "K", "stride_zg"), name="wq-gemv")
+            for cfg in gv.prune_gemv(gv.gemv_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BLOCK_M", "BITS")})]
+
+
 def int8_builds(arch: int = 90) -> list[KernelBuild]:
     """Every autotune config of :mod:`~lightning_quant.kernels.int8_matmul`."""
     from lightning_quant.kernels import int8_matmul as i8
@@ -158,11 +226,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--family", choices=["all", "wq", "int8"], default="all")
+    p.add_argument("--family", choices=["all", "wq", "gemv", "int8"], default="all")
+    p.add_argument("--profile", action="store_true",
+                   help="static profile at the goal shape: main-loop instructions per weight, launches per call, "
+                        "spills, shared memory, registers (lightning_quant.kernels.profile)")
     args = p.parse_args(argv)
+    if args.profile:
+        from lightning_quant.kernels.profile import profile
+
+        profile(args.arch)
+        return
     builds = []
     if args.family in ("all", "wq"):
         builds += wq_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
+    if args.family in ("all", "gemv"):
+        builds += gemv_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
     if args.family in ("all", "int8"):
         builds += int8_builds(args.arch)
     for b in builds:

@@ -83,11 +83,11 @@ def int8_matmul_triton(a: Tensor, b: Tensor, config: dict | None = None) -> Tens
             raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M': .., 'BLOCK_N': .., 'BLOCK_K': ..}.")
         grid = (-(-m // config["BLOCK_M"]), -(-n // config["BLOCK_N"]))
         with _runtime.on_device(a):
-            kernels["jit"][grid](a, b, out, m, n, k, bucket, **config)
+            _runtime.launch(kernels["jit"], grid, a, b, out, m, n, k, bucket, **config)
     else:
         with _runtime.on_device(a):
-            kernels["tuned"][lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"]))](a, b, out, m, n, k,
-                                                                                               bucket)
+            _runtime.launch(kernels["tuned"], lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"])),
+                            a, b, out, m, n, k, bucket)
     return out
 
 

@@ -8,8 +8,9 @@
 * ``qzeros`` int32 ``[G, ceil(N·b/32)]`` (:func:`~lightning_quant.packing.pack_cols`) or ``None``
   (symmetric: implicit zero ``2^(b-1)``);
 * ``perm`` int64 ``[K]`` or ``None`` — act-order: kernel column ``k`` multiplies input feature
-  ``perm[k]``. The Triton path gathers the input once per call; the kernel's group of column ``k``
-  is always ``k // group_size`` (contiguous groups), so scales are never gathered by ``g_idx``.
+  ``perm[k]``. The tensor-core paths gather the input once per call, the GEMV inside the kernel;
+  the group of kernel column ``k`` is always ``k // group_size`` (contiguous groups), so scales are
+  never gathered by ``g_idx``.
 
 Dequantization is ``w = (q − z)·s`` in float32 (the project's one convention, see
 :mod:`lightning_quant.spec`), cast to the activation dtype, then multiplied with float32 accumulation
@@ -18,12 +19,17 @@ each packed word is loaded once (``[BLOCK_K·b/32, BLOCK_N]`` int32) and unpacke
 scales come as one row when the block lies inside a group, as one row per group broadcast over
 the block when whole groups fit in it, and per element only for groups straddling blocks (e.g. 48).
 
-Two launch paths share one kernel, dispatched by rows:
+Three launch paths, dispatched by rows (:func:`select_path`):
 
-* ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program;
-* ``"splitk"`` (decode, ``M <= 16``): ``BLOCK_M = 16`` and the ``K`` loop split over ``SPLIT_K``
-  programs that ``atomic_add`` float32 partials — a GEMV that keeps all SMs busy streaming the
-  weight when ``N / BLOCK_N`` alone would leave most idle.
+* ``"gemv"`` (decode, ``M <= 8``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
+  launch per call (act-order gather, bias and cast inside the kernel);
+* ``"splitk"`` (``8 < M <= 16``): this kernel with ``BLOCK_M = 16`` and the ``K`` loop split over
+  ``SPLIT_K`` programs that ``atomic_add`` (relaxed) float32 partials into a zeroed buffer, then a
+  cast — three launches (four with act-order: the input gather);
+* ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program.
+
+Row and output offsets are int64 (``M·K`` or ``M·N`` may pass ``2^31``: a 128k-vocabulary head at
+16k tokens).
 
 The pure-torch :func:`wq_linear_reference` (dequantize, then ``F.linear``) is the CPU path and the
 tests' oracle. The ``torch.library`` op ``lightning_quant::wq_linear`` runs the reference on CPU and
@@ -42,12 +48,15 @@ from torch import Tensor
 
 from lightning_quant import packing
 from lightning_quant.kernels import _runtime
+from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS, wq_gemv
 
 __all__ = [
     "DECODE_MAX_ROWS",
     "KERNEL_BITS",
     "KERNEL_DTYPES",
+    "PATHS",
     "dequantize_packed",
+    "select_path",
     "wq_linear",
     "wq_linear_reference",
     "wq_linear_triton",
@@ -59,8 +68,10 @@ KERNEL_BITS = (2, 4, 8)
 #: cuBLAS, honouring ``torch.backends.cuda.matmul.allow_tf32``): without tensor cores the kernel's
 #: float32 build runs on FMA units and spills registers (``python -m lightning_quant.kernels.aot --dtype float32``).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-#: Inputs with at most this many rows take the split-K (GEMV) path.
+#: Inputs with more rows than the GEMV takes and at most this many take the tensor-core split-K path.
 DECODE_MAX_ROWS = 16
+#: Launch paths of :func:`wq_linear`.
+PATHS = ("auto", "gemv", "splitk", "gemm")
 _PER_CHANNEL_GROUP = 1 << 30  # "one group": k // 2^30 == 0 for every column, aligned with any BLOCK_K
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 tl = None  # triton.language, bound on the first kernel build (lazy import)
@@ -125,11 +136,11 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
         k0 = pid_k * k_span + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # each packed word is loaded once and unpacked in registers: [BLOCK_K/PER, BLOCK_N] words ->
         # [BLOCK_K/PER, PER, BLOCK_N] codes -> [BLOCK_K, BLOCK_N] (row r·PER + j = code j of word row r)
         offs_w = k0 // PER + tl.arange(0, WORD_ROWS)
-        words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :],
+        words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + offs_n[None, :],
                         mask=(offs_w < n_words)[:, None] & mask_n[None, :], other=0)
         codes = (words[:, None, :] >> shifts[None, :, None]) & QMASK
         q = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
@@ -170,10 +181,10 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
     if HAS_BIAS:
         bias = tl.load(b_ptr + offs_n, mask=mask_n & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
         acc = acc + bias[None, :]
-    out_ptrs = out_ptr + offs_m[:, None] * N + offs_n[None, :]
+    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M·N may reach 2^31
     mask_out = mask_m[:, None] & mask_n[None, :]
     if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask_out)
+        tl.atomic_add(out_ptrs, acc, mask=mask_out, sem="relaxed")  # sums commute: no fences
     else:
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
 
@@ -241,10 +252,12 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
         raise ValueError(f"The Triton kernel handles bits in {KERNEL_BITS}, got {bits}; use wq_linear_reference.")
     m, k = x.shape
     n = scales.shape[1]
+    path = select_path(m) if path == "auto" else path
+    if path == "gemv":  # one launch: act-order gather, bias and cast inside the kernel
+        return wq_gemv(x, qweight, scales, qzeros, perm, bias, bits, group_size, config)
     if perm is not None:
         x = x.index_select(1, perm)  # one gather of the input per call: kernel order
     x = x.contiguous()
-    path = ("splitk" if m <= DECODE_MAX_ROWS else "gemm") if path == "auto" else path
     atomic = path == "splitk"
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(m, n)
     if m == 0:
@@ -261,14 +274,20 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
         config = {"SPLIT_K": 1, **config}
         grid = (_cdiv(m, config["BLOCK_M"]), _cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
         with _runtime.on_device(x):
-            kernels["jit"][grid](*args, **const, **config)
+            _runtime.launch(kernels["jit"], grid, *args, **const, **config)
     else:
         def grid(meta):
             return (_cdiv(m, meta["BLOCK_M"]), _cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
         with _runtime.on_device(x):
-            kernels[path][grid](*args, **const)
+            _runtime.launch(kernels[path], grid, *args, **const)
     return out.to(x.dtype) if atomic else out
+
+
+def select_path(rows: int) -> str:
+    """``path="auto"``: the GEMV up to :data:`~lightning_quant.kernels.wq_gemv.GEMV_MAX_ROWS` rows, the
+    tensor-core split-K up to :data:`DECODE_MAX_ROWS`, the tiled GEMM above."""
+    return "gemv" if rows <= GEMV_MAX_ROWS else "splitk" if rows <= DECODE_MAX_ROWS else "gemm"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -340,8 +359,10 @@ def _check(x, qweight, scales, qzeros, perm, bias, bits, group_size, path) -> No
     for name, t in (("qweight", qweight), ("scales", scales), ("qzeros", qzeros)):
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous; call .contiguous() once when building the layer.")
-    if path not in ("auto", "gemm", "splitk"):
-        raise ValueError(f"path={path!r} is not one of 'auto', 'gemm', 'splitk'.")
+    if path not in PATHS:
+        raise ValueError(f"path={path!r} is not one of {', '.join(map(repr, PATHS))}.")
+    if path == "gemv" and x.numel() // max(k, 1) > GEMV_MAX_ROWS:
+        raise ValueError(f"path='gemv' takes at most {GEMV_MAX_ROWS} rows, got {x.numel() // max(k, 1)}; use 'auto'.")
 
 
 def wq_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None = None, *, bits: int,

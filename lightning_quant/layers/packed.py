@@ -19,7 +19,8 @@ token at runtime (W4A8 / W8A8), exactly as QAT's activation fake quant does.
 
 Forward goes through :func:`lightning_quant.kernels.wq_matmul.wq_linear`: on CPU it is the exact
 reference (dequantize, then ``F.linear`` in ``x.dtype``); on CUDA the Triton kernels for 2/4/8-bit
-codes (split-K GEMV for ``<= 16`` rows, tiled GEMM above), the reference for 3-bit.
+codes (a one-launch GEMV for ``<= 8`` rows, tensor-core split-K up to 16, the tiled GEMM above), the
+reference for 3-bit.
 ``force_reference=True`` (per layer, or per call ``layer(x, force_reference=True)``) or
 ``LIGHTNING_QUANT_FORCE_REFERENCE=1`` forces the reference.
 

@@ -12,7 +12,8 @@ import torch
 from lightning_quant import QuantSpec
 from lightning_quant.kernels import _runtime
 from lightning_quant.kernels.int8_matmul import int8_matmul_reference, int8_matmul_triton
-from lightning_quant.kernels.wq_matmul import wq_linear_reference, wq_linear_triton
+from lightning_quant.kernels.wq_gemv import _WORKSPACES, GEMV_MAX_ROWS
+from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear_reference, wq_linear_triton
 from tests.kernels._cases import magnitude_bound, packed_operands
 
 if not _runtime.interpreting():  # a hard error, not a skip: this file only makes sense interpreted
@@ -20,6 +21,8 @@ if not _runtime.interpreting():  # a hard error, not a skip: this file only make
 
 GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
 SPLITK = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 3}
+GEMV = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}  # 2 splits: the workspace / arrival-counter epilogue
+CONFIGS = {"gemm": GEMM, "splitk": SPLITK, "gemv": GEMV}
 # (bits, group_size, symmetric, act_order, M, K, N): odd M, N not a multiple of BLOCK_N, groups
 # aligned with BLOCK_K (32), whole groups inside it (16: broadcast rows), straddling it (48: per-element
 # gather), per channel (-1), partial (96 = 64 + 32).
@@ -31,16 +34,21 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "W{}g{}{}{}-M{}K{}N{}".format(
-    c[0], c[1], "" if c[2] else "a", "-ao" if c[3] else "", *c[4:]))
-@pytest.mark.parametrize("path", ["gemm", "splitk"])
+def _case_id(c):
+    return "W{}g{}{}{}-M{}K{}N{}".format(c[0], c[1], "" if c[2] else "a", "-ao" if c[3] else "", *c[4:])
+
+
+# the GEMV takes at most GEMV_MAX_ROWS (8) rows: the M=17 cases run on the two tensor-core paths only
+PATH_CASES = [(p, c) for p in ("gemm", "splitk", "gemv") for c in CASES if p != "gemv" or c[4] <= GEMV_MAX_ROWS]
+
+
+@pytest.mark.parametrize("path,case", PATH_CASES, ids=lambda v: v if isinstance(v, str) else _case_id(v))
 def test_wq_kernel_matches_reference(case, path):
     bits, gs, sym, act_order, m, k, n = case
     spec = QuantSpec(bits, gs, sym)
     qw, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
     x, bias = torch.randn(m, k), torch.randn(n)
-    cfg = GEMM if path == "gemm" else SPLITK
-    y = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, bits, gs, path, cfg)
+    y = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, bits, gs, path, CONFIGS[path])
     ref = wq_linear_reference(x, qweight, scales, qzeros, perm, bias, bits, gs)
     # float32 in, float32 accumulation in a different order: error <= 1e-6 of |x|·|W|
     bound = 1e-6 * (magnitude_bound(x, qw.dequantize()) + bias.abs())
@@ -48,16 +56,67 @@ def test_wq_kernel_matches_reference(case, path):
     assert ((y - ref).abs() <= bound).all(), (y - ref).abs().max()
 
 
-@pytest.mark.parametrize("path", ["gemm", "splitk"])
+@pytest.mark.parametrize("path", ["gemm", "splitk", "gemv"])
 def test_wq_kernel_half_precision(path):
     spec = QuantSpec(4, 32, symmetric=False)
     qw, qweight, scales, qzeros, perm = packed_operands(72, 96, spec, act_order=True)
-    x = torch.randn(5, 96).half()
-    y = wq_linear_triton(x, qweight, scales, qzeros, perm, None, 4, 32, path, GEMM if path == "gemm" else SPLITK)
+    x = torch.randn(3, 96).half()
+    y = wq_linear_triton(x, qweight, scales, qzeros, perm, None, 4, 32, path, CONFIGS[path])
     exact = x.float() @ qw.dequantize(torch.float16).float().t()
     assert y.dtype == torch.float16
     # only the final float16 rounding (2^-11 relative) and fp32 summation order differ
     assert ((y.float() - exact).abs() <= 2.0**-10 * magnitude_bound(x, qw.dequantize())).all()
+
+
+# (bits, group_size, symmetric, act_order, BLOCK_K): one scale row per step (g32/g64/per channel with
+# BLOCK_K 32) and a scale per element (g16 and g48 with BLOCK_K 32), in both half dtypes
+MAGIC_CASES = [(4, 32, False, True, 32), (4, 16, True, False, 32), (8, -1, False, False, 32), (2, 64, True, False, 32),
+               (4, 48, False, True, 32), (8, 32, True, True, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", MAGIC_CASES, ids=lambda c: "W{}g{}{}{}-bk{}".format(
+    c[0], c[1], "" if c[2] else "a", "-ao" if c[3] else "", c[4]))
+def test_gemv_magic_dequant_is_bit_exact(case, dtype):
+    """The magic-number dequantization (``q | 0x6400`` / ``q | 0x4300`` minus ``MAGIC + z``, times ``s``)
+    gives the reference's weights bit for bit: with one-hot rows ``x = e_k`` every output is the
+    single product ``1 · w[n, k]`` (exact in float32, exact again when cast back to ``dtype``), so
+    ``y[m] == dequantize_packed(...)[:, k_m]`` must hold with atol = 0 for every ``k``.
+
+    bfloat16 (float32 magic, then the cast): Triton's CPU interpreter casts float32 to bfloat16 by
+    truncation even with ``fp_downcast_rounding="rtne"`` (the GPU rounds to nearest even, as torch
+    does), so there the expected weights are the exact float32 ``(q − z)·s`` truncated to bfloat16;
+    the cast itself is checked on the GPU (``test_cuda_kernels_match_reference``)."""
+    bits, gs, sym, act_order, block_k = case
+    k, n = 96, 40
+    spec = QuantSpec(bits, gs, sym, scale_dtype={torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
+    _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
+    assert scales.dtype == dtype  # the magic path needs scales in the activation dtype
+    w = dequantize_packed(qweight, scales, qzeros, bits, gs, k, dtype, perm)  # [N, K] original order
+    if dtype == torch.bfloat16:  # the interpreter's truncating cast, see the docstring
+        w32 = dequantize_packed(qweight, scales, qzeros, bits, gs, k, torch.float32, perm)
+        w = (w32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    eye = torch.eye(k, dtype=dtype)
+    for rows in eye.split(GEMV_MAX_ROWS):
+        y = wq_linear_triton(rows, qweight, scales, qzeros, perm, None, bits, gs, "gemv",
+                             {"BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 2})
+        assert y.dtype == dtype
+        cols = rows.argmax(1)
+        assert torch.equal(y, w[:, cols].t()), (y.float() - w[:, cols].t().float()).abs().max()
+
+
+def test_gemv_workspace_is_left_zeroed_and_calls_repeat():
+    """Split GEMV calls leave the persistent workspace and arrival counters zeroed (the last split
+    resets them), so a second call gives the same bits."""
+    spec = QuantSpec(4, 32, symmetric=False)
+    _, qweight, scales, qzeros, perm = packed_operands(72, 96, spec, act_order=True)
+    x, bias = torch.randn(3, 96), torch.randn(72)
+    cfg = {"BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 4}
+    first = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "gemv", cfg)
+    second = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "gemv", cfg)
+    assert torch.equal(first, second)
+    ws, cnt = _WORKSPACES[("cpu", 0)]
+    assert not ws.any() and not cnt.any()
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 64, 40), (3, 96, 72), (17, 80, 56)])
@@ -75,6 +134,10 @@ def test_interpreter_needs_a_config():
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32)
     with pytest.raises(ValueError, match="path='gemm' needs SPLIT_K=1"):
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32, "gemm", SPLITK)
+    with pytest.raises(ValueError, match=r"Under TRITON_INTERPRET=1 pass config=\{'BLOCK_N'"):
+        wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32, "gemv")
+    with pytest.raises(ValueError, match=f"The GEMV takes at most {GEMV_MAX_ROWS} rows, got 9"):
+        wq_linear_triton(torch.randn(9, 64), qweight, scales, None, None, None, 4, 32, "gemv", GEMV)
     with pytest.raises(ValueError, match="The Triton kernel handles bits in"):
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 3, 32, "gemm", GEMM)
 
@@ -82,5 +145,6 @@ def test_interpreter_needs_a_config():
 def test_empty_batches():
     _, qweight, scales, _, _ = packed_operands(40, 64, QuantSpec(4, 32))
     y = wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "gemm", GEMM)
+    assert wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "gemv", GEMV).shape == (0, 40)
     c = int8_matmul_triton(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8), {})
     assert y.shape == (0, 40) and c.shape == (0, 5)

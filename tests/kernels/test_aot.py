@@ -3,6 +3,8 @@ fits in shared memory and does not spill registers; Hopper tiles use ``wgmma``."
 
 from __future__ import annotations
 
+import textwrap
+
 import pytest
 import torch
 
@@ -10,6 +12,12 @@ pytest.importorskip("triton", reason="Triton is not installed on this platform")
 pytest.importorskip("triton.backends.nvidia.compiler", reason="this Triton build has no CUDA backend (ptxas)")
 
 from lightning_quant.kernels import aot
+from lightning_quant.kernels._runtime import interpreting
+
+if interpreting():
+    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for sm_90 (or count the compiled launch path) and "
+                "need Triton's compiler, which the interpreter replaces; run them without TRITON_INTERPRET",
+                allow_module_level=True)
 
 # (dtype, bits, group_size, symmetric): the group branches of the kernel — one scale row per K block
 # (128, -1), whole groups broadcast inside a block (32) — in both activation dtypes, both code widths.
@@ -65,3 +73,26 @@ def test_command_line_prints_one_row_per_config(capsys):
 def test_ptxas_failure_names_the_target():
     with pytest.raises(RuntimeError, match=r"ptxas failed for sm_90a \(exit [1-9]"):
         aot._ptxas_resources("this is not PTX", 90)
+
+
+@pytest.mark.parametrize("rows", [1, 8])
+def test_gemv_configs_compile_for_sm90_without_spills(rows):
+    """W4 g128 asymmetric act-order float16 with bias (the heaviest variant) at 1 and 8 rows."""
+    builds = aot.gemv_builds(90, torch.float16, 4, 128, symmetric=False, bias=True, act_order=True, rows=rows)
+    _check(builds)
+    assert all(b.mma_version is None and b.loop_instructions for b in builds)  # no tensor cores; a main loop
+
+
+def test_main_loop_is_the_innermost_loop_that_loads():
+    sass = textwrap.dedent("""\
+                /*0000*/                   MOV R1, R2 ;
+        .L_x_0:
+                /*0010*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
+                /*0020*/                   FFMA R5, R4, R4, R5 ;
+                /*0030*/              @!P0 BRA `(.L_x_0) ;
+        .L_x_1:
+                /*0040*/                   IADD3 R1, R1, 0x1, RZ ;
+                /*0050*/               @P1 BRA `(.L_x_1) ;
+        """)
+    assert aot.main_loop_instructions(sass) == {"LDG": 1, "FFMA": 1, "BRA": 1}
+    assert aot.main_loop_instructions("        /*0000*/                   EXIT ;") is None

@@ -89,28 +89,57 @@ def test_wrapper_rejects_bad_operands():
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels compile for GPUs)")
 
 
-@pytest.mark.gpu
-@cuda
-@pytest.mark.parametrize("m", [1, 7, 16, 64, 333])
-@pytest.mark.parametrize("spec,act_order", [(QuantSpec(4, 128), False), (QuantSpec(4, 128, False), True),
-                                            (QuantSpec(8, -1, False), False), (QuantSpec(8, 128), True),
-                                            (QuantSpec(2, 64), False)], ids=str)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_kernels_match_reference(m, spec, act_order, dtype):
-    k, n = 4096, 1376  # n: not a multiple of any BLOCK_N
+#: One fixed config per path (no autotuning: the GPU session has minutes, not the ~560 compilations of
+#: every config at every shape); ``test_cuda_autotuned_paths_match_reference`` runs the autotuner once.
+FIXED = {"gemv": {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 1},
+         "splitk": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3},
+         "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}}
+
+
+def _cuda_case(m, spec, act_order, dtype, n=1376):
+    k = 4096  # n: not a multiple of any BLOCK_N
     qw, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order, device="cuda")
     x, b = torch.randn(m, k, device="cuda", dtype=dtype), torch.randn(n, device="cuda", dtype=dtype)
     w = qw.to("cuda").dequantize(dtype)
     exact = x.float() @ w.float().t() + b.float()
     rel = 2.0**-10 if dtype == torch.float16 else 2.0**-7  # one output rounding + fp32 reordering
-    for path in ("auto", "gemm", "splitk"):
-        y = wq_linear(x, qweight, scales, qzeros, bits=spec.bits, group_size=spec.group_size, perm=perm, bias=b,
-                      path=path)
-        assert y.dtype == dtype and y.shape == (m, n)
-        assert ((y.float() - exact).abs() <= rel * (magnitude_bound(x, w) + b.float().abs())).all(), path
+    return (x, qweight, scales, qzeros, perm, b), exact, rel * (magnitude_bound(x, w) + b.float().abs())
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 3, 7, 16, 64, 333])
+@pytest.mark.parametrize("spec,act_order,dtype", [
+    (QuantSpec(4, 128), False, torch.float16), (QuantSpec(4, 128, False), True, torch.float16),
+    (QuantSpec(8, -1, False), False, torch.float16), (QuantSpec(8, 128), True, torch.float16),
+    (QuantSpec(2, 64), False, torch.float16), (QuantSpec(4, 128, False, scale_dtype="bfloat16"), True, torch.bfloat16),
+    (QuantSpec(8, -1, scale_dtype="bfloat16"), False, torch.bfloat16)], ids=str)
+def test_cuda_kernels_match_reference(m, spec, act_order, dtype):
+    from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS
+    from lightning_quant.kernels.wq_matmul import wq_linear_triton
+
+    (x, qweight, scales, qzeros, perm, b), exact, bound = _cuda_case(m, spec, act_order, dtype)
+    paths = [p for p in ("gemv", "splitk", "gemm") if p != "gemv" or m <= GEMV_MAX_ROWS]
+    for path in paths:
+        y = wq_linear_triton(x, qweight, scales, qzeros, perm, b, spec.bits, spec.group_size, path, FIXED[path])
+        assert y.dtype == dtype and y.shape == (m, 1376)
+        assert ((y.float() - exact).abs() <= bound).all(), path
     ref = wq_linear(x, qweight, scales, qzeros, bits=spec.bits, group_size=spec.group_size, perm=perm, bias=b,
                     force_reference=True)
-    assert ((ref.float() - exact).abs() <= rel * (magnitude_bound(x, w) + b.float().abs())).all()
+    assert ((ref.float() - exact).abs() <= bound).all()
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_cuda_autotuned_paths_match_reference(m):
+    """The autotuner's smoke test: one spec, ``path="auto"`` (GEMV, split-K, GEMM by rows), called twice
+    (the GEMV's workspace must come back zeroed)."""
+    spec = QuantSpec(4, 128, False)
+    (x, qweight, scales, qzeros, perm, b), exact, bound = _cuda_case(m, spec, True, torch.float16)
+    for _ in range(2):
+        y = wq_linear(x, qweight, scales, qzeros, bits=4, group_size=128, perm=perm, bias=b)
+        assert ((y.float() - exact).abs() <= bound).all()
 
 
 def test_autotune_prefilter_keeps_group_aligned_k_blocks():
@@ -135,3 +164,16 @@ def test_importing_the_package_does_not_import_triton():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).parents[2]).stdout
     assert out.strip() == "False"
+
+
+def test_gemv_prefilter_whole_words_group_alignment_and_registers():
+    from types import SimpleNamespace
+
+    from lightning_quant.kernels.wq_gemv import prune_gemv
+
+    configs = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (8, 16, 32, 64)]
+    ks = lambda **kw: [c.kwargs["BLOCK_K"] for c in prune_gemv(configs, {}, **kw)]
+    assert ks(GROUP_SIZE=128, BLOCK_M=1, BITS=4) == [8, 16, 32, 64]
+    assert ks(GROUP_SIZE=128, BLOCK_M=8, BITS=4) == [8]  # 8 rows x 8 codes: the chunk fits in registers
+    assert ks(GROUP_SIZE=48, BLOCK_M=1, BITS=4) == [8, 16]  # steps inside one group of 48
+    assert ks(GROUP_SIZE=128, BLOCK_M=8, BITS=2) == [16]  # 16 two-bit codes per word: none fits, the smallest

@@ -138,3 +138,31 @@ def test_bad_inputs_raise():
     layer = Int8OutlierLinear.from_linear(_linear())
     with pytest.raises(ValueError, match=r"expects inputs \[\.\.\., 96\]"):
         layer(torch.randn(2, 95))
+
+
+def test_outlier_columns_beyond_the_static_width_stay_on_the_int8_path():
+    """The float path has a static width (no host sync); the first ``max_outliers`` outlier columns
+    take it, later ones are quantized with the rest."""
+    from lightning_quant.algorithms.llm_int8 import int8_outlier_matmul
+
+    lin = _linear(bias=False)
+    layer = Int8OutlierLinear.from_linear(lin, threshold=6.0)
+    torch.manual_seed(2)
+    x = torch.randn(6, 96).clamp(-3, 3)
+    x[1, 5], x[2, 17], x[4, 60] = 25.0, -40.0, 9.0
+    y, outliers = int8_outlier_matmul(x, layer.weight, layer.SCB, 6.0, max_outliers=2)
+    assert outliers.nonzero().squeeze(1).tolist() == [5, 17, 60]
+    w_deq = layer.weight.float() * (layer.SCB / 127)[:, None]
+    rest = x.clone()
+    rest[:, [5, 17]] = 0  # column 60 is the third outlier: int8 path
+    ref = x[:, [5, 17]] @ w_deq[:, [5, 17]].t() + _w8a8_reference(rest, lin.weight.detach())
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-5)
+    y_all, _ = int8_outlier_matmul(x, layer.weight, layer.SCB, 6.0)
+    torch.testing.assert_close(y_all, layer(x), rtol=0, atol=0)
+
+
+def test_forward_needs_no_host_sync():
+    """On the ``meta`` device any ``bool(tensor)`` / ``.item()`` raises: the forward has none."""
+    layer = Int8OutlierLinear(96, 40, bias=True, dtype=torch.float16, device="meta")
+    y = layer(torch.empty(3, 96, dtype=torch.float16, device="meta"))
+    assert y.shape == (3, 40) and y.dtype == torch.float16

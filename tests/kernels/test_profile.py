@@ -1,0 +1,68 @@
+"""Launch counts per call (counted on ``meta`` from the Python path) and the GEMV's compiled resources.
+
+The instruction ratios are printed by ``python -m lightning_quant.kernels.aot --profile`` (a
+benchmark), not asserted here; launch counts, spills and shared memory are.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="Triton is not installed on this platform")
+
+from lightning_quant import packing
+from lightning_quant.kernels import profile
+from lightning_quant.kernels._runtime import interpreting
+
+if interpreting():
+    pytest.skip("TRITON_INTERPRET=1 is set: these tests compile for sm_90 (or count the compiled launch path) and "
+                "need Triton's compiler, which the interpreter replaces; run them without TRITON_INTERPRET",
+                allow_module_level=True)
+from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS
+from lightning_quant.kernels.wq_matmul import wq_linear_triton
+
+
+def _meta_operands(m, k, n, bits, group, asym, act_order, bias, dtype=torch.float16):
+    meta = {"device": "meta"}
+    groups = 1 if group == -1 else k // group
+    return {"x": torch.empty(m, k, dtype=dtype, **meta),
+                "qweight": torch.empty(packing.packed_len(k, bits), n, dtype=torch.int32, **meta),
+                "scales": torch.empty(groups, n, dtype=dtype, **meta),
+                "qzeros": torch.empty(groups, packing.packed_len(n, bits), dtype=torch.int32, **meta) if asym else None,
+                "perm": torch.empty(k, dtype=torch.int64, **meta) if act_order else None,
+                "bias": torch.empty(n, dtype=dtype, **meta) if bias else None}
+
+
+@pytest.mark.parametrize("m", range(1, GEMV_MAX_ROWS + 1))
+@pytest.mark.parametrize("bits,group,asym,act_order,bias", [(4, 128, False, False, False), (4, 128, True, True, True),
+                                                            (8, -1, True, False, True), (2, 64, False, True, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_decode_call_is_one_launch(m, bits, group, asym, act_order, bias, dtype):
+    """No memset, cast or index_select around the GEMV: act-order, bias and the cast are in the kernel."""
+    op = _meta_operands(m, 4096, 14336, bits, group, asym, act_order, bias, dtype)
+    launched = profile.count_launches(lambda: wq_linear_triton(bits=bits, group_size=group, **op))
+    assert launched == ["triton::_wq_gemv_kernel"]
+
+
+def test_launch_counter_sees_torch_kernels_around_the_tensor_core_path():
+    """The split-K tensor-core path (M = 9..16) still zeroes its float32 output and casts it: 3 launches,
+    4 with act-order (the input gather). The counter must see them, or the decode figure means nothing."""
+    op = _meta_operands(16, 4096, 14336, 4, 128, False, True, False)
+    launched = profile.count_launches(lambda: wq_linear_triton(bits=4, group_size=128, path="splitk", **op))
+    assert sorted(launched) == sorted(["aten::index_select", "aten::zeros", "triton::_wq_kernel", "aten::_to_copy"])
+    op = _meta_operands(64, 4096, 14336, 4, 128, False, False, True)
+    assert profile.count_launches(lambda: wq_linear_triton(bits=4, group_size=128, **op)) == ["triton::_wq_kernel"]
+
+
+def test_int8_layer_forward_has_no_host_sync_and_one_int8_matmul():
+    launched = profile.int8_layer_launches(512, 256, 384)
+    assert launched.count("lightning_quant::int8_matmul") == 1
+
+
+def test_profile_line_format():
+    line = profile.ProfileLine("gemv", 1, 14336, 4096, 0.0912, 1, 0, 0.1, 96, "1x128x64/split1/w1",
+                               ("triton::_wq_gemv_kernel",))
+    assert line.describe().startswith("profile gemv 1x14336x4096 instr_per_weight=0.091 launches=1 spills=0 "
+                                      "smem_kib=0.1 regs=96")
+    assert "goal<=0.1 PASS" in line.describe()
