@@ -11,6 +11,7 @@ from torch import nn
 
 __all__ = [
     "TINY_VOCAB",
+    "bpe_tokenizer",
     "byte_text_loaders",
     "byte_tokenizer",
     "make_lightning_module",
@@ -23,11 +24,11 @@ __all__ = [
 TINY_VOCAB = 256
 
 
-def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
+def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2, vocab: int = TINY_VOCAB) -> nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
@@ -82,3 +83,20 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on standard-library source (deterministic; real merges, an
+    ``<|endoftext|>`` special token as bos/eos), for exports that embed the vocabulary (GGUF)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_quant.data import stdlib_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([stdlib_text(20_000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")

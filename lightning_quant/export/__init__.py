@@ -1,7 +1,7 @@
 """Export quantized models to formats real inference stacks load, and load them back.
 
 ``save(model, path, format=...)`` writes an HF-style directory (``gptq``, ``gptq_v2``, ``awq``,
-``compressed-tensors``, ``int8``) or an ONNX model (``onnx``) atomically; ``load(path)`` reads any
+``compressed-tensors``, ``int8``), an ONNX model (``onnx``) or a llama.cpp GGUF file (``gguf``) atomically; ``load(path)`` reads any
 of them back (safetensors and JSON only, never pickle). See ``docs/formats.md``.
 """
 
@@ -21,6 +21,7 @@ from lightning_quant.export.registry import (
     get_format,
     register_format,
 )
+from lightning_quant.export.registry import format_options as _format_options
 
 __all__ = [
     "ExportConfig",
@@ -45,6 +46,7 @@ def save(
     dtype: Any = None,
     max_shard_bytes: int = 5 * 1024**3,
     full_state: dict | None = None,
+    format_options: Any = None,
 ) -> Path:
     """Write ``model`` (with packed / int8 layers) to the directory ``path`` in ``format``.
 
@@ -60,6 +62,8 @@ def save(
         max_shard_bytes: split ``model.safetensors`` above this size.
         full_state: the full state dict of a sharded (FSDP) model, gathered on the writing rank
             (:func:`lightning_quant.export.export_after_fit` does this).
+        format_options: the format's own options, its options dataclass or a dict of its fields
+            (``gguf``: :class:`~lightning_quant.export.gguf.GGUFOptions`, e.g. ``{"float_type": "q8_0"}``).
 
     Returns:
         The export directory. The write is atomic: on any failure the previous content of
@@ -69,7 +73,11 @@ def save(
     from lightning_quant.export.io import atomic_directory
 
     fmt = get_format(format)
-    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes, full_state=full_state)
+    if fmt.needs_tokenizer and tokenizer is None:
+        raise ValueError(f"format={fmt.name!r} embeds the tokenizer in the file; pass tokenizer= (the model's "
+                         "transformers tokenizer, e.g. AutoTokenizer.from_pretrained(...)).")
+    options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes, full_state=full_state, tokenizer=tokenizer,
+                          format_options=_format_options(fmt, format_options))
     peft_model = model if adapters.is_peft_model(model) else None
     base = model.get_base_model() if peft_model is not None else model
     hosts = adapters.tuner_hosts(base)

@@ -28,7 +28,10 @@ class ExportConfig:
         path: the export directory.
         overwrite: replace an existing export at ``path`` (atomically); False raises if it exists.
         dtype: ``"float16"`` / ``"bfloat16"`` / ``"float32"`` for the non-quantized tensors, or None (keep).
-        tokenizer: optional tokenizer (anything with ``save_pretrained``) written next to the weights.
+        tokenizer: optional tokenizer (anything with ``save_pretrained``) written next to the weights; required by
+            formats that embed it (``gguf``).
+        format_options: the format's own options (a dict of its fields or its options dataclass, e.g.
+            ``{"float_type": "q8_0", "pre_tokenizer": "smollm"}`` for ``gguf``), checked here.
     """
 
     format: str
@@ -36,12 +39,18 @@ class ExportConfig:
     overwrite: bool = False
     dtype: str | None = None
     tokenizer: Any = None
+    format_options: Any = None
 
     def __post_init__(self) -> None:
-        from lightning_quant.export.registry import available_formats
+        from lightning_quant.export.registry import available_formats, format_options, get_format
 
         if self.format not in available_formats():
             raise ValueError(f"export format {self.format!r} is unknown; use one of {available_formats()}.")
+        fmt = get_format(self.format)
+        object.__setattr__(self, "format_options", format_options(fmt, self.format_options))
+        if fmt.needs_tokenizer and self.tokenizer is None:
+            raise ValueError(f"export format {self.format!r} embeds the tokenizer; add 'tokenizer' (the model's "
+                             "transformers tokenizer) to export_on_fit_end.")
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
             raise ValueError(f"export path must be a non-empty str or path, got {self.path!r}.")
         if not isinstance(self.overwrite, bool):
@@ -63,7 +72,7 @@ class ExportConfig:
         unknown = set(value) - allowed
         if unknown or not {"format", "path"} <= set(value):
             raise ValueError(f"export_on_fit_end needs keys 'format' and 'path' (optional: overwrite, dtype, "
-                             f"tokenizer); got {sorted(value)}.")
+                             f"tokenizer, format_options); got {sorted(value)}.")
         return cls(**value)
 
 
@@ -104,6 +113,6 @@ def export_after_fit(trainer: Any, pl_module: nn.Module, config: ExportConfig | 
     if trainer.is_global_zero:
         dtype = None if cfg.dtype is None else getattr(torch, cfg.dtype)
         out = save(model, cfg.path, cfg.format, tokenizer=cfg.tokenizer, overwrite=cfg.overwrite, dtype=dtype,
-                   full_state=full)
+                   full_state=full, format_options=cfg.format_options)
     trainer.strategy.barrier("lightning_quant.export_after_fit")
     return out

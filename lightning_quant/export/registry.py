@@ -14,7 +14,8 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["ExportFormat", "SaveOptions", "available_formats", "detect_format", "get_format", "register_format"]
+__all__ = ["ExportFormat", "SaveOptions", "available_formats", "detect_format", "format_options", "get_format",
+           "register_format"]
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,17 @@ class SaveOptions:
         full_state: the model's full state dict, for a model whose own ``state_dict()`` is sharded (FSDP:
             gathered by :func:`lightning_quant.calibration.distributed.full_state_dict`); ``None`` reads
             the model's.
+        tokenizer: the tokenizer given to ``save`` (its files are written by ``save`` itself; a format that
+            embeds the vocabulary, such as ``gguf``, reads it here).
+        format_options: the format's own options, an instance of its ``options_type`` (``None`` for formats
+            without one); see :func:`format_options`.
     """
 
     dtype: Any = None
     max_shard_bytes: int = 5 * 1024**3
     full_state: dict | None = None
+    tokenizer: Any = None
+    format_options: Any = None
 
     def __post_init__(self) -> None:
         import torch
@@ -52,12 +59,40 @@ class ExportFormat:
         save: ``(model, directory, options) -> None`` writes into an (empty, temporary) directory.
         load: ``(directory, config) -> model`` reads it back (``config`` is the parsed config.json).
         detect: ``(config) -> bool``, True when ``config.json`` describes this format.
+        options_type: the frozen dataclass of the format's own options (e.g.
+            :class:`~lightning_quant.export.gguf.GGUFOptions`), or None when it has none.
+        needs_tokenizer: the format embeds the vocabulary, so ``save`` (and ``ExportConfig``) require a tokenizer.
     """
 
     name: str
     save: Callable[[nn.Module, Path, SaveOptions], None]
     load: Callable[[Path, dict], Any]
     detect: Callable[[dict], bool]
+    options_type: type | None = None
+    needs_tokenizer: bool = False
+
+
+def format_options(fmt: ExportFormat, value: Any) -> Any:
+    """``value`` as ``fmt``'s options: None (the defaults), an ``options_type`` instance, or a dict of its fields
+    (e.g. from YAML). Raises naming the fields, or that the format takes none."""
+    from dataclasses import fields
+
+    if fmt.options_type is None:
+        if value is not None:
+            raise ValueError(f"Format {fmt.name!r} takes no format_options (got {value!r}); drop them.")
+        return None
+    if value is None:
+        return fmt.options_type()
+    if isinstance(value, fmt.options_type):
+        return value
+    allowed = sorted(f.name for f in fields(fmt.options_type))
+    if not isinstance(value, dict):
+        raise TypeError(f"format_options for {fmt.name!r} must be a {fmt.options_type.__name__} or a dict with keys "
+                        f"{allowed}, got {type(value).__name__}.")
+    unknown = sorted(set(value) - set(allowed))
+    if unknown:
+        raise ValueError(f"Unknown format_options {unknown} for format {fmt.name!r}; allowed: {allowed}.")
+    return fmt.options_type(**value)
 
 
 #: name -> "module:attribute" of the built-in formats (imported lazily)
@@ -68,6 +103,7 @@ _BUILTIN: dict[str, str] = {
     "compressed-tensors": "lightning_quant.export.compressed_tensors:COMPRESSED_TENSORS",
     "int8": "lightning_quant.export.int8:INT8",
     "onnx": "lightning_quant.export.onnx:ONNX",
+    "gguf": "lightning_quant.export.gguf:GGUF",
 }
 _FORMATS: dict[str, ExportFormat] = {}
 
