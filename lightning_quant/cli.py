@@ -2,7 +2,8 @@
 
     lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
                              [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
-                             [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,int8,onnx}]
+                             [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,gguf,int8,onnx}]
+                             [--format-option KEY=VALUE ...]   # the format's own options, e.g. float_type=q8_0
     lightning-quant quantize --model DIR --method int8 --out DIR    # the spec is fixed: W8 per channel
     lightning-quant eval --model DIR --data FILE --seq-len 512 [--max-windows N]   # last line: ppl=<value>
 
@@ -19,7 +20,9 @@ tokenizer files, ``quantization.json`` (``format``, ``version``, ``method``, ``s
 layer ``in_features``, ``out_features``, ``bias``, ``act_order`` and the method's float figures) and
 ``model.safetensors`` (all weights; quantized layers as ``PackedLinear`` buffers). With ``--format``
 another value, ``quantize`` writes that format with :func:`lightning_quant.export.save` instead
-(``docs/formats.md``), and ``eval`` reads it with :func:`lightning_quant.export.load`.
+(``docs/formats.md``), and ``eval`` reads it with :func:`lightning_quant.export.load`. ``--format-option``
+sets one field of the format's options (``gguf``: ``float_type=q8_0``, ``pre_tokenizer=smollm``); a value that
+parses as JSON (``4``, ``true``) is passed as such, anything else as a string.
 """
 
 from __future__ import annotations
@@ -87,12 +90,38 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--format", default=FORMAT, choices=[FORMAT, *_export_formats()],
                    help=f"on-disk format (default {FORMAT}; others: see docs/formats.md)")
+    q.add_argument("--format-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of --format (repeatable), e.g. float_type=q8_0 for gguf")
     e = sub.add_parser("eval", help="perplexity on non-overlapping windows of a text file")
     e.add_argument("--model", required=True, help="directory written by 'quantize', HF directory, .gguf or 'smollm2'")
     e.add_argument("--data", required=True, help="text file")
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--max-windows", type=int, default=None)
     return p
+
+
+def _format_options(args: argparse.Namespace):
+    """``--format-option KEY=VALUE`` pairs (JSON values where they parse) as the format's options, checked
+    before any work; None for the native format."""
+    if args.format == FORMAT:
+        if args.format_option:
+            raise SystemExit(f"error: --format-option needs an export --format (not {FORMAT}).")
+        return None
+    options = {}
+    for item in args.format_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"error: --format-option takes KEY=VALUE, got {item!r}.")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    from lightning_quant.export.registry import format_options, get_format
+
+    try:
+        return format_options(get_format(args.format), options or None)
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: --format {args.format}: {e}") from None
 
 
 def _positive(name: str, v: int | None) -> None:
@@ -160,6 +189,7 @@ def quantize(args: argparse.Namespace) -> Path:
     _positive("seq-len", args.seq_len)
     method = get_method(args.method)
     spec = _spec(args, method)
+    format_options = _format_options(args)
     config = _method_config(method, args.act_order)
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     calib = None
@@ -176,7 +206,8 @@ def quantize(args: argparse.Namespace) -> Path:
         from lightning_quant import export
 
         try:
-            out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True)
+            out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True,
+                              format_options=format_options)
         except ValueError as e:
             raise SystemExit(f"error: --format {args.format}: {e}") from None
     print(f"quantized {len(weights)} layers with {args.method} ({spec}) -> {out}")
