@@ -153,6 +153,7 @@ def test_q8_0_float_type_and_tied_embeddings(tmp_path, tok):
     quantize_packed(model, QuantSpec(4, 32))
     reader, tensors = read(save(model, tmp_path / "m", tok, float_type="q8_0"))
     assert "output.weight" not in tensors  # llama.cpp reuses token_embd
+    assert field(reader, "general.file_type") == int(gguf.LlamaFileType.MOSTLY_Q4_0)  # 14 Q4_0 vs 1 Q8_0 tensor
     emb = model.model.embed_tokens.weight.detach().double()
     got = dequantize_blocks("Q8_0", tensors["token_embd.weight"].data)
     absmax = emb.abs().reshape(emb.shape[0], -1, 32).amax(-1).repeat_interleave(32, 1)
