@@ -270,7 +270,7 @@ def load_quantized(directory: str | Path) -> nn.Module:
 
 
 def _is_export(path: str) -> bool:
-    """A directory written by ``lightning_quant.export.save`` (gptq, awq, compressed-tensors, int8, onnx)."""
+    """A directory written by ``lightning_quant.export.save`` (gptq, awq, compressed-tensors, int8, onnx, gguf)."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False
