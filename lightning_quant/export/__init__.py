@@ -81,6 +81,10 @@ def save(
     peft_model = model if adapters.is_peft_model(model) else None
     base = model.get_base_model() if peft_model is not None else model
     hosts = adapters.tuner_hosts(base)
+    if hosts and not fmt.holds_adapters:
+        raise ValueError(f"format={fmt.name!r} holds no separate LoRA adapters (the engine runs the one file), but "
+                         f"{next(iter(hosts))!r}, ... keep theirs; quantize with lora='merged' (the default) to fold "
+                         "them into the weights, or export as 'gptq' / 'compressed-tensors' with the adapters.")
     if hosts and peft_model is None:
         raise ValueError(f"The model holds peft adapter layers ({next(iter(hosts))!r}, ...) but is not a PeftModel; "
                          "export the PeftModel (its adapters are written as adapter_model.safetensors) or merge them.")

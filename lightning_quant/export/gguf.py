@@ -287,4 +287,5 @@ def _load(directory: Path, config: dict) -> nn.Module:
 
 
 GGUF = ExportFormat(name="gguf", save=_save, load=_load, options_type=GGUFOptions, needs_tokenizer=True,
+                    holds_adapters=False,
                     detect=lambda c: isinstance(c.get(_KEY), dict) and c[_KEY].get("format") == "gguf")

@@ -62,6 +62,8 @@ class ExportFormat:
         options_type: the frozen dataclass of the format's own options (e.g.
             :class:`~lightning_quant.export.gguf.GGUFOptions`), or None when it has none.
         needs_tokenizer: the format embeds the vocabulary, so ``save`` (and ``ExportConfig``) require a tokenizer.
+        holds_adapters: an engine reading the format also applies peft adapters written next to it; False
+            (``gguf``: llama.cpp runs the one file) makes ``save`` refuse a model with kept (unmerged) adapters.
     """
 
     name: str
@@ -70,6 +72,7 @@ class ExportFormat:
     detect: Callable[[dict], bool]
     options_type: type | None = None
     needs_tokenizer: bool = False
+    holds_adapters: bool = True
 
 
 def format_options(fmt: ExportFormat, value: Any) -> Any:

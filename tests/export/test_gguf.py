@@ -248,6 +248,18 @@ def test_bad_models_and_arguments_raise(tmp_path, tok):
     assert not any((tmp_path / x).exists() for x in "abcdefghi")
 
 
+def test_kept_lora_adapters_are_refused(tmp_path, tok):
+    from peft import LoraConfig, get_peft_model
+
+    from lightning_quant.api import quantize_model
+
+    model = get_peft_model(tiny_llama(vocab=len(tok)), LoraConfig(r=4, target_modules=["q_proj"]))
+    quantize_model(model, QuantSpec(4, 32), "rtn", lora="separate")
+    with pytest.raises(ValueError, match="'gguf' holds no separate LoRA adapters.*lora='merged'"):
+        save(model, tmp_path / "m", tok)
+    assert not (tmp_path / "m").exists()
+
+
 def test_padded_vocabulary_rows_are_unused_tokens(tmp_path, tok):
     model = quantize_packed(tiny_llama(vocab=len(tok) + 8), QuantSpec(4, 32))
     reader, _ = read(save(model, tmp_path / "m", tok))
