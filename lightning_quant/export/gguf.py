@@ -60,7 +60,7 @@ class GGUFOptions:
         pre_tokenizer: ``tokenizer.ggml.pre``, the name llama.cpp selects its pre-tokenizer regex by
             (``"smollm"`` for SmolLM2, ``"llama-bpe"`` for Llama 3, ...). ``None`` writes ``"default"``
             with a warning.
-        name: ``general.name`` (default: the config's ``_name_or_path``, else the model class).
+        name: ``general.name`` (default: the last part of the config's ``_name_or_path``, else the model class).
     """
 
     float_type: Literal["f16", "f32", "q8_0"] = "f16"
@@ -226,7 +226,7 @@ def _write_metadata(writer, model: nn.Module, arch: GGUFArch, gopts: GGUFOptions
     import gguf
 
     c = model.config
-    writer.add_name(gopts.name or getattr(c, "_name_or_path", "") or type(model).__name__)
+    writer.add_name(gopts.name or Path(getattr(c, "_name_or_path", "") or "").name or type(model).__name__)
     writer.add_context_length(int(c.max_position_embeddings))
     writer.add_embedding_length(int(c.hidden_size))
     writer.add_block_count(int(c.num_hidden_layers))
