@@ -361,13 +361,18 @@ def _greedy(step, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray
     return tokens, logits[:-1]
 
 
-def test_llama_cpp_greedy_tokens_and_logits(tmp_path, tok):
-    """llama.cpp (llama-cpp-python) runs our Q4_0 export: 16 greedy tokens equal the in-memory packed model's, and
-    each step's logits agree within 2 % of their range (llama.cpp quantizes activations to Q8_0 for Q4_0 dots)."""
+@pytest.mark.parametrize("bits,group_size,symmetric,float_type", [(4, 32, True, "f32"), (4, 64, False, "f16"),
+                                                                   (8, -1, True, "q8_0")])
+def test_llama_cpp_greedy_tokens_and_logits(tmp_path, tok, bits, group_size, symmetric, float_type):
+    """llama.cpp (llama-cpp-python) runs our Q4_0 / Q4_1 / Q8_0 exports. Tolerance: logits within 1 % of their range
+    (llama.cpp quantizes activations to Q8_0 for its block dot products; measured 0.45-0.8 % with llama-cpp-python
+    0.3.36). Checked (1) on every position of prompt + our 16 greedy tokens fed to llama.cpp, and (2) free-running:
+    llama.cpp's 16 greedy tokens equal ours, or first differ at a step where our top-2 margin is within twice the
+    tolerance (a near tie either engine may break; the tiny random model's logits are flat)."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install "
                                     "llama-cpp-python builds llama.cpp from source)")
-    model = model_for(tok, 4, 32, seed=1)
-    save(model, tmp_path / "m", tok, float_type="f32")
+    model = model_for(tok, bits, group_size, symmetric, seed=1)
+    save(model, tmp_path / "m", tok, float_type=float_type)
     llm = llama_cpp.Llama(str(tmp_path / "m" / "model.gguf"), n_ctx=64, n_threads=1, logits_all=True, verbose=False)
     prompt = torch.randint(0, len(tok), (8,), generator=torch.Generator().manual_seed(0)).tolist()
 
@@ -382,8 +387,17 @@ def test_llama_cpp_greedy_tokens_and_logits(tmp_path, tok):
         with torch.no_grad():
             return model(input_ids=torch.tensor([seq])).logits[0, -1].double().numpy()
 
-    got_tokens, got = _greedy(engine, prompt, 16)
     want_tokens, want = _greedy(ours, prompt, 16)
-    assert got_tokens == want_tokens
-    for a, b in zip(got, want):
-        assert np.abs(a - b).max() <= 0.02 * (b.max() - b.min())
+    tol = 0.01 * (want[0].max() - want[0].min())
+    llm.reset()
+    llm.eval(prompt + want_tokens)
+    forced = np.asarray(llm.scores[: len(seq)], dtype=np.float64)
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([seq])).logits[0].double().numpy()
+    assert np.abs(forced - ref).max() <= tol
+    llm.reset()
+    got_tokens, _ = _greedy(engine, prompt, 16)
+    diverge = next((i for i, (a, b) in enumerate(zip(got_tokens, want_tokens)) if a != b), None)
+    if diverge is not None:
+        top2 = np.sort(want[diverge])[-2:]
+        assert top2[1] - top2[0] <= 2 * tol, (diverge, got_tokens, want_tokens)
