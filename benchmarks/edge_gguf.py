@@ -120,14 +120,19 @@ def main() -> None:
     except ImportError:
         engine = False
         print("llama_cpp is not importable (pip install llama-cpp-python): llama.cpp rows are omitted")
-    rows = []
+    rows: list[tuple] = []
+
+    def add(*row):
+        rows.append(row)
+        print(" | ".join(row), flush=True)
+
     float_ppl = perplexity(model, windows)
-    rows.append(("shipped Q4_1 GGUF (dequantized), ours", "", f"{float_ppl:.3f}", ""))
+    add("shipped Q4_1 GGUF (dequantized), ours", "", f"{float_ppl:.3f}", "")
     if engine:
-        rows.append(("shipped Q4_1 GGUF, llama.cpp", f"{shipped.stat().st_size / 1e6:.1f}",
-                     f"{llama_cpp_perplexity(shipped, windows, args.threads):.3f}",
-                     _speed(llama_cpp_decode(shipped, prompt, args.gen, args.threads))))
-        rows.append(("transformers float32 generate", "", "", f"- / {transformers_decode(model, prompt, args.gen):.1f}"))
+        add("shipped Q4_1 GGUF, llama.cpp", f"{shipped.stat().st_size / 1e6:.1f}",
+            f"{llama_cpp_perplexity(shipped, windows, args.threads):.3f}",
+            _speed(llama_cpp_decode(shipped, prompt, args.gen, args.threads)))
+        add("transformers float32 generate", "", "", f"- / {transformers_decode(model, prompt, args.gen):.1f}")
     q = copy.deepcopy(model)
     t0 = time.perf_counter()
     quantize_model(q, QuantSpec(4, 64), "gptq", calibration=calib, config=GPTQConfig())
@@ -139,14 +144,14 @@ def main() -> None:
                     format_options={"pre_tokenizer": "smollm", "float_type": args.float_type})
         path = out / "model.gguf"
         size = f"{path.stat().st_size / 1e6:.1f}"
-        rows.append(("GPTQ W4 g64 in memory, ours", "", f"{ours:.3f}", ""))
+        add("GPTQ W4 g64 in memory, ours", "", f"{ours:.3f}", "")
         if engine:
             ppl = llama_cpp_perplexity(path, windows, args.threads)
-            rows.append((f"GPTQ W4 g64 GGUF (Q4_0, {args.float_type} embeddings), llama.cpp", size, f"{ppl:.3f}",
-                         _speed(llama_cpp_decode(path, prompt, args.gen, args.threads))))
+            add(f"GPTQ W4 g64 GGUF (Q4_0, {args.float_type} embeddings), llama.cpp", size, f"{ppl:.3f}",
+                _speed(llama_cpp_decode(path, prompt, args.gen, args.threads)))
             print(f"llama.cpp vs ours: {100 * (ppl / ours - 1):+.2f} % (goal within 0.5 %)")
         else:
-            rows.append((f"GPTQ W4 g64 GGUF (Q4_0, {args.float_type} embeddings)", size, "", ""))
+            add(f"GPTQ W4 g64 GGUF (Q4_0, {args.float_type} embeddings)", size, "", "")
     print(f"\nSmolLM2-135M, {held_name}: {windows.shape[0]} windows x {args.seq_len} tokens; decode: {len(prompt)}-token "
           f"prompt + {args.gen} greedy tokens, {args.threads} threads\n")
     print("| model / engine | file MB | perplexity | prefill / decode tok/s |")
