@@ -67,11 +67,13 @@ def llama_cpp_perplexity(path: Path, windows: torch.Tensor, threads: int) -> flo
 
 
 def llama_cpp_decode(path: Path, prompt: list[int], gen: int, threads: int) -> tuple[float, float]:
-    """``(prefill tok/s, decode tok/s)``: greedy ``Llama.generate`` (top_k=1); the first token's wait is the
-    prefill of the prompt (in one batch), the next ``gen − 1`` tokens are decode steps."""
+    """``(prefill tok/s, decode tok/s)``: greedy ``Llama.generate`` (top_k=1) after a 2-token warm-up; the first
+    token's wait is the prefill of the prompt (in one batch), the next ``gen − 1`` tokens are decode steps."""
     import llama_cpp
 
     llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + gen, n_batch=len(prompt), n_threads=threads, verbose=False)
+    for _ in zip(range(2), llm.generate(prompt, top_k=1, temp=0.0, reset=True)):  # warm-up: buffers, first graphs
+        pass
     t0 = time.perf_counter()
     stream = llm.generate(prompt, top_k=1, temp=0.0, reset=True)
     next(stream)
