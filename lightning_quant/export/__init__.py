@@ -104,7 +104,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     """Read an export written by :func:`save` (any format, detected from ``config.json``).
 
     Returns a model with ``PackedLinear`` / ``Int8OutlierLinear`` layers (for ``onnx``: an
-    onnxruntime-backed module with the same call signature); with saved LoRA adapters, a ``PeftModel``
+    onnxruntime-backed module with the same call signature; for ``gguf``: a float transformers model read by
+    transformers' own GGUF reader, which dequantizes the blocks); with saved LoRA adapters, a ``PeftModel``
     around it. Raises ``ValueError`` naming the
     problem for unknown formats, missing or mis-shaped tensors, wrong dtypes and non-safetensors files.
     """
