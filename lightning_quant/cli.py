@@ -2,8 +2,8 @@
 
     lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
                              [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
-                             [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,int8,onnx}]
-                             [--export-option KEY=VALUE ...]   # the format's options, e.g. accuracy_level=4 (onnx)
+                             [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,gguf,int8,onnx}]
+                             [--export-option KEY=VALUE ...]   # the format's options, e.g. accuracy_level=4 (onnx), float_type=q8_0 (gguf)
     lightning-quant quantize --model DIR --method int8 --out DIR    # the spec is fixed: W8 per channel
     lightning-quant eval --model DIR --data FILE --seq-len 512 [--max-windows N]   # last line: ppl=<value>
 
@@ -22,7 +22,8 @@ layer ``in_features``, ``out_features``, ``bias``, ``act_order`` and the method'
 another value, ``quantize`` writes that format with :func:`lightning_quant.export.save` instead
 (``docs/formats.md``), and ``eval`` reads it with :func:`lightning_quant.export.load`.
 ``--export-option KEY=VALUE`` (repeatable) sets one of the format's options (``onnx``: ``graph``,
-``accuracy_level``, ``context_length`` of :class:`~lightning_quant.export.onnx.OnnxOptions`); values
+``accuracy_level``, ``context_length`` of :class:`~lightning_quant.export.onnx.OnnxOptions`; ``gguf``:
+``float_type=q8_0``, ``pre_tokenizer=smollm`` of :class:`~lightning_quant.export.gguf.GGUFOptions`); values
 read as int when they are digits, ``true``/``false`` as bool, ``none`` as None, else as text.
 """
 
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--format", default=FORMAT, choices=[FORMAT, *_export_formats()],
                    help=f"on-disk format (default {FORMAT}; others: see docs/formats.md)")
     q.add_argument("--export-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option of --format (repeatable), e.g. accuracy_level=4 for onnx")
+                   help="an option of --format (repeatable), e.g. accuracy_level=4 for onnx, float_type=q8_0 for gguf")
     e = sub.add_parser("eval", help="perplexity on non-overlapping windows of a text file")
     e.add_argument("--model", required=True, help="directory written by 'quantize', HF directory, .gguf or 'smollm2'")
     e.add_argument("--data", required=True, help="text file")
@@ -276,7 +277,7 @@ def load_quantized(directory: str | Path) -> nn.Module:
 
 
 def _is_export(path: str) -> bool:
-    """A directory written by ``lightning_quant.export.save`` (gptq, awq, compressed-tensors, int8, onnx)."""
+    """A directory written by ``lightning_quant.export.save`` (gptq, awq, compressed-tensors, int8, onnx, gguf)."""
     cfg = Path(path) / "config.json"
     if not cfg.is_file():
         return False

@@ -111,6 +111,16 @@ class QuantizedWeight:
             extra += self.in_features * 32
         return (n * self.spec.bits + extra) / n
 
+    def select_rows(self, index: Tensor) -> QuantizedWeight:
+        """The output rows ``index`` (``int64 [out']``) in that order: codes, scales and zeros move together.
+
+        Groups run along the input dim, so a row permutation (e.g. llama.cpp's rotary layout of q/k)
+        keeps every group intact and ``dequantize()`` of the result is ``dequantize()[index]`` exactly.
+        """
+        index = index.to(device=self.codes.device, dtype=torch.long)
+        return replace(self, codes=self.codes[index], scales=self.scales[index],
+                       zeros=None if self.zeros is None else self.zeros[index])
+
     def to(self, device: torch.device | str) -> QuantizedWeight:
         def mv(t):
             return None if t is None else t.to(device)

@@ -11,6 +11,7 @@ from torch import nn
 
 __all__ = [
     "TINY_VOCAB",
+    "bpe_tokenizer",
     "byte_text_loaders",
     "byte_tokenizer",
     "make_lightning_module",
@@ -86,3 +87,20 @@ def byte_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+def bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE tokenizer trained on standard-library source (deterministic; real merges, an
+    ``<|endoftext|>`` special token as bos/eos), for exports that embed the vocabulary (GGUF)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from lightning_quant.data import stdlib_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([stdlib_text(20_000)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")

@@ -33,6 +33,7 @@ from lightning_quant.algorithms.awq import AWQConfig, AWQGroupResult, AWQStats, 
 from lightning_quant.algorithms.registry import register_method
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration import BlockContext, run_sequential
+from lightning_quant.calibration import distributed as dist
 from lightning_quant.calibration.awq_mapping import (
     FoldPlan,
     discover_groups,
@@ -40,7 +41,6 @@ from lightning_quant.calibration.awq_mapping import (
     model_type,
     scale_input_columns,
 )
-from lightning_quant.calibration import distributed as dist
 from lightning_quant.calibration.distributed import full_tensor
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec

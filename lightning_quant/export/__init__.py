@@ -1,8 +1,8 @@
 """Export quantized models to formats real inference stacks load, and load them back.
 
 ``save(model, path, format=...)`` writes an HF-style directory (``gptq``, ``gptq_v2``, ``awq``,
-``compressed-tensors``, ``int8``) or an ONNX decoder with a KV cache that onnxruntime-genai generates
-with (``onnx``) atomically; ``load(path)`` reads any
+``compressed-tensors``, ``int8``), an ONNX decoder with a KV cache that onnxruntime-genai generates with
+(``onnx``) or a llama.cpp GGUF file (``gguf``) atomically; ``load(path)`` reads any
 of them back (safetensors and JSON only, never pickle). See ``docs/formats.md``.
 """
 
@@ -64,7 +64,8 @@ def save(
         full_state: the full state dict of a sharded (FSDP) model, gathered on the writing rank
             (:func:`lightning_quant.export.export_after_fit` does this).
         options: the format's own options, a dict of its fields or its options dataclass (``onnx``:
-            :class:`~lightning_quant.export.onnx.OnnxOptions`, e.g. ``{"accuracy_level": 4}``); unknown
+            :class:`~lightning_quant.export.onnx.OnnxOptions`, e.g. ``{"accuracy_level": 4}``; ``gguf``:
+            :class:`~lightning_quant.export.gguf.GGUFOptions`, e.g. ``{"float_type": "q8_0"}``); unknown
             keys raise naming the allowed ones.
 
     Returns:
@@ -75,11 +76,18 @@ def save(
     from lightning_quant.export.io import atomic_directory
 
     fmt = get_format(format)
+    if fmt.needs_tokenizer and tokenizer is None:
+        raise ValueError(f"format={fmt.name!r} embeds the tokenizer in the file; pass tokenizer= (the model's "
+                         "transformers tokenizer, e.g. AutoTokenizer.from_pretrained(...)).")
     options = SaveOptions(dtype=dtype, max_shard_bytes=max_shard_bytes, full_state=full_state, tokenizer=tokenizer,
                           format_options=format_options(fmt, options))
     peft_model = model if adapters.is_peft_model(model) else None
     base = model.get_base_model() if peft_model is not None else model
     hosts = adapters.tuner_hosts(base)
+    if hosts and not fmt.holds_adapters:
+        raise ValueError(f"format={fmt.name!r} holds no separate LoRA adapters (the engine runs the one file), but "
+                         f"{next(iter(hosts))!r}, ... keep theirs; quantize with lora='merged' (the default) to fold "
+                         "them into the weights, or export as 'gptq' / 'compressed-tensors' with the adapters.")
     if hosts and peft_model is None:
         raise ValueError(f"The model holds peft adapter layers ({next(iter(hosts))!r}, ...) but is not a PeftModel; "
                          "export the PeftModel (its adapters are written as adapter_model.safetensors) or merge them.")
@@ -99,7 +107,8 @@ def load(path: str | os.PathLike) -> nn.Module:
     """Read an export written by :func:`save` (any format, detected from ``config.json``).
 
     Returns a model with ``PackedLinear`` / ``Int8OutlierLinear`` layers (for ``onnx``: an
-    onnxruntime-backed module with the same call signature); with saved LoRA adapters, a ``PeftModel``
+    onnxruntime-backed module with the same call signature; for ``gguf``: a float transformers model read by
+    transformers' own GGUF reader, which dequantizes the blocks); with saved LoRA adapters, a ``PeftModel``
     around it. Raises ``ValueError`` naming the
     problem for unknown formats, missing or mis-shaped tensors, wrong dtypes and non-safetensors files.
     """

@@ -29,9 +29,11 @@ class ExportConfig:
         path: the export directory.
         overwrite: replace an existing export at ``path`` (atomically); False raises if it exists.
         dtype: ``"float16"`` / ``"bfloat16"`` / ``"float32"`` for the non-quantized tensors, or None (keep).
-        tokenizer: optional tokenizer (anything with ``save_pretrained``) written next to the weights.
+        tokenizer: optional tokenizer (anything with ``save_pretrained``) written next to the weights; required by
+            formats that embed it (``gguf``).
         options: the format's own options as a dict (``onnx``: ``{"accuracy_level": 4}``, see
-            :class:`~lightning_quant.export.onnx.OnnxOptions`), checked here against the format.
+            :class:`~lightning_quant.export.onnx.OnnxOptions`; ``gguf``: ``{"float_type": "q8_0", "pre_tokenizer":
+            "smollm"}``, see :class:`~lightning_quant.export.gguf.GGUFOptions`), checked here against the format.
     """
 
     format: str
@@ -42,10 +44,14 @@ class ExportConfig:
     options: dict | None = None
 
     def __post_init__(self) -> None:
-        from lightning_quant.export.registry import available_formats
+        from lightning_quant.export.registry import available_formats, format_options, get_format
 
         if self.format not in available_formats():
             raise ValueError(f"export format {self.format!r} is unknown; use one of {available_formats()}.")
+        fmt = get_format(self.format)
+        if fmt.needs_tokenizer and self.tokenizer is None:
+            raise ValueError(f"export format {self.format!r} embeds the tokenizer; add 'tokenizer' (the model's "
+                             "transformers tokenizer) to export_on_fit_end.")
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
             raise ValueError(f"export path must be a non-empty str or path, got {self.path!r}.")
         if not isinstance(self.overwrite, bool):
@@ -54,9 +60,7 @@ class ExportConfig:
             raise ValueError(f"dtype={self.dtype!r} is not supported; use one of {_DTYPES} or None.")
         if self.tokenizer is not None and not hasattr(self.tokenizer, "save_pretrained"):
             raise ValueError(f"tokenizer must have save_pretrained (a transformers tokenizer), got {type(self.tokenizer).__name__}.")
-        from lightning_quant.export.registry import format_options, get_format
-
-        format_options(get_format(self.format), self.options)  # raises on unknown keys / bad values now, not after fit
+        format_options(fmt, self.options)  # raises on unknown keys / bad values now, not after fit
 
     @classmethod
     def coerce(cls, value: ExportConfig | dict | None) -> ExportConfig | None:

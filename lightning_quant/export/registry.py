@@ -61,6 +61,9 @@ class ExportFormat:
         detect: ``(config) -> bool``, True when ``config.json`` describes this format.
         options: optional frozen dataclass of the format's own options (validated in its ``__post_init__``);
             ``save(..., options={...})`` builds it from a dict (:func:`format_options`).
+        needs_tokenizer: the format embeds the vocabulary, so ``save`` (and ``ExportConfig``) require a tokenizer.
+        holds_adapters: an engine reading the format also applies peft adapters written next to it; False
+            (``gguf``: llama.cpp runs the one file) makes ``save`` refuse a model with kept (unmerged) adapters.
     """
 
     name: str
@@ -68,6 +71,8 @@ class ExportFormat:
     load: Callable[[Path, dict], Any]
     detect: Callable[[dict], bool]
     options: type | None = None
+    needs_tokenizer: bool = False
+    holds_adapters: bool = True
 
 
 def format_options(fmt: ExportFormat, value: Any = None) -> Any:
@@ -102,6 +107,7 @@ _BUILTIN: dict[str, str] = {
     "compressed-tensors": "lightning_quant.export.compressed_tensors:COMPRESSED_TENSORS",
     "int8": "lightning_quant.export.int8:INT8",
     "onnx": "lightning_quant.export.onnx:ONNX",
+    "gguf": "lightning_quant.export.gguf:GGUF",
 }
 _FORMATS: dict[str, ExportFormat] = {}
 

@@ -70,8 +70,8 @@ def test_qat_callback_exports_on_fit_end(tmp_path, ids):
 
 
 def test_export_config_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"export format 'gguf' is unknown; use one of \['awq'"):
-        ExportConfig("gguf", "out")
+    with pytest.raises(ValueError, match=r"export format 'ggml' is unknown; use one of \['awq'"):
+        ExportConfig("ggml", "out")
     with pytest.raises(ValueError, match="needs keys 'format' and 'path'"):
         ExportConfig.coerce({"format": "gptq"})
     with pytest.raises(ValueError, match="needs keys 'format' and 'path'"):

@@ -109,8 +109,8 @@ def test_load_validation_errors(tmp_path):
 
 
 def test_unknown_format_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown export format 'gguf'; available: \['awq', 'compressed-tensors'"):
-        export.save(packed_tiny(), tmp_path / "m", "gguf")
+    with pytest.raises(ValueError, match=r"Unknown export format 'exl2'; available: \['awq', 'compressed-tensors'"):
+        export.save(packed_tiny(), tmp_path / "m", "exl2")
     export.save(packed_tiny(), tmp_path / "m", "gptq")
     cfg = json.loads((tmp_path / "m" / "config.json").read_text())
     cfg["quantization_config"]["quant_method"] = "exl2"
