@@ -50,6 +50,22 @@ def load_triton():
     return triton, tl
 
 
+def build_kernels(module_globals: dict, kernel, interpret: bool, tuned: dict[str, tuple]) -> dict:
+    """``{"jit": triton.jit(kernel), name: autotuned jit, ...}`` for one kernel family, built on first use.
+
+    ``module_globals`` (the kernel module's ``globals()``) receives ``tl``, which the kernel body reads when
+    it compiles. ``tuned`` maps a name to ``(configs(triton) -> list, autotune keyword arguments)``; the
+    interpreter cannot benchmark, so ``interpret`` returns the plain jit only (callers pass a fixed config).
+    """
+    triton, tl = load_triton()
+    module_globals["tl"] = tl
+    jit = triton.jit(kernel)
+    if interpret:
+        return {"jit": jit}
+    return {"jit": jit, **{name: triton.autotune(configs=configs(triton), **kw)(jit)
+                           for name, (configs, kw) in tuned.items()}}
+
+
 def reference_forced(force_reference: bool | None) -> bool:
     """The per-call argument when given (``True``/``False``), else the environment variable."""
     return force_reference_from_env() if force_reference is None else bool(force_reference)

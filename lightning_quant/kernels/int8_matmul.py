@@ -59,12 +59,8 @@ def _configs(triton):
 
 @functools.cache
 def _build(interpret: bool):
-    global tl
-    triton, tl = _runtime.load_triton()
-    jit = triton.jit(_int8_kernel)
-    if interpret:
-        return {"jit": jit}
-    return {"jit": jit, "tuned": triton.autotune(configs=_configs(triton), key=["M_BUCKET", "N", "K"])(jit)}
+    return _runtime.build_kernels(globals(), _int8_kernel, interpret,
+                                  {"tuned": (_configs, {"key": ["M_BUCKET", "N", "K"]})})
 
 
 def int8_matmul_triton(a: Tensor, b: Tensor, config: dict | None = None) -> Tensor:

@@ -172,14 +172,8 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 
 @functools.cache
 def _build(interpret: bool):
-    global tl
-    triton, tl = _runtime.load_triton()
-    jit = triton.jit(_wq_gemv_kernel)
-    if interpret:
-        return {"jit": jit}
-    tuned = triton.autotune(configs=gemv_configs(triton), key=["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"],
-                            prune_configs_by={"early_config_prune": prune_gemv})(jit)
-    return {"jit": jit, "tuned": tuned}
+    return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
+        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})})
 
 
 _WORKSPACES: dict = {}

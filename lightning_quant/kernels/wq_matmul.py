@@ -226,19 +226,12 @@ def kernel_constants(bits: int, asym: bool, has_bias: bool, group_size: int, dty
 @functools.cache
 def _build(interpret: bool):
     """``{"jit": kernel, "gemm": autotuned, "splitk": autotuned}`` for the compiled or interpreted mode."""
-    global tl
-    triton, tl = _runtime.load_triton()
-    jit = triton.jit(_wq_kernel)
-    if interpret:  # the interpreter cannot benchmark: callers pass a fixed config
-        return {"jit": jit}
     key = ["M_BUCKET", "N", "K", "BITS", "GROUP_SIZE"]
     prune = {"early_config_prune": prune_by_group}
-    return {
-        "jit": jit,
-        "gemm": triton.autotune(configs=_gemm_configs(triton), key=key, prune_configs_by=prune)(jit),
-        "splitk": triton.autotune(configs=_splitk_configs(triton), key=key, prune_configs_by=prune,
-                                  reset_to_zero=["out_ptr"])(jit),
-    }
+    return _runtime.build_kernels(globals(), _wq_kernel, interpret, {
+        "gemm": (_gemm_configs, {"key": key, "prune_configs_by": prune}),
+        "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune, "reset_to_zero": ["out_ptr"]}),
+    })
 
 
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
