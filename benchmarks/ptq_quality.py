@@ -21,6 +21,11 @@ block size, and calibration batch size; its dequantized weights are loaded into 
 model, checked to lie on a b-bit grid per (row, group), and evaluated like our rows (``llmc-gptq``,
 ``llmc-awq``). The wall-time ratio llm-compressor / ours is printed per config.
 
+``--methods`` also takes the issue-15 option rows of :data:`VARIANTS` (``rtn+mse``, ``gptq+orig``, ``gptq+mse``,
+``gptq+hmse``, ``gptq+orig+mse``, ``gptq+static``): a registered method with one option of its config set
+(``QParamSearch`` weight / Hessian objective, ``group_qparams="original"``, act-order with static groups),
+and ``awq+gptq`` / ``awq+gptq+hmse`` (AWQ scales folded, then GPTQ).
+
 Goals (issue 5): AWQ perplexity at least as good as llm-compressor's AWQ on the same model and data;
 LLM.int8 (``--methods ...,int8``: one row, weights are always row-wise int8, threshold 6.0)
 perplexity change <= 0.5 % vs float.
@@ -69,6 +74,8 @@ VARIANTS = {
     "gptq+orig+mse": ("gptq", {"group_qparams": "original", "qparam_search": QParamSearch()}),
     "gptq+static": ("gptq", {"act_order": True, "static_groups": True}),
     "awq": ("awq", None),
+    "awq+gptq": ("awq+gptq", {"awq": AWQConfig()}),
+    "awq+gptq+hmse": ("awq+gptq", {"awq": AWQConfig(), "qparam_search": QParamSearch(objective="hessian")}),
 }
 
 
@@ -77,7 +84,7 @@ def variant_config(name: str, gptq_base: GPTQConfig):
     if name not in VARIANTS:
         raise SystemExit(f"unknown --methods entry {name!r}; use int8 or one of {sorted(VARIANTS)}.")
     method, opts = VARIANTS[name]
-    if method == "gptq":
+    if method in ("gptq", "awq+gptq"):
         return method, dataclasses.replace(gptq_base, **opts)
     if method == "rtn":
         return method, None if opts is None else RTNConfig(**opts)
