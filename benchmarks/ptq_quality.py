@@ -21,6 +21,11 @@ block size, and calibration batch size; its dequantized weights are loaded into 
 model, checked to lie on a b-bit grid per (row, group), and evaluated like our rows (``llmc-gptq``,
 ``llmc-awq``). The wall-time ratio llm-compressor / ours is printed per config.
 
+``--methods`` also takes the issue-15 option rows of :data:`VARIANTS` (``rtn+mse``, ``gptq+orig``, ``gptq+mse``,
+``gptq+hmse``, ``gptq+orig+mse``, ``gptq+static``): a registered method with one option of its config set
+(``QParamSearch`` weight / Hessian objective, ``group_qparams="original"``, act-order with static groups),
+and ``awq+gptq`` / ``awq+gptq+hmse`` (AWQ scales folded, then GPTQ).
+
 Goals (issue 5): AWQ perplexity at least as good as llm-compressor's AWQ on the same model and data;
 LLM.int8 (``--methods ...,int8``: one row, weights are always row-wise int8, threshold 6.0)
 perplexity change <= 0.5 % vs float.
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import subprocess
 import time
@@ -42,9 +48,11 @@ from torch import nn
 from lightning_quant import QuantSpec, quantize_model
 from lightning_quant.algorithms.awq import AWQConfig
 from lightning_quant.algorithms.gptq import GPTQConfig
+from lightning_quant.algorithms.rtn import RTNConfig
 from lightning_quant.data import stdlib_text, token_windows, wikitext2_path
 from lightning_quant.evaluation import evaluate_against, reference_logits
 from lightning_quant.models import load_causal_lm, load_tokenizer
+from lightning_quant.spec import QParamSearch
 
 CONFIGS = {
     "w4g64": QuantSpec(4, 64, symmetric=True),
@@ -52,6 +60,35 @@ CONFIGS = {
     "w3g64-asym": QuantSpec(3, 64, symmetric=False),
     "w8ch": QuantSpec(8, -1, symmetric=True),
 }
+
+
+#: ``--methods`` rows: name -> (registered method, its config's options); GPTQ rows also take
+#: ``--true-sequential`` / ``--act-order`` from the command line.
+VARIANTS = {
+    "rtn": ("rtn", None),
+    "rtn+mse": ("rtn", {"qparam_search": QParamSearch()}),
+    "gptq": ("gptq", {}),
+    "gptq+orig": ("gptq", {"group_qparams": "original"}),
+    "gptq+mse": ("gptq", {"qparam_search": QParamSearch()}),
+    "gptq+hmse": ("gptq", {"qparam_search": QParamSearch(objective="hessian")}),
+    "gptq+orig+mse": ("gptq", {"group_qparams": "original", "qparam_search": QParamSearch()}),
+    "gptq+static": ("gptq", {"act_order": True, "static_groups": True}),
+    "awq": ("awq", None),
+    "awq+gptq": ("awq+gptq", {"awq": AWQConfig()}),
+    "awq+gptq+hmse": ("awq+gptq", {"awq": AWQConfig(), "qparam_search": QParamSearch(objective="hessian")}),
+}
+
+
+def variant_config(name: str, gptq_base: GPTQConfig):
+    """``(registered method, config)`` of a ``--methods`` row."""
+    if name not in VARIANTS:
+        raise SystemExit(f"unknown --methods entry {name!r}; use int8 or one of {sorted(VARIANTS)}.")
+    method, opts = VARIANTS[name]
+    if method in ("gptq", "awq+gptq"):
+        return method, dataclasses.replace(gptq_base, **opts)
+    if method == "rtn":
+        return method, None if opts is None else RTNConfig(**opts)
+    return method, None
 
 
 def _texts(tokenizer, args):
@@ -181,7 +218,8 @@ def _print_ratios(rows: list[tuple]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
-    p.add_argument("--methods", default="rtn,gptq,awq,int8", help="registered methods; int8 gives one row")
+    p.add_argument("--methods", default="rtn,gptq,awq,int8",
+                   help=f"comma list of {sorted(VARIANTS)} or int8 (one row)")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -192,6 +230,9 @@ def main() -> None:
     p.add_argument("--work-dir", default="/tmp/lq_llmc_baseline",
                    help="float HF copy, calibration tokens and llm-compressor outputs")
     args = p.parse_args()
+    for m in args.methods.split(","):  # unknown names fail before the model loads
+        if m != "int8":
+            variant_config(m, GPTQConfig())
     model, tok = load_causal_lm("smollm2"), load_tokenizer("smollm2")
     held_name, held, calib = _texts(tok, args)
     ref = reference_logits(model, held)
@@ -209,11 +250,11 @@ def main() -> None:
         for method in args.methods.split(","):
             if method == "int8":  # independent of the weight config: one row after the loop
                 continue
+            registered, method_cfg = variant_config(method, cfg)
             q = copy.deepcopy(model)
             reset_peak()
             t0 = time.perf_counter()
-            quantize_model(q, spec, method, calibration=calib if method != "rtn" else None,
-                           config=cfg if method == "gptq" else None)
+            quantize_model(q, spec, registered, calibration=calib if registered != "rtn" else None, config=method_cfg)
             wall = time.perf_counter() - t0
             peak = peak_mb()
             r = evaluate_against(q, ref, held)

@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asym", dest="sym", action="store_const", const=False,
                      help="asymmetric codes with a zero point per group" + ("" if d.symmetric else " (default)"))
     q.add_argument("--act-order", action="store_true", help="process columns by descending Hessian diagonal (gptq)")
+    q.add_argument("--qparam-search", choices=("weight", "hessian"), default=None,
+                   help="grid-search each group's clip range (QParamSearch) minimising the weight error "
+                        "(rtn, gptq, awq+gptq) or the Hessian-weighted error (gptq, awq+gptq)")
     q.add_argument("--calib", help="calibration text file (methods that need calibration)")
     q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
@@ -119,12 +122,26 @@ def _windows(tokenizer, path: str, seq_len: int, n: int | None):
     return windows
 
 
-def _method_config(method, act_order: bool):
-    if method.config_type is None or "act_order" not in {f.name for f in dataclasses.fields(method.config_type)}:
-        if act_order:
-            raise SystemExit(f"error: --act-order is not an option of --method {method.name}.")
+def _method_config(method, act_order: bool, qparam_search: str | None = None):
+    """The method's config from the method flags; a flag the method's config lacks exits naming it."""
+    from lightning_quant.spec import QParamSearch
+
+    fields = set() if method.config_type is None else {f.name for f in dataclasses.fields(method.config_type)}
+    opts = {}
+    for flag, field, value in (("--act-order", "act_order", act_order),
+                               ("--qparam-search", "qparam_search", qparam_search)):
+        if value and field not in fields:
+            raise SystemExit(f"error: {flag} is not an option of --method {method.name}.")
+        if value:
+            opts[field] = QParamSearch(objective=value) if field == "qparam_search" else value
+    if "act_order" in fields:
+        opts.setdefault("act_order", False)
+    if not opts:
         return None
-    return method.config_type(act_order=act_order)
+    try:
+        return method.config_type(**opts)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
 
 
 #: the spec flags' argparse names -> the QuantSpec fields they set
@@ -198,7 +215,7 @@ def quantize(args: argparse.Namespace) -> Path:
             format_options(get_format(args.format), export_options)  # fail before quantizing, not after
         except (ValueError, TypeError) as e:
             raise SystemExit(f"error: --export-option: {e}") from None
-    config = _method_config(method, args.act_order)
+    config = _method_config(method, args.act_order, args.qparam_search)
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     calib = None
     if method.needs_calibration:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_quant.spec import ActivationSpec, QuantSpec
+from lightning_quant.spec import ActivationSpec, QParamSearch, QuantSpec
 
 __all__ = [
     "SCALE_EPS",
@@ -27,11 +27,13 @@ __all__ = [
     "expand_groups",
     "fake_quantize",
     "fake_quantize_activation",
+    "fake_quantize_minmax",
     "group_minmax",
     "qparams_from_minmax",
     "quantize",
     "quantize_activation",
     "round_codes",
+    "search_clip",
 ]
 
 #: Smallest scale we ever produce. Exactly representable in float16, so rounding scales to
@@ -113,6 +115,72 @@ def compute_qparams(
     spec.check_in_features(w.shape[1])
     lo, hi = group_minmax(w, spec, g_idx)
     return qparams_from_minmax(lo * clip, hi * clip, spec)
+
+
+def _grouped(w: Tensor, spec: QuantSpec) -> Tensor:
+    """``w [out, in] -> [out, G, gs]`` float32, the partial last group zero-padded (zeros change no
+    group's qparams, since ranges always contain 0, and quantize to exactly 0)."""
+    out_f, in_f = w.shape
+    gs = spec.effective_group_size(in_f)
+    n_groups = spec.num_groups(in_f)
+    return torch.nn.functional.pad(w.float(), (0, n_groups * gs - in_f)).view(out_f, n_groups, gs)
+
+
+def fake_quantize_minmax(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Tensor:
+    """``dequantize(quantize(w))`` of ``w [out, in]`` with min-max qparams shrunk by ``clip`` (scalar or
+    ``[out, G]``).
+
+    The same values as :func:`compute_qparams` + :func:`fake_quantize` (same qparam formula, same
+    elementwise float32 ops), computed on a ``[out, G, gs]`` view instead of gathers, because grid
+    searches call it many times per layer.
+    """
+    out_f, in_f = w.shape
+    wg = _grouped(w, spec)  # [out, in] -> [out, G, gs]
+    clip = clip.unsqueeze(-1) if isinstance(clip, Tensor) else clip
+    scale, zero = qparams_from_minmax(wg.amin(-1, keepdim=True) * clip, wg.amax(-1, keepdim=True) * clip, spec)
+    zero = torch.full_like(scale, float(spec.midpoint)) if zero is None else zero
+    q = round_codes(wg, scale, zero, spec.qmax)
+    return ((q - zero) * scale).view(out_f, -1)[:, :in_f]
+
+
+def _group_blocks(h: Tensor, in_f: int, gs: int) -> Tensor:
+    """Diagonal blocks of ``h [in, in]`` per weight group, zero-padded: ``[G, gs, gs]``."""
+    n_groups = -(-in_f // gs)
+    pad = n_groups * gs - in_f
+    hp = torch.nn.functional.pad(h.float(), (0, pad, 0, pad))  # [G·gs, G·gs]
+    idx = torch.arange(n_groups, device=h.device)
+    return hp.view(n_groups, gs, n_groups, gs)[idx, :, idx, :]  # [G, gs, gs]
+
+
+def search_clip(w: Tensor, spec: QuantSpec, search: QParamSearch, hessian: Tensor | None = None) -> Tensor:
+    """Per-(row, group) shrink factor ``[out, G]`` of ``w [out, in]`` minimising ``search.objective``.
+
+    ``"weight"``: ``Σ_group |w − Q_c(w)|^norm``; ``"hessian"``: ``d H_g d^T`` with ``d = w − Q_c(w)`` on
+    the group and ``H_g`` the group's diagonal block of ``hessian [in, in]``. Ties keep the larger ``c``
+    (``c = 1``, min-max, is tried first). Pass the result as ``clip`` to :func:`compute_qparams`.
+    """
+    out_f, in_f = w.shape
+    spec.check_in_features(in_f)
+    if search.objective == "hessian":
+        if hessian is None or tuple(hessian.shape) != (in_f, in_f):
+            raise ValueError(f"QParamSearch(objective='hessian') needs the layer's Hessian [in, in] = [{in_f}, {in_f}]"
+                             f"{'' if hessian is None else f', got {tuple(hessian.shape)}'}; it exists only with "
+                             "calibration data (GPTQ / AWQ): use objective='weight' for RTN.")
+        blocks = _group_blocks(hessian, in_f, spec.effective_group_size(in_f))  # [G, gs, gs]
+    n_groups = spec.num_groups(in_f)
+    wg = _grouped(w, spec)
+    best_err = torch.full((out_f, n_groups), float("inf"), dtype=torch.float32, device=w.device)
+    best = torch.ones(out_f, n_groups, dtype=torch.float32, device=w.device)
+    for c in search.ratios:
+        d = wg - _grouped(fake_quantize_minmax(w, spec, clip=c), spec)  # [out, G, gs]
+        if search.objective == "hessian":
+            err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+        else:
+            err = d.abs().pow(search.norm).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, torch.full_like(best, c), best)
+    return best
 
 
 def _zero_full(zero: Tensor | None, spec_bits_mid: int, like: Tensor) -> Tensor:

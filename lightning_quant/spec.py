@@ -31,7 +31,10 @@ ALLOWED_BITS = (2, 3, 4, 8)
 ALLOWED_ACT_BITS = (8,)
 _SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
-__all__ = ["ALLOWED_BITS", "ActivationSpec", "QuantSpec"]
+__all__ = ["ALLOWED_BITS", "QPARAM_OBJECTIVES", "ActivationSpec", "QParamSearch", "QuantSpec"]
+
+#: What :class:`QParamSearch` minimises per (row, group).
+QPARAM_OBJECTIVES = ("weight", "hessian")
 
 
 @dataclass(frozen=True)
@@ -158,3 +161,48 @@ class ActivationSpec:
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "symmetric": self.symmetric, "granularity": self.granularity}
+
+
+@dataclass(frozen=True)
+class QParamSearch:
+    """Grid search of per-(row, group) qparams: shrink the min-max range by ``c`` and keep the ``c`` with
+    the least error (GPTQ's reference ``Quantizer(mse=True)``, Frantar et al. 2023; GPTQModel's ``mse``;
+    llm-compressor's ``mse`` observer; AWQ's clip search, Lin et al. 2024 §3.3).
+
+    Ratios tried: ``c_i = 1 − max_shrink · i / steps``, ``i = 0 .. steps−1`` (``c = 1`` is min-max, so the
+    search never does worse than min-max on its own objective). Each ``c`` scales both ends of the range
+    (``lo·c``, ``hi·c``), and the scale / zero point follow from that range as in
+    :func:`~lightning_quant.primitives.qparams_from_minmax`.
+
+    Args:
+        steps: grid points (80 with ``max_shrink=0.8`` is GPTQ's ``grid=100, maxshrink=0.8``).
+        max_shrink: the smallest range tried is ``(1 − max_shrink)`` of min-max; in ``[0, 1)``.
+        objective: ``"weight"`` — ``Σ |w − Q_c(w)|^norm`` over the group; ``"hessian"`` — the group's output
+            error ``d H_g d^T`` with ``H_g`` the group's diagonal block of ``H = 2 X^T X / n`` (needs
+            calibration inputs: GPTQ and AWQ, not plain RTN).
+        norm: the exponent of the ``"weight"`` objective (2.4 in GPTQ's reference code); ``> 0``.
+    """
+
+    steps: int = 80
+    max_shrink: float = 0.8
+    objective: Literal["weight", "hessian"] = "weight"
+    norm: float = 2.4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise ValueError(f"QParamSearch.steps={self.steps!r} must be an int >= 1 (80 is GPTQ's grid).")
+        ms = self.max_shrink
+        if isinstance(ms, bool) or not isinstance(ms, (int, float)) or not 0.0 <= ms < 1.0:
+            raise ValueError(f"QParamSearch.max_shrink={ms!r} must be in [0, 1): the smallest range tried is "
+                             f"(1 - max_shrink) of min-max; 0.8 (GPTQ) or 0.5 (AWQ) are typical.")
+        if self.objective not in QPARAM_OBJECTIVES:
+            raise ValueError(f"QParamSearch.objective={self.objective!r} is not supported; use one of {QPARAM_OBJECTIVES}.")
+        n = self.norm
+        if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+            raise ValueError(f"QParamSearch.norm={n!r} must be a finite number > 0; 2.0 (squared error) or 2.4 "
+                             "(GPTQ's reference) are typical.")
+
+    @property
+    def ratios(self) -> list[float]:
+        """The shrink factors tried, largest (``1.0``) first."""
+        return [1.0 - self.max_shrink * i / self.steps for i in range(self.steps)]

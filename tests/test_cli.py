@@ -138,3 +138,17 @@ def test_int8_rejects_conflicting_spec_flags(model_dir, tmp_path, flags, dropped
                                          rf"drop {dropped}, or omit the spec flags"):
         main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", *flags, "--out", str(tmp_path / "x")])
     assert not (tmp_path / "x").exists()
+
+
+def test_awq_gptq_and_qparam_search_flags(model_dir, tmp_path, capsys):
+    out = tmp_path / "ag"
+    assert main(["quantize", "--model", str(model_dir / "model"), "--method", "awq+gptq", "--bits", "4", "--group-size",
+                 "32", "--asym", "--qparam-search", "hessian", "--calib", str(model_dir / "calib.txt"),
+                 "--num-samples", "2", "--seq-len", "64", "--out", str(out)]) == 0
+    assert sum(isinstance(m, PackedLinear) for m in load_quantized(out).modules()) == 14
+    with pytest.raises(SystemExit, match="use objective='weight', or method='gptq'/'awq'"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--qparam-search", "hessian",
+              "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="--qparam-search is not an option of --method int8"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--qparam-search", "weight",
+              "--out", str(tmp_path / "i")])

@@ -31,7 +31,7 @@ from lightning_quant.calibration.awq_mapping import tie_expand, tie_reduce
 from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
-from lightning_quant.spec import QuantSpec
+from lightning_quant.spec import QParamSearch, QuantSpec
 
 __all__ = [
     "UNFOLDABLE",
@@ -149,23 +149,7 @@ def awq_scales(mean_abs: Tensor, ratio: float) -> Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
-def _fake_rtn(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0) -> Tensor:
-    """``dequantize(quantize(w))`` with min-max qparams (shrunk by ``clip``, scalar or ``[out, G]``).
-
-    The same values as ``P.compute_qparams`` + ``P.fake_quantize`` (same qparam formula, same
-    elementwise float32 ops), computed on a zero-padded ``[out, G, gs]`` view instead of gathers —
-    padding with zeros changes no group's qparams, since ranges always contain 0 — because the
-    searches call it hundreds of times per block.
-    """
-    out_f, in_f = w.shape
-    gs = spec.effective_group_size(in_f)
-    n_groups = spec.num_groups(in_f)
-    wg = torch.nn.functional.pad(w.float(), (0, n_groups * gs - in_f)).view(out_f, n_groups, gs)  # [out, G, gs]
-    clip = clip.unsqueeze(-1) if isinstance(clip, Tensor) else clip
-    scale, zero = P.qparams_from_minmax(wg.amin(-1, keepdim=True) * clip, wg.amax(-1, keepdim=True) * clip, spec)
-    zero = torch.full_like(scale, float(spec.midpoint)) if zero is None else zero
-    q = P.round_codes(wg, scale, zero, spec.qmax)
-    return ((q - zero) * scale).view(out_f, n_groups * gs)[:, :in_f]
+_fake_rtn = P.fake_quantize_minmax  # min-max fake quant on a [out, G, gs] view (shared with every grid search)
 
 
 def _check_group(weights: dict[str, Tensor], in_features: int) -> None:
@@ -203,32 +187,10 @@ def search_scales(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec, 
     return best[1], best[2], errors
 
 
-def _group_blocks(h: Tensor, in_f: int, gs: int) -> Tensor:
-    """Diagonal blocks of ``h [in, in]`` per weight group, zero-padded: ``[G, gs, gs]``."""
-    n_groups = -(-in_f // gs)
-    pad = n_groups * gs - in_f
-    hp = torch.nn.functional.pad(h, (0, pad, 0, pad))  # [G·gs, G·gs]
-    idx = torch.arange(n_groups, device=h.device)
-    return hp.view(n_groups, gs, n_groups, gs)[idx, :, idx, :]  # [G, gs, gs]
-
-
 def search_clip(w: Tensor, h: Tensor, spec: QuantSpec, clip_grid: int = 10, max_shrink: float = 0.5) -> Tensor:
-    """Per (row, weight-group) shrink factor ``[out, G]`` of ``w [out, in]`` (module docstring, step 2)."""
-    out_f, in_f = w.shape
-    gs = spec.effective_group_size(in_f)
-    n_groups = spec.num_groups(in_f)
-    blocks = _group_blocks(h.float(), in_f, gs)  # [G, gs, gs]
-    best_err = torch.full((out_f, n_groups), float("inf"), dtype=torch.float32, device=w.device)
-    best_clip = torch.ones(out_f, n_groups, dtype=torch.float32, device=w.device)
-    for i in range(max(clip_grid, 1)):
-        c = 1.0 - max_shrink * i / max(clip_grid, 1)
-        d = w.float() - _fake_rtn(w, spec, clip=c)
-        d = torch.nn.functional.pad(d, (0, n_groups * gs - in_f)).view(out_f, n_groups, gs)  # [out, G, gs]
-        err = torch.einsum("ogi,gij,ogj->og", d, blocks, d)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_clip = torch.where(better, torch.full_like(best_clip, c), best_clip)
-    return best_clip
+    """Per (row, weight-group) shrink factor ``[out, G]`` of ``w [out, in]`` (module docstring, step 2): the
+    shared :func:`~lightning_quant.primitives.search_clip` with ``QParamSearch(clip_grid, max_shrink, "hessian")``."""
+    return P.search_clip(w, spec, QParamSearch(max(clip_grid, 1), max_shrink, "hessian"), h)
 
 
 def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec,

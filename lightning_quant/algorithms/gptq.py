@@ -10,7 +10,10 @@ For a linear layer with weight ``W [out, in]`` and calibration inputs ``X [n, in
 of the upper Cholesky factor ``U`` of ``H^-1`` (eq. 3 with the Cholesky reformulation of §3,
 "Step 3"). Columns go in blocks of ``block_size`` ("lazy batch updates", §3 "Step 2").
 
-Options: group-wise qparams computed on the *updated* weights when a group starts; act-order
+Options: group-wise qparams computed on the *updated* weights when a group starts (the paper's
+reference code), or all on the original weight before the sweep (``group_qparams="original"``, as
+llm-compressor's observers do); min-max or grid-searched (``qparam_search``, a
+:class:`~lightning_quant.spec.QParamSearch`, as GPTQ's reference ``mse`` quantizer); act-order
 (columns by descending ``diag H``; with ``static_groups`` qparams come from the original weight
 in natural groups, else groups follow the processing order and ``g_idx`` records them); dead
 inputs (``diag H == 0``) get ``H_jj = 1`` and ``w_j = 0``.
@@ -23,7 +26,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -33,9 +37,12 @@ from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
-from lightning_quant.spec import QuantSpec
+from lightning_quant.spec import QParamSearch, QuantSpec
 
-__all__ = ["GPTQConfig", "GPTQResult", "HessianAccumulator", "gptq_quantize", "output_error"]
+#: Where GPTQ's group qparams come from (see :class:`GPTQConfig`).
+GROUP_QPARAMS = ("updated", "original")
+
+__all__ = ["GROUP_QPARAMS", "GPTQConfig", "GPTQResult", "HessianAccumulator", "gptq_quantize", "output_error"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,14 @@ class GPTQConfig(CalibrationOptions):
             (no ``g_idx`` needed at inference).
         true_sequential: inside a block, quantize linears in call order groups ([q,k,v], [o],
             [gate,up], [down]) so each group's Hessian sees the earlier groups' quantized outputs.
+        group_qparams: ``"updated"`` — each group's qparams from the error-updated weight when the group
+            starts (the paper's reference code); ``"original"`` — every group's from the weight before the
+            sweep (llm-compressor). Per-channel specs and static groups always use the original weight.
+        qparam_search: ``None`` for min-max qparams, or a :class:`~lightning_quant.spec.QParamSearch` run
+            per group wherever qparams are computed (its ``"hessian"`` objective uses the group's block of
+            this layer's Hessian).
+        awq: only for ``method="awq+gptq"``: the :class:`~lightning_quant.algorithms.awq.AWQConfig` of the AWQ
+            scale search run first (``None`` there means ``AWQConfig()``); ``method="gptq"`` rejects it.
 
     Plus the runner options of :class:`~lightning_quant.calibration.options.CalibrationOptions`
     (``batch_size``, ``block_path``, ``device``, ``progress``).
@@ -62,6 +77,9 @@ class GPTQConfig(CalibrationOptions):
     act_order: bool = False
     static_groups: bool = False
     true_sequential: bool = True
+    group_qparams: Literal["updated", "original"] = "updated"
+    qparam_search: QParamSearch | None = None
+    awq: object | None = None  # AWQConfig (typed loosely: awq.py imports this module)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,6 +93,19 @@ class GPTQConfig(CalibrationOptions):
         for name in ("act_order", "static_groups", "true_sequential"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if self.group_qparams not in GROUP_QPARAMS:
+            raise ValueError(f"GPTQConfig.group_qparams={self.group_qparams!r} is not supported; use one of {GROUP_QPARAMS}.")
+        if self.qparam_search is not None and not isinstance(self.qparam_search, QParamSearch):
+            raise TypeError(f"GPTQConfig.qparam_search must be a lightning_quant.spec.QParamSearch or None, "
+                            f"got {type(self.qparam_search).__name__}.")
+        if self.awq is not None:
+            from lightning_quant.algorithms.awq import AWQConfig
+
+            if not isinstance(self.awq, AWQConfig):
+                raise TypeError(f"GPTQConfig.awq must be an AWQConfig or None, got {type(self.awq).__name__}.")
+            if self.awq.unfoldable != "unscaled":
+                raise ValueError("GPTQConfig.awq: AWQ+GPTQ folds every AWQ scale into the model before GPTQ, so "
+                                 "explicit input scales cannot be kept; use AWQConfig(unfoldable='unscaled').")
         if self.static_groups and not self.act_order:
             raise ValueError("GPTQConfig.static_groups=True only applies with act_order=True; set act_order=True or drop it.")
 
@@ -169,11 +200,26 @@ def _cpu_single_thread(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def _group_params(w: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor]:
-    """Row-wise ``(scale, zero)`` ``[out]`` of the columns ``w [out, cols]`` (zero = midpoint if symmetric)."""
-    s, z = P.qparams_from_minmax(w.amin(1, keepdim=True), w.amax(1, keepdim=True), spec)
+def _group_params(w: Tensor, spec: QuantSpec, search: QParamSearch | None = None,
+                  h: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Row-wise ``(scale, zero)`` ``[out]`` of the columns ``w [out, cols]`` (zero = midpoint if symmetric):
+    min-max, or the range shrunk by the per-row factor ``search`` picks (``h [cols, cols]``: the columns'
+    Hessian block, for the ``"hessian"`` objective)."""
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)  # [out, 1]
+    if search is not None:
+        clip = P.search_clip(w, replace(spec, group_size=-1), search, h)  # [out, 1]: the columns are one group
+        lo, hi = lo * clip, hi * clip
+    s, z = P.qparams_from_minmax(lo, hi, spec)
     z = torch.full_like(s, float(spec.midpoint)) if z is None else z
     return s[:, 0], z[:, 0]
+
+
+def _fill_group_params(w: Tensor, h: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: Tensor, zeros: Tensor) -> None:
+    """Qparams of every consecutive group of ``w [out, in]`` (Hessian ``h [in, in]``) into ``scales`` / ``zeros``."""
+    gs = spec.effective_group_size(w.shape[1])
+    for g in range(scales.shape[1]):
+        cols = slice(g * gs, (g + 1) * gs)
+        scales[:, g], zeros[:, g] = _group_params(w[:, cols], spec, cfg.qparam_search, h[cols, cols])
 
 
 def _column_groups(in_f: int, spec: QuantSpec, perm: Tensor | None, static: bool) -> list[int]:
@@ -186,9 +232,10 @@ def _column_groups(in_f: int, spec: QuantSpec, perm: Tensor | None, static: bool
     return [j // gs for j in range(in_f)]
 
 
-def _solve(w: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: Tensor, zeros: Tensor,
+def _solve(w: Tensor, h: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: Tensor, zeros: Tensor,
            groups: list[int], dynamic: bool) -> tuple[Tensor, Tensor]:
-    """Algorithm 1 on ``w [out, in]`` (processing order, modified in place) with ``upper = chol(H^-1)^T``.
+    """Algorithm 1 on ``w [out, in]`` (processing order, modified in place) with ``upper = chol(H^-1)^T``
+    (``h``: the Hessian in processing order, read by a ``"hessian"`` qparam search).
 
     ``scales`` / ``zeros`` ``[out, G]`` are read (precomputed groups) or filled (``dynamic``: computed on
     the error-updated weights when a group starts). Returns codes (float) and dequantized ``[out, in]``.
@@ -207,7 +254,7 @@ def _solve(w: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig, scales: T
         for i in range(i2 - i1):
             j = i1 + i
             if dynamic and j % gs == 0:  # groups never straddle blocks (bs is a multiple of gs)
-                s_g, z_g = _group_params(w1[:, i : i + gs], spec)
+                s_g, z_g = _group_params(w1[:, i : i + gs], spec, cfg.qparam_search, h[j : j + gs, j : j + gs])
                 scales[:, j // gs], zeros[:, j // gs] = s_g, z_g
             s, z = scales[:, groups[j]], zeros[:, groups[j]]
             q = P.round_codes(w1[:, i], s, z, qmax)
@@ -263,13 +310,14 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
     scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=w.device)
     perm = torch.argsort(h.diagonal(), descending=True, stable=True) if cfg.act_order else None
-    precomputed = spec.group_size == -1 or cfg.static_groups
-    if precomputed:  # per channel, or static groups: qparams of the original weight, natural groups
-        gs = spec.effective_group_size(in_f)
-        for g in range(n_groups):
-            scales[:, g], zeros[:, g] = _group_params(w[:, g * gs : (g + 1) * gs], spec)
+    natural = spec.group_size == -1 or cfg.static_groups
+    if natural:  # per channel, or static groups: qparams of the original weight, natural groups
+        _fill_group_params(w, h, spec, cfg, scales, zeros)
     if perm is not None:
         w, h = w[:, perm], h[perm][:, perm]
+    dynamic = not natural and cfg.group_qparams == "updated"
+    if not natural and not dynamic:  # original weight, groups in processing order
+        _fill_group_params(w, h, spec, cfg, scales, zeros)
     with _cpu_single_thread(w.device):
         for damp in _damp_schedule(cfg):
             upper = _upper_inverse_factor(h, damp)
@@ -278,7 +326,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
         else:
             return _fallback(weight, hessian, spec, cfg, name)
         groups = _column_groups(in_f, spec, perm, cfg.static_groups)
-        codes, dq = _solve(w, upper, spec, cfg, scales, zeros, groups, dynamic=not precomputed)
+        codes, dq = _solve(w, h, upper, spec, cfg, scales, zeros, groups, dynamic=dynamic)
     return _result(weight, hessian, spec, cfg, codes, dq, scales, zeros, perm, damp)
 
 

@@ -66,6 +66,8 @@ def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec
                 config: GPTQConfig | None) -> dict[str, QuantizedWeight]:
     """``{name: QuantizedWeight}`` for ``targets``; leaves the model's weights unchanged."""
     cfg = config or GPTQConfig()
+    if cfg.awq is not None:
+        raise ValueError("GPTQConfig.awq is set but method='gptq' runs no AWQ; use method='awq+gptq' (or drop awq=).")
     out: dict[str, QuantizedWeight] = {}
 
     def process(ctx: BlockContext) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from lightning_quant.algorithms.rtn import rtn_quantize
+from lightning_quant.algorithms.rtn import RTNConfig, rtn_quantize
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import linear_weight
@@ -66,17 +66,17 @@ def get_method(name: str) -> Method:
 def _rtn_method(model, targets, spec, calibration, config):
     if calibration is not None:
         raise ValueError("method='rtn' uses no calibration data; pass calibration=None or use method='gptq'/'awq'.")
-    if config is not None:
-        raise ValueError("method='rtn' takes no config; pass config=None.")
-    return {n: rtn_quantize(linear_weight(m).detach(), spec, name=n) for n, m in targets.items()}
+    search = None if config is None else config.qparam_search
+    return {n: rtn_quantize(linear_weight(m).detach(), spec, name=n, search=search) for n, m in targets.items()}
 
 
-register_method("rtn", _rtn_method, needs_calibration=False)
+register_method("rtn", _rtn_method, needs_calibration=False, config_type=RTNConfig)
 
 #: Modules that register further methods when imported (kept lazy: no import-time cost).
 _BUILTIN_MODULES = (
     "lightning_quant.algorithms.gptq_method",
     "lightning_quant.algorithms.awq_method",
+    "lightning_quant.algorithms.awq_gptq_method",
     "lightning_quant.algorithms.llm_int8_method",
 )
 

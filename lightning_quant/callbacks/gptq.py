@@ -21,12 +21,17 @@ class GPTQ(PostTrainingQuantization):
         trainer.fit(model, datamodule=dm)   # the model holds PackedLinear layers afterwards
 
     Per-layer losses are logged as ``gptq/<layer>/gptq_loss``. See :class:`PostTrainingQuantization`
-    for the arguments; ``config`` is a :class:`~lightning_quant.algorithms.gptq.GPTQConfig`.
+    for the arguments; ``config`` is a :class:`~lightning_quant.algorithms.gptq.GPTQConfig`. A config with
+    ``awq=AWQConfig(...)`` runs ``method="awq+gptq"`` (AWQ scales folded first, then GPTQ)::
+
+        GPTQ(QuantSpec(4, 64, symmetric=False), config=GPTQConfig(awq=AWQConfig()))
     """
 
     def __init__(self, spec: QuantSpec | None = None, config: GPTQConfig | None = None,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
                  num_samples: int = 128, dataloader: Iterable | None = None, when: str = "fit_end",
                  export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
-        super().__init__(spec if spec is not None else QuantSpec(), "gptq", config if config is not None else GPTQConfig(),
+        config = config if config is not None else GPTQConfig()
+        method = "awq+gptq" if isinstance(config, GPTQConfig) and config.awq is not None else "gptq"
+        super().__init__(spec if spec is not None else QuantSpec(), method, config,
                          include, exclude, num_samples, dataloader, when, export_on_fit_end, model=model, lora=lora)

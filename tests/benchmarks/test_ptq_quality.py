@@ -10,19 +10,34 @@ from lightning_quant import QuantSpec
 from lightning_quant.algorithms import rtn_quantize
 
 
-def _load_check_on_grid():
+def _load(*names):
     """Import the script with benchmarks/ on sys.path (it imports its sibling peak_memory), then take
     the folder off again: benchmarks/kernels.py must not shadow the ``kernels`` package transformers probes."""
     folder = str(Path(__file__).parents[2] / "benchmarks")
     sys.path.insert(0, folder)
     try:
-        from ptq_quality import check_on_grid
+        import ptq_quality
     finally:
         sys.path.remove(folder)
-    return check_on_grid
+    return [getattr(ptq_quality, n) for n in names]
 
 
-check_on_grid = _load_check_on_grid()
+check_on_grid, VARIANTS, variant_config = _load("check_on_grid", "VARIANTS", "variant_config")
+
+
+def test_every_method_row_builds_a_registered_method_and_config():
+    from lightning_quant.algorithms.gptq import GPTQConfig
+    from lightning_quant.algorithms.registry import get_method
+
+    base = GPTQConfig(true_sequential=False)
+    for name in VARIANTS:
+        method, config = variant_config(name, base)
+        m = get_method(method)
+        assert config is None or isinstance(config, m.config_type), name
+        if isinstance(config, GPTQConfig):
+            assert config.true_sequential is False, name  # the command line's GPTQ base is kept
+    with pytest.raises(SystemExit, match="unknown --methods entry 'gptq-mse'"):
+        variant_config("gptq-mse", base)
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 32, symmetric=False), QuantSpec(3, -1)], ids=str)

@@ -120,3 +120,15 @@ def test_unsupported_strategy_is_rejected_in_setup():
     with pytest.raises(TypeError, match="supports single-device and DDP strategies, ModelParallelStrategy "
                                         "\\(FSDP2\\) and FSDPStrategy, not object"):
         GPTQ(SPEC).setup(SimpleNamespace(strategy=object()), LM(), "fit")
+
+
+def test_awq_config_selects_awq_then_gptq(tmp_path):
+    """GPTQ(config=GPTQConfig(awq=AWQConfig())) runs method='awq+gptq' at fit end."""
+    from lightning_quant.algorithms.awq import AWQConfig
+
+    cb = GPTQ(QuantSpec(4, 32, symmetric=False), GPTQConfig(awq=AWQConfig(n_grid=4, clip_grid=2)), num_samples=3)
+    assert cb.method == "awq+gptq" and GPTQ(SPEC).method == "gptq"
+    model = LM()
+    _trainer(tmp_path, cb).fit(model, datamodule=DM())
+    assert len(_packed(model)) == 14
+    assert all("awq_ratio" in qw.extras and "gptq_loss" in qw.extras for qw in cb.quantized_weights.values())
