@@ -36,7 +36,8 @@ class AWQ(PostTrainingQuantization):
                  num_samples: int = 128, dataloader: Iterable | None = None, when: str = "fit_end",
                  export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
         super().__init__(spec if spec is not None else QuantSpec(), "awq", config if config is not None else AWQConfig(),
-                         include, exclude, num_samples, dataloader, when, export_on_fit_end, model=model, lora=lora)
+                         include=include, exclude=exclude, num_samples=num_samples, dataloader=dataloader, when=when,
+                         export_on_fit_end=export_on_fit_end, model=model, lora=lora)
         self.summary: dict[str, dict[str, str]] = {}
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:

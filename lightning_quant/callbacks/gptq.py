@@ -34,4 +34,5 @@ class GPTQ(PostTrainingQuantization):
         config = config if config is not None else GPTQConfig()
         method = "awq+gptq" if isinstance(config, GPTQConfig) and config.awq is not None else "gptq"
         super().__init__(spec if spec is not None else QuantSpec(), method, config,
-                         include, exclude, num_samples, dataloader, when, export_on_fit_end, model=model, lora=lora)
+                         include=include, exclude=exclude, num_samples=num_samples, dataloader=dataloader, when=when,
+                         export_on_fit_end=export_on_fit_end, model=model, lora=lora)

@@ -38,15 +38,15 @@ class LLMInt8(PostTrainingQuantization):
                  export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
         if isinstance(stats_batches, bool) or not isinstance(stats_batches, int) or stats_batches < 0:
             raise ValueError(f"stats_batches must be an int >= 0 (0 disables outlier statistics), got {stats_batches!r}.")
-        super().__init__(INT8_METHOD_SPEC, "int8", LLMInt8Config(threshold), include, exclude, max(stats_batches, 1),
-                         dataloader, when, export_on_fit_end, model=model, lora=lora)
+        super().__init__(INT8_METHOD_SPEC, "int8", LLMInt8Config(threshold), include=include, exclude=exclude,
+                         num_samples=max(stats_batches, 1), dataloader=dataloader, when=when,
+                         export_on_fit_end=export_on_fit_end, model=model, lora=lora)
         self.stats_batches = stats_batches
         self.outlier_stats: dict[str, dict[str, float]] = {}
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:
         """Optionally gather outlier statistics, then convert ``pl_module`` in place."""
-        if self.quantized_weights:
-            raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
+        self.check_not_quantized()
         model = self.target_module(pl_module)
         with self.sharded_scope(trainer, model):
             if self.stats_batches:

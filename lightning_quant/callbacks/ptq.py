@@ -59,10 +59,10 @@ class PostTrainingQuantization(Callback):
             in float on the packed base (see :data:`lightning_quant.adapters.LORA_MODES`).
     """
 
-    def __init__(self, spec: QuantSpec, method: str, config: Any = None, include: Sequence[str] | None = None,
+    def __init__(self, spec: QuantSpec, method: str, config: Any = None, *, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = DEFAULT_EXCLUDE, num_samples: int = 128,
                  dataloader: Iterable | None = None, when: str = "fit_end",
-                 export_on_fit_end: dict | ExportConfig | None = None, *, model: str | None = None,
+                 export_on_fit_end: dict | ExportConfig | None = None, model: str | None = None,
                  lora: str = "merged") -> None:
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128); got {type(spec).__name__}.")
@@ -83,6 +83,7 @@ class PostTrainingQuantization(Callback):
         self.include, self.exclude = include, exclude
         self.num_samples, self.dataloader, self.when = num_samples, dataloader, when
         self.quantized_weights: dict[str, QuantizedWeight] = {}
+        self.restored: list[str] = []  #: layer names a checkpointed run had quantized (see load_state_dict)
         self.export_config = ExportConfig.coerce(export_on_fit_end)
         if self.export_config is not None and when == "manual":
             raise ValueError("export_on_fit_end needs when='fit_end' or 'train_end' (with 'manual' nothing is "
@@ -114,13 +115,30 @@ class PostTrainingQuantization(Callback):
             export_after_fit(trainer, pl_module, self.export_config)
 
     def state_dict(self) -> dict:
-        return {"quantized": sorted(self.quantized_weights)}
+        return {"quantized": sorted(self.quantized_weights or self.restored)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Remember which layers a checkpointed run had quantized (:attr:`restored`): the checkpoint holds
+        packed layers then, and quantizing them again is refused."""
+        names = state_dict.get("quantized") if isinstance(state_dict, dict) else None
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{type(self).__name__}.load_state_dict expects {{'quantized': [layer names]}} (what "
+                             f"state_dict() returns), got {state_dict!r}.")
+        self.restored = list(names)
+
+    def check_not_quantized(self) -> None:
+        """Raise when this callback already quantized the model, in this run or in the checkpointed one."""
+        if self.quantized_weights:
+            raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
+        if self.restored:
+            raise RuntimeError(f"{type(self).__name__} was restored from a checkpoint taken after it quantized "
+                               f"{len(self.restored)} layer(s) (e.g. {self.restored[0]!r}); the model is already "
+                               "quantized. Resume from a checkpoint taken before quantization, or drop the callback.")
 
     # ---- the work -----------------------------------------------------------------------------
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:
         """Calibrate, quantize ``pl_module`` in place (packed layers swapped in) and log per-layer figures."""
-        if self.quantized_weights:
-            raise RuntimeError(f"{type(self).__name__} already quantized this model; it runs once per callback.")
+        self.check_not_quantized()
         batches = self.calibration_batches(trainer)
         model = self.target_module(pl_module)
         with self.sharded_scope(trainer, model):

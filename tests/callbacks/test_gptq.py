@@ -83,6 +83,13 @@ def test_explicit_dataloader_train_end_and_manual(tmp_path):
     assert len(_packed(model2)) == 14
     with pytest.raises(RuntimeError, match="already quantized"):
         manual.quantize(trainer, model2)
+    restored = GPTQ(SPEC, num_samples=2, dataloader=loader, when="manual")  # a resumed run's callback
+    restored.load_state_dict(manual.state_dict())
+    assert restored.state_dict() == manual.state_dict() and len(restored.restored) == 14
+    with pytest.raises(RuntimeError, match="restored from a checkpoint taken after it quantized 14 layer"):
+        restored.quantize(trainer, LM())
+    with pytest.raises(ValueError, match=r"expects \{'quantized': \[layer names\]\}"):
+        restored.load_state_dict({"quantized": "all"})
 
 
 def test_trainer_dataloader_is_used_without_a_datamodule(tmp_path):
