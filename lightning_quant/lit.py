@@ -20,7 +20,7 @@ from lightning_quant import testing
 from lightning_quant.data import stdlib_text, token_windows
 from lightning_quant.models import load_causal_lm, load_tokenizer
 
-__all__ = ["DEFAULT_LORA_TARGETS", "TINY_MODELS", "CausalLM", "StdlibText"]
+__all__ = ["DEFAULT_LORA_TARGETS", "TINY_MODELS", "CausalLM", "StdlibText", "byte_text_loaders", "make_lightning_module"]
 
 #: random tiny models for smoke runs; hidden 256 so that the recipes' group size 128 applies
 TINY_MODELS = {
@@ -142,3 +142,15 @@ class StdlibText(pl.LightningDataModule):
 
     def test_dataloader(self):
         return self.val_dataloader()
+
+
+def make_lightning_module(model: nn.Module, lr: float = 1e-3):
+    """A ``LightningModule`` around an HF causal LM (next-token loss on id batches)."""
+    return CausalLM.from_model(model, lr)
+
+
+def byte_text_loaders(seq_len: int = 64, n_train: int = 16, n_val: int = 4, batch_size: int = 4):
+    """Train/val DataLoaders of real standard-library source as byte tokens (deterministic)."""
+    dm = StdlibText("bytes", seq_len, batch_size, n_train, n_val)
+    dm.setup()
+    return dm.train_dataloader(), dm.val_dataloader()

@@ -12,9 +12,7 @@ from torch import nn
 __all__ = [
     "TINY_VOCAB",
     "bpe_tokenizer",
-    "byte_text_loaders",
     "byte_tokenizer",
-    "make_lightning_module",
     "random_token_batches",
     "tiny_gpt2",
     "tiny_llama",
@@ -58,22 +56,6 @@ def tiny_opt(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:
 def random_token_batches(n: int = 4, seq_len: int = 32, batch_size: int = 2, seed: int = 0) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, TINY_VOCAB, (batch_size, seq_len), generator=g) for _ in range(n)]
-
-
-def make_lightning_module(model: nn.Module, lr: float = 1e-3):
-    """A ``LightningModule`` around an HF causal LM (next-token loss on id batches)."""
-    from lightning_quant.lit import CausalLM
-
-    return CausalLM.from_model(model, lr)
-
-
-def byte_text_loaders(seq_len: int = 64, n_train: int = 16, n_val: int = 4, batch_size: int = 4):
-    """Train/val DataLoaders of real standard-library source as byte tokens (deterministic)."""
-    from lightning_quant.lit import StdlibText
-
-    dm = StdlibText("bytes", seq_len, batch_size, n_train, n_val)
-    dm.setup()
-    return dm.train_dataloader(), dm.val_dataloader()
 
 
 def byte_tokenizer():

@@ -4,7 +4,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from lightning_quant import QuantSpec, quantize_model
 from lightning_quant.callbacks import QuantizationReport
-from lightning_quant.testing import byte_text_loaders, make_lightning_module, tiny_llama
+from lightning_quant.lit import byte_text_loaders, make_lightning_module
+from lightning_quant.testing import tiny_llama
 from tests.integrations.wandb_reader import offline_run_dir, read_history
 
 
