@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     sym.add_argument("--asym", dest="sym", action="store_const", const=False,
                      help="asymmetric codes with a zero point per group" + ("" if d.symmetric else " (default)"))
     q.add_argument("--act-order", action="store_true", help="process columns by descending Hessian diagonal (gptq)")
-    q.add_argument("--qparam-search", choices=("weight", "hessian"), default=None,
+    q.add_argument("--qparam-search", choices=("none", "weight", "hessian"), default=None,
                    help="grid-search each group's clip range (QParamSearch) minimising the weight error "
-                        "(rtn, gptq, awq+gptq) or the Hessian-weighted error (gptq, awq+gptq)")
+                        "(rtn, gptq, awq+gptq) or the Hessian-weighted error (gptq, awq+gptq; gptq's default), "
+                        "or 'none' for min-max qparams")
     q.add_argument("--calib", help="calibration text file (methods that need calibration)")
     q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
@@ -132,7 +133,9 @@ def _method_config(method, act_order: bool, qparam_search: str | None = None):
                                ("--qparam-search", "qparam_search", qparam_search)):
         if value and field not in fields:
             raise SystemExit(f"error: {flag} is not an option of --method {method.name}.")
-        if value:
+        if value == "none":
+            opts[field] = None
+        elif value:
             opts[field] = QParamSearch(objective=value) if field == "qparam_search" else value
     if "act_order" in fields:
         opts.setdefault("act_order", False)
