@@ -408,8 +408,9 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def block_gathered(unit: nn.Module | None):
-    """One FSDP2 unit (a decoder block) gathered for a whole calibration step: :func:`unsharded` with
-    ``across_forward=True``."""
+    """One FSDP unit (a decoder block) gathered for a whole calibration step: :func:`unsharded` with
+    ``across_forward=True`` (FSDP2: kept unsharded through its own forward calls; FSDP1: summoned, the block
+    run through :func:`runnable`)."""
     return unsharded(unit, across_forward=True)
 
 
