@@ -6,7 +6,7 @@
 # 1. correctness: the GPU tests (every kernel path with a fixed config vs the exact product on realistic
 #    shapes, one autotuned smoke test, PackedLinear and Int8OutlierLinear on CUDA);
 # 2. the static profile with this machine's Triton (main-loop instructions per weight, launches per call,
-#    registers, spills, shared memory: python3 -m lightning_quant.kernels.aot --profile);
+#    registers, spills, shared memory: python3 -m lightning_quant.kernels.profile);
 # 3. the benchmark on the goal shape (benchmarks/kernels.py --session: cuBLAS fp16 vs W4A16/W8A16/int8 and
 #    the int8 layer, CUDA-graph timings for M <= 16, each goal scored on the shape it names).
 # Budget: under 8 minutes on one H200 (step limits 180 + 90 + 200 s). Every step writes its own file under
@@ -41,7 +41,7 @@ step() {  # step <name> <seconds> <file> <command...>: time-limited, SIGINT firs
 step "1/3 GPU tests" "${GPU_TESTS_TIMEOUT:-180}" gpu_tests.txt \
     $PY -m pytest -q -p no:cacheprovider -m gpu -rfEs tests/kernels tests/layers
 step "2/3 static profile (this machine's Triton)" "${AOT_TIMEOUT:-90}" profile.txt \
-    $PY -m lightning_quant.kernels.aot --profile
+    $PY -m lightning_quant.kernels.profile
 step "3/3 benchmark (goal shape)" "${BENCH_TIMEOUT:-200}" kernels.txt \
     $PY benchmarks/kernels.py --session --runs 50
 exit $status

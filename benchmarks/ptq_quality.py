@@ -105,7 +105,7 @@ def _texts(tokenizer, args):
 
 
 def _int8_row(model, ref, held) -> tuple:
-    from lightning_quant.algorithms.llm_int8_method import convert_to_int8
+    from lightning_quant.api import convert_to_int8
 
     q = copy.deepcopy(model)
     reset_peak()

@@ -9,29 +9,13 @@ import torch
 from torch import nn
 
 from lightning_quant.adapters import LORA_MODES, check_lora_mode, check_supported_host, merge_into_base
-from lightning_quant.algorithms.registry import get_method
-from lightning_quant.calibration.distributed import converted_groups, full_tensor
-from lightning_quant.layers.packed import PackedLinear
-from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.calibration.distributed import converted_groups
+from lightning_quant.methods.llm_int8 import DEFAULT_THRESHOLD, INT8_METHOD_SPEC, LLMInt8Config
+from lightning_quant.methods.registry import MethodResult, get_method, swap_in_packed
 from lightning_quant.spec import QuantSpec
-from lightning_quant.targets import DEFAULT_EXCLUDE, get_layer, linear_kind, replace_layer, select_targets
+from lightning_quant.targets import DEFAULT_EXCLUDE, select_targets
 
-__all__ = ["LORA_MODES", "prepare_targets", "quantize_model", "swap_in_packed"]
-
-
-def swap_in_packed(model: nn.Module, weights: dict[str, QuantizedWeight]) -> dict[str, nn.Module]:
-    """Replace each named linear-like module by a :class:`PackedLinear` built from its weight.
-
-    Returns the modules that were replaced (so callers can swap them back).
-    """
-    replaced: dict[str, nn.Module] = {}
-    for name, qw in weights.items():
-        old = get_layer(model, name)
-        kind = linear_kind(old)
-        bias = kind.bias(old) if kind is not None else getattr(old, "bias", None)
-        new = PackedLinear.from_quantized(qw, None if bias is None else full_tensor(bias.detach()))  # FSDP: gathered
-        replaced[name] = replace_layer(model, name, new)
-    return replaced
+__all__ = ["LORA_MODES", "MethodResult", "convert_to_int8", "prepare_targets", "quantize_model", "swap_in_packed"]
 
 
 def prepare_targets(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None,
@@ -61,7 +45,7 @@ def quantize_model(
     calibration: Any = None,
     config: Any = None,
     lora: str = "merged",
-) -> dict[str, QuantizedWeight]:
+) -> MethodResult:
     """Quantize the linear layers of ``model`` in place and swap in packed layers.
 
     Args:
@@ -77,7 +61,9 @@ def quantize_model(
         lora: for layers wrapped by peft LoRA adapters, one of :data:`LORA_MODES` (default ``"merged"``).
 
     Returns:
-        ``{module name: QuantizedWeight}`` for every converted layer.
+        The method's :class:`~lightning_quant.methods.registry.MethodResult`: a mapping ``{module name:
+        QuantizedWeight}`` of every converted layer, with the method's per-layer ``figures`` (``gptq_loss``, ...)
+        and layer data.
     """
     m = get_method(method)
     if spec is None:
@@ -96,13 +82,23 @@ def quantize_model(
     targets = prepare_targets(model, include, exclude, lora, f"method={method!r}")
     for name, module in targets.items():
         spec.check_in_features(_in_features(module, name))
-    weights = m.fn(model, targets, spec, calibration, config)
-    missing = set(targets) - set(weights)
+    result = m.fn(model, targets, spec, calibration, config)
+    if not isinstance(result, MethodResult):
+        raise TypeError(f"method={method!r} returned a {type(result).__name__}; a registered method returns a "
+                        "lightning_quant.methods.MethodResult (wrap its {name: QuantizedWeight} in MethodResult(...)).")
+    missing = set(targets) - set(result)
     if missing:
         raise RuntimeError(f"method={method!r} left {len(missing)} layer(s) unconverted: {sorted(missing)[:5]}.")
-    for group in converted_groups(model, list(weights)):  # FSDP1: one unit at a time, unwrapped first
-        (m.swap or swap_in_packed)(model, {n: weights[n] for n in group})
-    return weights
+    for group in converted_groups(model, list(result)):  # FSDP1: one unit at a time, unwrapped first
+        (m.swap or swap_in_packed)(model, result.subset(group))
+    return result
+
+
+def convert_to_int8(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, include: Sequence[str] | None = None,
+                    exclude: Sequence[str] | None = DEFAULT_EXCLUDE) -> MethodResult:
+    """Swap the selected linear layers of ``model`` for ``Int8OutlierLinear`` in place (``method="int8"``)."""
+    return quantize_model(model, INT8_METHOD_SPEC, "int8", include=include, exclude=exclude,
+                          config=LLMInt8Config(threshold))
 
 
 def _in_features(module: nn.Module, name: str) -> int:

@@ -46,14 +46,14 @@ QUANT_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"
 
 
 def _method_names() -> list[str]:
-    from lightning_quant.algorithms.registry import METHODS, _load_builtin_methods
+    from lightning_quant.methods.registry import METHODS, _load_builtin_methods
 
     _load_builtin_methods()
     return sorted(METHODS)
 
 
 def _fixed_specs() -> dict[str, str]:
-    from lightning_quant.algorithms.registry import METHODS, _load_builtin_methods
+    from lightning_quant.methods.registry import METHODS, _load_builtin_methods
 
     _load_builtin_methods()
     return {n: str(m.fixed_spec) for n, m in sorted(METHODS.items()) if m.fixed_spec is not None}
@@ -202,8 +202,8 @@ def _export_options(args: argparse.Namespace) -> dict | None:
 
 def quantize(args: argparse.Namespace) -> Path:
     """The ``quantize`` subcommand: load, calibrate, quantize, save; returns the output directory."""
-    from lightning_quant.algorithms.registry import get_method
     from lightning_quant.api import quantize_model
+    from lightning_quant.methods.registry import get_method
     from lightning_quant.models import load_causal_lm, load_tokenizer
 
     _positive("num-samples", args.num_samples)
@@ -253,7 +253,9 @@ def save_quantized(model: nn.Module, weights: dict, method: str, out: str | Path
     layers = {}
     for name, qw in weights.items():
         layer = model.get_submodule(name)
-        figures = {k: float(v) for k, v in qw.extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        figures = {k: float(v) for k, v in getattr(weights, "figures", {}).get(name, {}).items() if not isinstance(v, bool)}
+        if hasattr(layer, "threshold"):  # Int8OutlierLinear
+            figures["threshold"] = float(layer.threshold)
         layers[name] = {"in_features": qw.in_features, "out_features": qw.out_features, "bias": layer.bias is not None,
                         "act_order": getattr(layer, "perm", None) is not None, "figures": figures,
                         "input_scale": getattr(layer, "input_scale", None) is not None,  # AWQ explicit scales

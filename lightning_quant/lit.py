@@ -51,32 +51,35 @@ class CausalLM(pl.LightningModule):
     """Next-token cross-entropy training of a causal LM on ``[B, T]`` token-id batches.
 
     Args:
-        model: ``"smollm2"``, ``"tiny-llama"``, ``"tiny-gpt2"``, ``"tiny-opt"``, an HF directory or a ``.gguf`` file.
+        model: ``"smollm2"``, ``"tiny-llama"``, ``"tiny-gpt2"``, ``"tiny-opt"``, an HF directory or a ``.gguf`` file,
+            or an already-built ``nn.Module`` (not saved in the hyperparameters).
         lr: AdamW learning rate.
         lora_r: LoRA rank (0 = full fine-tuning); adapters go on ``lora_targets`` via peft.
         lora_alpha: LoRA scaling numerator.
         lora_targets: module-name suffixes that receive adapters.
     """
 
-    def __init__(self, model: str = "smollm2", lr: float = 1e-4, lora_r: int = 0, lora_alpha: int = 16,
+    def __init__(self, model: str | nn.Module = "smollm2", lr: float = 1e-4, lora_r: int = 0, lora_alpha: int = 16,
                  lora_targets: list[str] | None = None) -> None:
         super().__init__()
         if lr <= 0:
             raise ValueError(f"lr must be positive, got {lr}.")
         if lora_r < 0:
             raise ValueError(f"lora_r must be >= 0 (0 disables LoRA), got {lora_r}.")
-        self.save_hyperparameters()
-        self.model = with_lora(build_model(model), lora_r, lora_alpha, lora_targets)
+        built = isinstance(model, nn.Module)
+        self.save_hyperparameters(ignore=["model"] if built else None)
+        self.model = with_lora(model if built else build_model(model), lora_r, lora_alpha, lora_targets)
         self.lr = lr
 
     @classmethod
     def from_model(cls, model: nn.Module, lr: float = 1e-3, lora_r: int = 0, lora_alpha: int = 16,
                    lora_targets: list[str] | None = None) -> CausalLM:
-        """Wrap an already-built model (tests, scripts), optionally adding LoRA adapters."""
-        self = cls.__new__(cls)
-        pl.LightningModule.__init__(self)
-        self.model, self.lr = with_lora(model, lora_r, lora_alpha, lora_targets), lr
-        return self
+        """Wrap an already-built model (tests, scripts), optionally adding LoRA adapters: ``CausalLM(model, ...)``
+        with the scripts' default learning rate."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"CausalLM.from_model takes an nn.Module, got {type(model).__name__}; "
+                            "pass a model name to CausalLM(model=...) instead.")
+        return cls(model, lr=lr, lora_r=lora_r, lora_alpha=lora_alpha, lora_targets=lora_targets)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits

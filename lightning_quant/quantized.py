@@ -5,7 +5,7 @@ RTN, GPTQ, AWQ and QAT conversion return it; packed layers are built from it; ex
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -16,7 +16,7 @@ from lightning_quant.spec import QuantSpec
 __all__ = ["QuantizedWeight"]
 
 
-@dataclass(eq=False)
+@dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """Integer codes and their quantization parameters for one ``[out, in]`` weight.
 
@@ -31,6 +31,10 @@ class QuantizedWeight:
         perm: optional ``int64 [in]``, the order in which a solver processed the columns
             (act-order). Informational: the math needs only ``g_idx``.
         dtype: the float dtype of the original weight; :meth:`dequantize` returns it.
+
+    Frozen (validated once, never patched): derive a changed copy with :func:`dataclasses.replace`. What a
+    method knows beyond the weight (AWQ's scalings, LLM.int8's row absmax, figures such as ``gptq_loss``)
+    travels in its :class:`~lightning_quant.methods.registry.MethodResult`, not here.
     """
 
     codes: Tensor
@@ -40,7 +44,6 @@ class QuantizedWeight:
     g_idx: Tensor | None = None
     perm: Tensor | None = None
     dtype: torch.dtype = torch.float32
-    extras: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.codes.dim() != 2:

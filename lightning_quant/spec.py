@@ -37,8 +37,24 @@ __all__ = ["ALLOWED_BITS", "QPARAM_OBJECTIVES", "ActivationSpec", "QParamSearch"
 QPARAM_OBJECTIVES = ("weight", "hessian")
 
 
+class _UnsignedGrid:
+    """The unsigned integer grid of a ``bits``-wide spec (weights and activations alike)."""
+
+    bits: int
+
+    @property
+    def qmax(self) -> int:
+        """Largest unsigned code, ``2**bits - 1``."""
+        return (1 << self.bits) - 1
+
+    @property
+    def midpoint(self) -> int:
+        """The implicit zero point of symmetric codes, ``2**(bits - 1)``."""
+        return 1 << (self.bits - 1)
+
+
 @dataclass(frozen=True)
-class QuantSpec:
+class QuantSpec(_UnsignedGrid):
     """How to quantize a weight matrix ``[out_features, in_features]``.
 
     Args:
@@ -78,16 +94,6 @@ class QuantSpec:
     def torch_scale_dtype(self) -> torch.dtype:
         """Scales are stored in (and rounded to) this dtype; exporters write it unchanged."""
         return _SCALE_DTYPES[self.scale_dtype]
-
-    @property
-    def qmax(self) -> int:
-        """Largest unsigned code, ``2**bits - 1``."""
-        return (1 << self.bits) - 1
-
-    @property
-    def midpoint(self) -> int:
-        """The implicit zero point of symmetric codes, ``2**(bits - 1)``."""
-        return 1 << (self.bits - 1)
 
     def effective_group_size(self, in_features: int) -> int:
         """Group size actually used for a layer with ``in_features`` inputs."""
@@ -130,7 +136,7 @@ class QuantSpec:
 
 
 @dataclass(frozen=True)
-class ActivationSpec:
+class ActivationSpec(_UnsignedGrid):
     """Dynamic activation quantization for W4A8 / W8A8 schemes.
 
     Activations are quantized per token (one scale per row of the flattened input) at runtime.
@@ -150,14 +156,6 @@ class ActivationSpec:
             )
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"ActivationSpec.symmetric must be True or False, got {self.symmetric!r}.")
-
-    @property
-    def qmax(self) -> int:
-        return (1 << self.bits) - 1
-
-    @property
-    def midpoint(self) -> int:
-        return 1 << (self.bits - 1)
 
     def to_dict(self) -> dict:
         return {"bits": self.bits, "symmetric": self.symmetric, "granularity": self.granularity}

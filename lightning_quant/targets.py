@@ -26,6 +26,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from lightning_quant.adapters import active_copy, is_aux_wrapper, is_tuner_layer
@@ -63,6 +64,9 @@ class LinearKind:
         transposed: the parameter is stored ``[in, out]`` (GPT-2 ``Conv1D``); writes transpose back.
         plain_input: the module's input is a plain activation ``[..., in]`` (per-token activation
             quant applies).
+        build: ``(weight, bias) -> module``: a new module of this kind holding the given parameters (as
+            stored: ``[in, out]`` when ``transposed``); what reverses surgery (``qat.remove``). ``None``: the
+            kind cannot be rebuilt, and removing fake quant from it raises naming this field.
     """
 
     name: str
@@ -70,6 +74,7 @@ class LinearKind:
     bias: Callable[[nn.Module], Tensor | None]
     transposed: bool = False
     plain_input: bool = True
+    build: Callable[[nn.Parameter, nn.Parameter | None], nn.Module] | None = None
 
     def write_weight(self, module: nn.Module, weight_oi: Tensor) -> None:
         """Copy an ``[out, in]`` weight into the module's parameter (in its dtype and layout)."""
@@ -86,7 +91,19 @@ def register_linear_kind(cls: type, kind: LinearKind) -> None:
     _KINDS[cls] = kind
 
 
-register_linear_kind(nn.Linear, LinearKind("linear", lambda m: m.weight, lambda m: m.bias))
+def _holding(module: nn.Module, weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+    """``module`` (built on the meta device: no allocation) with ``weight`` / ``bias`` as its parameters."""
+    module.weight = weight
+    module.bias = bias
+    return module
+
+
+def _build_linear(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:
+    with torch.device("meta"):
+        return _holding(nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None), weight, bias)
+
+
+register_linear_kind(nn.Linear, LinearKind("linear", lambda m: m.weight, lambda m: m.bias, build=_build_linear))
 
 
 def _register_builtins() -> None:
@@ -97,7 +114,12 @@ def _register_builtins() -> None:
         from transformers.pytorch_utils import Conv1D
     except ImportError:  # pragma: no cover - transformers is a runtime dependency
         return
-    _KINDS.setdefault(Conv1D, LinearKind("conv1d", lambda m: m.weight.t(), lambda m: m.bias, transposed=True))
+    def build(weight: nn.Parameter, bias: nn.Parameter | None) -> nn.Module:  # weight stored [in, out]
+        with torch.device("meta"):
+            return _holding(Conv1D(weight.shape[1], weight.shape[0]), weight, bias)
+
+    _KINDS.setdefault(Conv1D, LinearKind("conv1d", lambda m: m.weight.t(), lambda m: m.bias, transposed=True,
+                                         build=build))
 
 
 def linear_kind(module: nn.Module) -> LinearKind | None:

@@ -86,8 +86,8 @@ def test_bad_input(model_dir, tmp_path, capsys):
 
 
 def test_spec_flags_default_to_quantspec_defaults():
-    from lightning_quant.algorithms.registry import get_method
     from lightning_quant.cli import _spec, build_parser
+    from lightning_quant.methods.registry import get_method
 
     parse = build_parser().parse_args
     base = ["quantize", "--model", "m", "--method", "rtn", "--out", "o"]
@@ -108,8 +108,8 @@ def test_int8_needs_no_spec_flags(model_dir, tmp_path, capsys):
 
     from transformers import AutoModelForCausalLM
 
-    from lightning_quant.algorithms.llm_int8_method import INT8_METHOD_SPEC
     from lightning_quant.layers.int8 import Int8OutlierLinear
+    from lightning_quant.methods.llm_int8 import INT8_METHOD_SPEC
 
     out = tmp_path / "i8"
     assert main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--out", str(out)]) == 0

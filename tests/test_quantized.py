@@ -39,3 +39,14 @@ def test_act_order_g_idx_dequantize():
     assert not qw.has_trivial_groups
     s_full = scale[:, g_idx]
     assert ((qw.dequantize() - w).abs() <= s_full / 2 + 1e-6).all()
+
+
+def test_quantized_weight_is_frozen():
+    import dataclasses
+
+    from lightning_quant.algorithms.rtn import rtn_quantize
+
+    qw = rtn_quantize(torch.randn(4, 32), QuantSpec(4, 32))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        qw.dtype = torch.float16
+    assert dataclasses.replace(qw, dtype=torch.float16).dequantize().dtype == torch.float16

@@ -1,10 +1,9 @@
-"""Quantization algorithms: tensors and specs in, :class:`QuantizedWeight` out. No Lightning.
+"""Quantization solvers: tensors and specs in, :class:`QuantizedWeight` out. No Lightning, no model surgery.
 
-Model-level methods are registered by name in :data:`METHODS` (used by
-:func:`lightning_quant.quantize_model`, the callbacks and the CLI).
+Model-level methods (the drivers that feed these solvers from a model and swap layers) live in
+:mod:`lightning_quant.methods`, registered by name in :data:`lightning_quant.methods.METHODS`.
 """
 
-from lightning_quant.algorithms.registry import METHODS, register_method
 from lightning_quant.algorithms.rtn import rtn_quantize
 
-__all__ = ["METHODS", "register_method", "rtn_quantize"]
+__all__ = ["rtn_quantize"]

@@ -10,7 +10,7 @@ into whatever produced ``x`` (or applied explicitly), so only the quantization e
 1. Scale search (§3.2, eq. 4-5): ``s = mean|x|^α`` (normalised so ``sqrt(max·min) = 1``), ``α`` on a
    grid of ``n_grid`` points in ``[0, 1)``; pick the ``α`` minimising the group's output error
    ``Σ_layers tr(D H D^T)/2`` with ``D = W − Q(W diag(s)) diag(s)^-1`` and ``H = 2 X^T X / N``
-   (:func:`lightning_quant.algorithms.gptq.output_error`: mean per-token squared output error).
+   (:func:`lightning_quant.algorithms.hessian.output_error`: mean per-token squared output error).
    ``α = 0`` is ``s = 1``, i.e. plain RTN, so the chosen point is never worse than no scaling.
 2. Clip search: for each layer of the scaled group, shrink each (row, weight-group) range by
    ``c = 1 − max_shrink·i/clip_grid`` and keep, per (row, group), the ``c`` with the least output
@@ -20,14 +20,13 @@ into whatever produced ``x`` (or applied explicitly), so only the quantization e
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from lightning_quant import primitives as P
-from lightning_quant.algorithms.gptq import HessianAccumulator, output_error
-from lightning_quant.calibration.awq_mapping import tie_expand, tie_reduce
+from lightning_quant.algorithms.hessian import HessianAccumulator, output_error
 from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
@@ -38,6 +37,7 @@ __all__ = [
     "AWQConfig",
     "AWQGroupResult",
     "AWQStats",
+    "ScaleTie",
     "awq_quantize_group",
     "awq_scales",
     "search_clip",
@@ -149,6 +149,51 @@ def awq_scales(mean_abs: Tensor, ratio: float) -> Tensor:
     return s / (s.max() * s.min()).sqrt()
 
 
+@dataclass(frozen=True)
+class ScaleTie:
+    """Grouped-query attention tie of a group's scales (``kv_heads`` kv heads of ``head_dim`` features, each
+    read by ``repeats`` query heads, as ``repeat_kv`` lays them out): the group reads ``kv·rep·hd`` features
+    but its producer (``v_proj``) writes ``kv·hd``, so the scales must be equal across the repeats."""
+
+    kv_heads: int
+    repeats: int
+    head_dim: int
+
+    def __post_init__(self) -> None:
+        for name in ("kv_heads", "repeats", "head_dim"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"ScaleTie.{name} must be a positive int, got {v!r}.")
+
+    @property
+    def producer_width(self) -> int:
+        """``kv·hd``: the features the producer writes."""
+        return self.kv_heads * self.head_dim
+
+    def expand(self, s: Tensor) -> Tensor:
+        """Producer scales ``[kv·hd]`` -> the group's ``[kv·rep·hd]`` (head ``h`` reads kv head ``h // rep``)."""
+        kv, rep, hd = self.kv_heads, self.repeats, self.head_dim
+        return s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
+
+    def reduce(self, x: Tensor) -> Tensor:
+        """Per-feature statistics ``[kv·rep·hd]`` -> their mean over the ``rep`` copies, ``[kv·hd]``."""
+        return x.view(self.kv_heads, self.repeats, self.head_dim).mean(1).reshape(-1)
+
+    def producer_share(self, s: Tensor) -> Tensor:
+        """The producer's share of the group's tied scales ``s [kv·rep·hd]``: the first copy, ``[kv·hd]``."""
+        return s.view(self.kv_heads, self.repeats, self.head_dim)[:, 0].reshape(-1)
+
+
+def tie_expand(s: Tensor, tie: ScaleTie | None) -> Tensor:
+    """:meth:`ScaleTie.expand`, the identity without a tie."""
+    return s if tie is None else tie.expand(s)
+
+
+def tie_reduce(x: Tensor, tie: ScaleTie | None) -> Tensor:
+    """:meth:`ScaleTie.reduce`, the identity without a tie."""
+    return x if tie is None else tie.reduce(x)
+
+
 _fake_rtn = P.fake_quantize_minmax  # min-max fake quant on a [out, G, gs] view (shared with every grid search)
 
 
@@ -164,11 +209,11 @@ def _check_group(weights: dict[str, Tensor], in_features: int) -> None:
 
 
 def search_scales(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec, n_grid: int = 20,
-                  tie: tuple[int, int, int] | None = None) -> tuple[Tensor, float, list[float]]:
+                  tie: ScaleTie | None = None) -> tuple[Tensor, float, list[float]]:
     """Grid search of ``α`` (module docstring, step 1): ``(scales [in], α, errors per grid point)``.
 
-    ``tie = (kv_heads, repeats, head_dim)`` (grouped-query attention, see
-    :class:`~lightning_quant.calibration.awq_mapping.FoldPlan`): ``s`` is computed from ``mean|x|``
+    ``tie`` (a :class:`ScaleTie`: grouped-query attention, see
+    :class:`~lightning_quant.methods.awq_mapping.FoldPlan`): ``s`` is computed from ``mean|x|``
     averaged over the repeats and repeated back, so it folds into the ``[kv·hd]`` producer.
     """
     _check_group(weights, stats.in_features)
@@ -194,14 +239,14 @@ def search_clip(w: Tensor, h: Tensor, spec: QuantSpec, clip_grid: int = 10, max_
 
 
 def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantSpec,
-                       config: AWQConfig | None = None, tie: tuple[int, int, int] | None = None) -> AWQGroupResult:
+                       config: AWQConfig | None = None, tie: ScaleTie | None = None) -> AWQGroupResult:
     """AWQ for one group: scale search, then clip search per layer, then quantization.
 
     Args:
         stats: the group's input statistics (:class:`AWQStats`, all-reduced under DDP).
         weights: ``{name: W [out, in]}`` of the layers reading that input (shapes must agree on ``in``).
         spec: the weight :class:`QuantSpec`.
-        tie: ``(kv_heads, repeats, head_dim)`` to keep the scales equal across grouped-query repeats.
+        tie: a :class:`ScaleTie` keeping the scales equal across grouped-query repeats.
     Returns:
         :class:`AWQGroupResult`; each ``qweights[name]`` quantizes ``W diag(scales)``.
     """
@@ -220,8 +265,7 @@ def awq_quantize_group(stats: AWQStats, weights: dict[str, Tensor], spec: QuantS
             if output_error(ws, _fake_rtn(ws, spec, cand), h_scaled) <= output_error(ws, _fake_rtn(ws, spec), h_scaled):
                 clip = cand
         scale, zero = P.compute_qparams(ws, spec, clip=clip)
-        qw = QuantizedWeight.from_float(ws, spec, scale, zero)
-        qw.dtype = w.dtype
+        qw = replace(QuantizedWeight.from_float(ws, spec, scale, zero), dtype=w.dtype)
         res.clips[n], res.qweights[n] = clip, qw
         res.error += output_error(w, qw.dequantize(torch.float32) / s, h)
         res.rtn_error += output_error(w, _fake_rtn(w.float(), spec), h)

@@ -18,7 +18,7 @@ llm-compressor's observers do); min-max or grid-searched (``qparam_search``, a
 in natural groups, else groups follow the processing order and ``g_idx`` records them); dead
 inputs (``diag H == 0``) get ``H_jj = 1`` and ``w_j = 0``.
 
-Pure tensors: no Lightning, no model — :mod:`lightning_quant.algorithms.gptq_method` drives it.
+Pure tensors: no Lightning, no model — :mod:`lightning_quant.methods.gptq` drives it.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from lightning_quant import primitives as P
+from lightning_quant.algorithms.hessian import HessianAccumulator, output_error
 from lightning_quant.algorithms.rtn import rtn_quantize
-from lightning_quant.calibration.distributed import all_reduce_sum
 from lightning_quant.calibration.options import CalibrationOptions
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QParamSearch, QuantSpec
@@ -127,49 +127,6 @@ class GPTQResult:
     loss: float
     damp: float
     fallback: bool = False
-
-
-class HessianAccumulator:
-    """Running ``Σ x x^T`` and token count for one layer (or for all layers reading the same input);
-    ``H = 2 Σ x x^T / n``.
-
-    Each batch's ``x^T x`` is computed in float32 (as GPTQ's reference implementation does, at half
-    the cost of float64 on CPU) and summed over batches in float64, so adding batch by batch equals
-    adding all rows at once up to float32 rounding of one batch's product.
-    """
-
-    def __init__(self, in_features: int, device: torch.device | str = "cpu", name: str = "layer") -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.name = name
-
-    def add(self, x: Tensor) -> None:
-        """Accumulate inputs ``x [tokens, in]`` (any leading shape is flattened)."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        if x.shape[1] != self.sum.shape[0]:
-            raise ValueError(f"{self.name}: inputs have {x.shape[1]} features, expected {self.sum.shape[0]}.")
-        x = x.to(self.sum.device, torch.float32)  # NaN/Inf propagate into the sum: checked in hessian()
-        self.sum += x.t() @ x  # [in, tokens] @ [tokens, in], float32 -> float64 sum
-        self.count += x.shape[0]
-
-    def all_reduce(self) -> None:
-        """Sum statistics over DDP ranks (no-op in one process)."""
-        all_reduce_sum(self.sum)
-        all_reduce_sum(self.count)
-
-    def hessian(self) -> Tensor:
-        """``H = 2 Σ x x^T / n`` as float32 ``[in, in]``."""
-        if float(self.count) == 0:
-            raise ValueError(f"{self.name} saw no calibration tokens; give calibration data that reaches this layer.")
-        h = (2.0 * self.sum / self.count).float()
-        P.check_finite(h, f"The Hessian of {self.name} (from its calibration inputs)")
-        return h
-
-
-def output_error(weight: Tensor, q: Tensor, hessian: Tensor) -> float:
-    """``tr(D H D^T) / 2`` for ``D = weight − q`` (``[out, in]``), ``H [in, in]``."""
-    d = weight.float() - q.float()
-    return float(((d @ hessian.float()) * d).sum() / 2)
 
 
 def _upper_inverse_factor(h: Tensor, damp: float) -> Tensor | None:
@@ -333,19 +290,38 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
             return _fallback(weight, hessian, spec, cfg, name)
         groups = _column_groups(in_f, spec, perm, cfg.static_groups)
         codes, dq = _solve(w, h, upper, spec, cfg, scales, zeros, groups, dynamic=dynamic)
-    return _result(weight, hessian, spec, cfg, codes, dq, scales, zeros, perm, damp)
+    return _Sweep(codes, dq, scales, zeros, perm, damp, cfg.static_groups).result(weight, hessian, spec)
 
 
-def _result(weight, hessian, spec, cfg, codes, dq, scales, zeros, perm, damp) -> GPTQResult:
-    """Back to the original column order and into a :class:`QuantizedWeight`."""
-    in_f = weight.shape[1]
-    g_idx = None
-    if perm is not None:
-        inv = torch.argsort(perm)
-        codes, dq = codes[:, inv], dq[:, inv]
-        if spec.group_size != -1 and not cfg.static_groups:
-            g_idx = torch.empty(in_f, dtype=torch.long, device=perm.device)
-            g_idx[perm] = torch.arange(in_f, device=perm.device) // spec.group_size
-    qw = QuantizedWeight(codes=codes.to(torch.uint8), scales=scales, zeros=None if spec.symmetric else zeros,
-                         spec=spec, g_idx=g_idx, perm=perm, dtype=weight.dtype)
-    return GPTQResult(qw, dq, output_error(weight, dq, hessian), damp)
+@dataclass(frozen=True)
+class _Sweep:
+    """What the column sweep produced: ``codes`` / ``dequantized`` ``[out, in]`` in processing order (``perm``,
+    ``None`` for the natural one), the group qparams ``[out, G]`` and the damping that worked."""
+
+    codes: Tensor
+    dequantized: Tensor
+    scales: Tensor
+    zeros: Tensor
+    perm: Tensor | None
+    damp: float
+    static_groups: bool
+
+    def group_index(self, spec: QuantSpec) -> Tensor | None:
+        """``g_idx [in]`` of act-order with dynamic groups (group of each original column), else ``None``."""
+        if self.perm is None or spec.group_size == -1 or self.static_groups:
+            return None
+        in_f = self.perm.numel()
+        g_idx = torch.empty(in_f, dtype=torch.long, device=self.perm.device)
+        g_idx[self.perm] = torch.arange(in_f, device=self.perm.device) // spec.group_size
+        return g_idx
+
+    def result(self, weight: Tensor, hessian: Tensor, spec: QuantSpec) -> GPTQResult:
+        """Back to the original column order and into a :class:`QuantizedWeight`."""
+        codes, dq = self.codes, self.dequantized
+        if self.perm is not None:
+            inv = torch.argsort(self.perm)
+            codes, dq = codes[:, inv], dq[:, inv]
+        qw = QuantizedWeight(codes=codes.to(torch.uint8), scales=self.scales,
+                             zeros=None if spec.symmetric else self.zeros, spec=spec, g_idx=self.group_index(spec),
+                             perm=self.perm, dtype=weight.dtype)
+        return GPTQResult(qw, dq, output_error(weight, dq, hessian), self.damp)

@@ -115,7 +115,7 @@ def broadcast_quantized(qw, src: int, shape: tuple[int, int], spec, dtype: torch
                         device: torch.device | str = "cpu"):
     """A :class:`~lightning_quant.quantized.QuantizedWeight` of an ``[out, in]`` weight, computed on rank ``src``
     (``None`` elsewhere), on every rank: which optional tensors exist and the group count, then each tensor.
-    ``src`` gets its own object back; ``extras`` do not travel (the callers share their figures)."""
+    ``src`` gets its own object back (the callers share their figures)."""
     from lightning_quant.quantized import QuantizedWeight
 
     out_f, in_f = shape

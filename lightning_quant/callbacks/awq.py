@@ -41,7 +41,7 @@ class AWQ(PostTrainingQuantization):
         self.summary: dict[str, dict[str, str]] = {}
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:
-        from lightning_quant.algorithms.awq_method import awq_summary
+        from lightning_quant.methods.awq import awq_summary
 
         weights = super().quantize(trainer, pl_module)
         self.summary = awq_summary(weights)

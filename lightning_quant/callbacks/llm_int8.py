@@ -6,10 +6,9 @@ from collections.abc import Iterable, Sequence
 
 import lightning.pytorch as pl
 
-from lightning_quant.algorithms.llm_int8 import DEFAULT_THRESHOLD, outlier_statistics
-from lightning_quant.algorithms.llm_int8_method import INT8_METHOD_SPEC, LLMInt8Config
 from lightning_quant.api import quantize_model
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
+from lightning_quant.methods.llm_int8 import DEFAULT_THRESHOLD, INT8_METHOD_SPEC, LLMInt8Config, outlier_statistics
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import DEFAULT_EXCLUDE, select_linears
 

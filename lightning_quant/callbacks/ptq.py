@@ -15,11 +15,11 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_quant.adapters import check_lora_mode
-from lightning_quant.algorithms.registry import get_method
 from lightning_quant.api import quantize_model
 from lightning_quant.calibration import distributed as dist
 from lightning_quant.callbacks.qat import check_strategy
 from lightning_quant.export.fit import ExportConfig, export_after_fit
+from lightning_quant.methods.registry import MethodResult, get_method
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns, select_targets
@@ -38,7 +38,7 @@ class PostTrainingQuantization(Callback):
 
     Args:
         spec: weight :class:`QuantSpec`.
-        method: a registered method name (``"gptq"``, ``"awq"``, ...; see ``algorithms.registry``).
+        method: a registered method name (``"gptq"``, ``"awq"``, ...; see ``methods.registry``).
         config: the method's config dataclass, or ``None`` for its defaults.
         include / exclude: module-name filters (``lm_head`` excluded by default).
         num_samples: calibration *batches* in total (over all DDP ranks), taken from ``dataloader``,
@@ -82,7 +82,7 @@ class PostTrainingQuantization(Callback):
         self.spec, self.method, self.config = spec, method, config
         self.include, self.exclude = include, exclude
         self.num_samples, self.dataloader, self.when = num_samples, dataloader, when
-        self.quantized_weights: dict[str, QuantizedWeight] = {}
+        self.quantized_weights: MethodResult | dict[str, QuantizedWeight] = {}  # the last run's result
         self.restored: list[str] = []  #: layer names a checkpointed run had quantized (see load_state_dict)
         self.export_config = ExportConfig.coerce(export_on_fit_end)
         if self.export_config is not None and when == "manual":
@@ -136,7 +136,7 @@ class PostTrainingQuantization(Callback):
                                "quantized. Resume from a checkpoint taken before quantization, or drop the callback.")
 
     # ---- the work -----------------------------------------------------------------------------
-    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:
+    def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> MethodResult:
         """Calibrate, quantize ``pl_module`` in place (packed layers swapped in) and log per-layer figures."""
         self.check_not_quantized()
         batches = self.calibration_batches(trainer)
@@ -194,10 +194,9 @@ class PostTrainingQuantization(Callback):
             "that defines train_dataloader() or with train_dataloaders=..."
         )
 
-    def log_layers(self, trainer: pl.Trainer | None, weights: dict[str, QuantizedWeight]) -> None:
-        """Send every float figure in ``QuantizedWeight.extras`` (e.g. ``gptq_loss``) to the loggers."""
-        metrics = {f"{self.method}/{name}/{k}": float(v) for name, qw in weights.items()
-                   for k, v in qw.extras.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    def log_layers(self, trainer: pl.Trainer | None, result: MethodResult) -> None:
+        """Send the method's per-layer float figures (e.g. ``gptq_loss``) to the loggers as ``<method>/<layer>/<figure>``."""
+        metrics = result.log_figures(self.method)
         if not metrics or trainer is None:
             return
         for logger in trainer.loggers:

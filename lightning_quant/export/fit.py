@@ -106,7 +106,7 @@ def export_after_fit(trainer: Any, pl_module: nn.Module, config: ExportConfig | 
     import torch
 
     from lightning_quant.calibration.distributed import full_state_dict, gathered_root, is_sharded
-    from lightning_quant.export import save
+    from lightning_quant.export.saving import save
 
     cfg = ExportConfig.coerce(config)
     model = find_hf_model(pl_module)

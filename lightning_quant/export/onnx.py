@@ -26,7 +26,6 @@ Two graphs (:class:`OnnxOptions` ``graph``):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,16 +34,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lightning_quant import packing
 from lightning_quant.export.hf import model_dtype, quantized_layers
 from lightning_quant.export.io import read_json, write_json
+from lightning_quant.export.onnx_matmul import ONNX_BITS, matmulnbits_operands
 from lightning_quant.export.registry import ExportFormat, SaveOptions
 from lightning_quant.layers.packed import PackedLinear
 from lightning_quant.targets import set_submodule
 
 __all__ = ["ACCURACY_LEVELS", "GRAPHS", "ONNX", "ONNX_BITS", "OnnxCausalLM", "OnnxOptions", "matmulnbits_operands"]
 
-ONNX_BITS = (2, 4, 8)
 _FILE = "model.onnx"
 _GENAI_CONFIG = "genai_config.json"
 _KEY = "lightning_quant_export"
@@ -91,46 +89,6 @@ class OnnxOptions:
         if self.graph == "logits" and (self.accuracy_level != 0 or self.attention != "auto"):
             raise ValueError("accuracy_level and attention apply to graph='generation' only; drop them or use the "
                              "generation graph.")
-
-
-def _block_size(layer: PackedLinear, name: str) -> int:
-    gs = layer.spec.group_size
-    if gs == -1:
-        return max(16, 1 << math.ceil(math.log2(layer.in_features)))
-    if gs < 16 or gs & (gs - 1):
-        raise ValueError(f"onnxruntime's MatMulNBits needs a power-of-two group size >= 16, layer {name!r} has "
-                         f"group_size={gs}; quantize with 32, 64 or 128.")
-    return gs
-
-
-def _pack_bytes(codes: Tensor, bits: int) -> Tensor:
-    """``[..., n]`` codes -> uint8 ``[..., ceil(n·bits/8)]``, LSB-first within each byte."""
-    per = 8 // bits
-    n = codes.shape[-1]
-    codes = nn.functional.pad(codes.to(torch.int32), (0, (-n) % per))
-    shifts = torch.arange(per, dtype=torch.int32) * bits
-    return (codes.view(*codes.shape[:-1], -1, per) << shifts).sum(-1).to(torch.uint8)
-
-
-def matmulnbits_operands(layer: PackedLinear, name: str = "layer") -> dict[str, Tensor | int]:
-    """``B``, ``scales``, optional ``zero_points`` and the attributes for one layer (kernel column order)."""
-    bits = layer.spec.bits
-    if bits not in ONNX_BITS:
-        raise ValueError(f"ONNX export holds {ONNX_BITS}-bit weights (MatMulNBits); layer {name!r} has bits={bits}. "
-                         "Use format='gptq' or 'compressed-tensors' for 3-bit weights.")
-    bs = _block_size(layer, name)
-    k, n = layer.in_features, layer.out_features
-    nb = math.ceil(k / bs)
-    codes = packing.unpack_rows(layer.qweight, bits, k).t()  # [in, out] -> [N, K] (kernel order)
-    codes = nn.functional.pad(codes, (0, nb * bs - k)).reshape(n, nb, bs)  # [N, nb, bs]
-    scales = layer.scales.t().float()  # [G, N] -> [N, G]
-    scales = nn.functional.pad(scales, (0, nb - scales.shape[1]), value=1.0)  # per-channel: G=1=nb
-    ops: dict[str, Tensor | int] = {"B": _pack_bytes(codes, bits), "scales": scales.reshape(-1).contiguous(),
-                                    "K": k, "N": n, "bits": bits, "block_size": bs}
-    if layer.qzeros is not None:
-        zeros = packing.unpack_cols(layer.qzeros, bits, n).t()  # [N, G]
-        ops["zero_points"] = _pack_bytes(zeros, bits).reshape(-1).contiguous()
-    return ops
 
 
 class _MatMulNBits(torch.autograd.Function):

@@ -24,7 +24,7 @@ exact); it is causal and reads only the first ``sum(mask)`` cache rows (right pa
 kernel needs a head size that is a multiple of 16; other head sizes (or ``attention="plain"``) get
 the same attention in plain ops plus ``RotaryEmbedding`` (:mod:`~lightning_quant.export.onnx_attention`). Quantized
 linears become ``com.microsoft::MatMulNBits`` with our codes, scales and zero points unchanged
-(:func:`~lightning_quant.export.onnx.matmulnbits_operands`); act-order layers gather their input by
+(:func:`~lightning_quant.export.onnx_matmul.matmulnbits_operands`); act-order layers gather their input by
 the kernel permutation first, AWQ explicit input scales divide it. Float linears (``lm_head``) are a
 ``MatMul`` with the transposed weight; with tied embeddings the one ``[hidden, vocab]`` table serves
 both the lookup (``Gather`` on axis 1) and the head; these tables keep the model's dtype on disk (a
@@ -129,7 +129,7 @@ def _rope_type(cfg) -> str:
 
 def _linear(g: GraphBuilder, x: str, layer: nn.Module, name: str, accuracy_level: int) -> str:
     """``x [..., in] -> [..., out]`` for a PackedLinear (MatMulNBits) or a float nn.Linear (MatMul)."""
-    from lightning_quant.export.onnx import matmulnbits_operands
+    from lightning_quant.export.onnx_matmul import matmulnbits_operands
     from lightning_quant.layers.packed import PackedLinear
 
     if not isinstance(layer, PackedLinear):

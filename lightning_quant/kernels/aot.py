@@ -227,15 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--symmetric", action="store_true")
     p.add_argument("--family", choices=["all", "wq", "gemv", "int8"], default="all")
-    p.add_argument("--profile", action="store_true",
-                   help="static profile at the goal shape: main-loop instructions per weight, launches per call, "
-                        "spills, shared memory, registers (lightning_quant.kernels.profile)")
     args = p.parse_args(argv)
-    if args.profile:
-        from lightning_quant.kernels.profile import profile
-
-        profile(args.arch)
-        return
     builds = []
     if args.family in ("all", "wq"):
         builds += wq_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)

@@ -7,6 +7,8 @@ integer arithmetic (LLM.int8(), Dettmers et al. 2022, eq. 1 before the outer-pro
   and the oracle of the Triton kernel.
 * ``lightning_quant::int8_matmul`` — ``torch.library`` op: reference on CPU, Triton on CUDA; a fake
   implementation lets ``torch.compile`` trace it.
+* :func:`int8_outlier_matmul` — LLM.int8's mixed-precision decomposition around ``int8_matmul`` (the
+  forward of ``Int8OutlierLinear``), with a static-width outlier path (no host sync).
 * :func:`int8_matmul_triton` — the kernel launcher (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``):
   ``[BLOCK_M, BLOCK_N]`` tiles, ``tl.dot`` on int8 operands with an int32 accumulator (the tensor
   cores' IMMA path), autotuned over a small config set keyed by a power-of-two row bucket.
@@ -19,9 +21,14 @@ import functools
 import torch
 from torch import Tensor
 
+from lightning_quant.algorithms.llm_int8 import absmax_quantize_rows, outlier_columns
 from lightning_quant.kernels import _runtime
 
-__all__ = ["int8_matmul", "int8_matmul_reference", "int8_matmul_triton"]
+__all__ = ["MAX_OUTLIER_COLUMNS", "int8_matmul", "int8_matmul_reference", "int8_matmul_triton", "int8_outlier_matmul"]
+
+#: Width of the float outlier path of :func:`int8_outlier_matmul` (static, so no host sync decides it);
+#: the paper reports at most a few dozen outlier feature dimensions per layer up to 13B parameters.
+MAX_OUTLIER_COLUMNS = 128
 
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 
@@ -116,3 +123,41 @@ def int8_matmul(a: Tensor, b: Tensor, force_reference: bool | None = None) -> Te
     if _runtime.reference_forced(force_reference):
         return int8_matmul_reference(a, b)
     return _int8_matmul_op(a.contiguous(), b.contiguous())
+
+
+def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float,
+                        max_outliers: int = MAX_OUTLIER_COLUMNS, bias: Tensor | None = None,
+                        out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
+    """LLM.int8 product ``x [M, in] @ W^T (+ bias)`` for ``W = codes * SCB / 127``: returns ``(y [M, out], outliers [in])``,
+    ``y`` float32 (``out_dtype=None``) or cast to ``out_dtype`` after the float32 bias add — the whole
+    forward of :class:`~lightning_quant.layers.int8.Int8OutlierLinear` on a flat input.
+
+    ``y = X_o W_o^T + (round(X_r·127/a) @ codes_r^T) · a/127 · SCB/127`` where ``o`` are the outlier
+    columns (float path with dequantized weights) and ``r`` the rest (int8 x int8 -> int32 through
+    :func:`lightning_quant.kernels.int8_matmul.int8_matmul`, ``a`` the per-token absmax of ``X_r``).
+
+    Without a host sync: the float path has a static width of ``min(in, max_outliers)`` columns
+    (``nonzero_static``; unused slots multiply zeros), so no ``bool(outliers.any())`` waits for the
+    GPU. Outlier columns beyond the first ``max_outliers`` (in feature order) stay on the int8 path;
+    ``outliers`` still marks every column above the threshold.
+    """
+    xf = x.float()
+    outliers = outlier_columns(xf, threshold)
+    width = min(x.shape[-1], max_outliers) if threshold > 0.0 else 0
+    if width:
+        kept = outliers & (torch.cumsum(outliers, 0) <= width)  # [in]: the first `width` outlier columns
+        idx = torch.nonzero_static(kept, size=width, fill_value=0).squeeze(1)  # [width], padded with column 0
+        valid = torch.arange(width, device=x.device) < kept.sum()  # [width]: False on the padding
+        x_o = xf.index_select(1, idx) * valid  # [M, width]
+        x_rest = xf.masked_fill(kept, 0.0)
+    else:
+        x_rest = xf
+    a_codes, a_absmax = absmax_quantize_rows(x_rest)  # [M, in] int8, [M]
+    acc = int8_matmul(a_codes, codes)  # [M, out] int32
+    y = acc.float() * (a_absmax / 127.0).unsqueeze(1) * (scb.float() / 127.0).unsqueeze(0)
+    if width:
+        w_o = codes.index_select(1, idx).float() * (scb.float() / 127.0).unsqueeze(1)  # [out, width]
+        y = y + x_o @ w_o.t()
+    if bias is not None:
+        y = y + bias.float()
+    return (y if out_dtype is None else y.to(out_dtype)), outliers

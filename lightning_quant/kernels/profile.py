@@ -1,6 +1,6 @@
 """Static profile of the packed kernels on a CPU-only machine: what the compiled code can reach.
 
-``python -m lightning_quant.kernels.aot --profile`` compiles every autotune config of each kernel
+``python -m lightning_quant.kernels.profile`` compiles every autotune config of each kernel
 family for the goal shape (``sm_90a`` with the installed Triton's own ``ptxas``; read the SASS with
 its ``nvdisasm``) and prints one line per family and shape::
 
@@ -111,12 +111,15 @@ def wq_launches(m: int, k: int = GOAL_K, n: int = GOAL_N, path: str = "auto") ->
 
 
 def int8_layer_launches(m: int, k: int = GOAL_K, n: int = GOAL_N) -> list[str]:
-    """Kernels of one warm ``Int8OutlierLinear`` forward (threshold 6, float16 input) on ``meta``."""
-    from lightning_quant.layers.int8 import Int8OutlierLinear
+    """Kernels of one warm ``Int8OutlierLinear`` forward (threshold 6, float16 input, with bias) on ``meta``:
+    the layer's forward is :func:`~lightning_quant.kernels.int8_matmul.int8_outlier_matmul` on the flat input."""
+    from lightning_quant.kernels.int8_matmul import int8_outlier_matmul
 
-    layer = Int8OutlierLinear(k, n, bias=True, dtype=torch.float16, device="meta")
     x = torch.empty(m, k, dtype=torch.float16, device="meta")
-    return count_launches(lambda: layer(x))
+    codes = torch.empty(n, k, dtype=torch.int8, device="meta")
+    scb = torch.empty(n, dtype=torch.float32, device="meta")
+    bias = torch.empty(n, dtype=torch.float16, device="meta")
+    return count_launches(lambda: int8_outlier_matmul(x, codes, scb, 6.0, bias=bias, out_dtype=x.dtype))
 
 
 def _loop_ratio(build) -> float:
@@ -158,7 +161,7 @@ def profile_lines(arch: int = 90, rows=ROWS) -> list[ProfileLine]:
 
 
 def profile(arch: int = 90) -> None:
-    """Print the profile lines and the goals (``python -m lightning_quant.kernels.aot --profile``)."""
+    """Print the profile lines and the goals (``python -m lightning_quant.kernels.profile``)."""
     import triton
 
     print(f"# static profile: triton {triton.__version__}, sm_{arch}{'a' if arch >= 90 else ''}, "
@@ -166,3 +169,11 @@ def profile(arch: int = 90) -> None:
     print("# goals: gemv instr_per_weight <= 0.10, gemm <= 0.15, launches == 1 per decode call, spills == 0")
     for line in profile_lines(arch):
         print(line.describe(), flush=True)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Static profile of the packed kernels at the goal shapes (sm_90a SASS).")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200)")
+    profile(parser.parse_args().arch)

@@ -18,13 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lightning_quant.algorithms.llm_int8 import (
-    DEFAULT_THRESHOLD,
-    INT8_ROWWISE,
-    check_threshold,
-    int8_outlier_matmul,
-    int8_rowwise,
-)
+from lightning_quant.algorithms.llm_int8 import DEFAULT_THRESHOLD, INT8_ROWWISE, check_threshold, int8_rowwise
+from lightning_quant.kernels.int8_matmul import int8_outlier_matmul
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import linear_kind
 
@@ -67,14 +62,15 @@ class Int8OutlierLinear(nn.Module):
         return cls._build(codes, scb, kind.bias(module), threshold, w.dtype)
 
     @classmethod
-    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None,
-                       threshold: float = DEFAULT_THRESHOLD) -> Int8OutlierLinear:
-        """Build from a row-wise int8 :class:`QuantizedWeight` (``algorithms.llm_int8.int8_rowwise_quantize``)."""
+    def from_quantized(cls, qw: QuantizedWeight, bias: Tensor | None = None, threshold: float = DEFAULT_THRESHOLD,
+                       scb: Tensor | None = None) -> Int8OutlierLinear:
+        """Build from a row-wise int8 :class:`QuantizedWeight` (``algorithms.llm_int8.int8_rowwise_quantize``);
+        ``scb`` (float32 ``[out]``) is the exact row absmax when known (the ``"int8"`` method's
+        :class:`~lightning_quant.methods.llm_int8.Int8Layer`), else ``scales · 127``."""
         if qw.spec != INT8_ROWWISE or int(qw.codes.min()) < 1:
             raise ValueError(f"Int8OutlierLinear needs a row-wise absmax int8 weight (spec {INT8_ROWWISE}, codes in "
                              f"[1, 255]); got spec {qw.spec}. Quantize with algorithms.llm_int8.int8_rowwise_quantize.")
         codes = (qw.codes.to(torch.int16) - 128).to(torch.int8)
-        scb = qw.extras.get("SCB")
         scb = qw.scales[:, 0] * 127.0 if scb is None else scb
         return cls._build(codes, scb, bias, threshold, qw.dtype)
 
@@ -114,11 +110,9 @@ class Int8OutlierLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Int8OutlierLinear expects inputs [..., {self.in_features}], got {tuple(x.shape)}.")
         flat = x.reshape(-1, self.in_features)  # [..., in] -> [M, in]
-        y, outliers = int8_outlier_matmul(flat, self.weight, self.SCB, self.threshold)
+        y, outliers = int8_outlier_matmul(flat, self.weight, self.SCB, self.threshold, bias=self.bias, out_dtype=x.dtype)
         self.last_outliers = outliers
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -15,18 +15,16 @@ Resume with the :class:`~lightning_quant.callbacks.QuantizationAwareTraining` ca
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.precision import DoublePrecision, HalfPrecision, MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from lightning_quant import qat
 from lightning_quant.spec import ActivationSpec, QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
 
-__all__ = ["QuantizationPrecision"]
+__all__ = ["DELEGATED", "QuantizationPrecision"]
 
 _INNER = ("32-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
 
@@ -56,7 +54,8 @@ class QuantizationPrecision(Precision):
     Args are those of :class:`~lightning_quant.callbacks.QuantizationAwareTraining` (without conversion), plus
     ``inner`` (the wrapped precision) and ``device`` (autocast device of a mixed inner precision; default:
     ``"cuda"`` when available, else ``"cpu"``). ``start_step`` is applied in :meth:`optimizer_step` from
-    ``model.trainer.global_step`` (automatic optimization).
+    ``model.trainer.global_step`` (automatic optimization). Every other :class:`Precision` method (:data:`DELEGATED`)
+    is the inner precision's.
     """
 
     def __init__(self, spec: QuantSpec, act_spec: ActivationSpec | None = None,
@@ -73,65 +72,37 @@ class QuantizationPrecision(Precision):
         return self.inner.convert_module(module)
 
     def optimizer_step(self, optimizer, model, closure, **kwargs: Any) -> Any:
-        trainer = getattr(model, "_trainer", None)
-        if trainer is not None and self.config.start_step > 0:
-            qat.set_enabled(model, trainer.global_step >= self.config.start_step)
+        step = _global_step(model)
+        if step is not None and self.config.start_step > 0:
+            qat.set_enabled(model, step >= self.config.start_step)
         return self.inner.optimizer_step(optimizer, model, closure, **kwargs)
 
-    # ---- plain delegation ---------------------------------------------------------------
-    def connect(self, model, optimizers, lr_schedulers):
-        return self.inner.connect(model, optimizers, lr_schedulers)
 
-    def tensor_init_context(self) -> AbstractContextManager:
-        return self.inner.tensor_init_context()
+def _global_step(model) -> int | None:
+    """The attached Trainer's ``global_step`` (``None`` for a module no Trainer drives, e.g. under Fabric)."""
+    try:
+        return model.trainer.global_step
+    except (AttributeError, RuntimeError):  # LightningModule.trainer raises when no Trainer is attached
+        return None
 
-    def module_init_context(self) -> AbstractContextManager:
-        return self.inner.module_init_context()
 
-    def forward_context(self) -> AbstractContextManager:
-        return self.inner.forward_context()
+#: The :class:`Precision` methods handed to the inner precision unchanged (every public method the plugin does
+#: not define itself; ``tests/plugins`` checks none is left out).
+DELEGATED = ("connect", "tensor_init_context", "module_init_context", "forward_context", "train_step_context",
+             "val_step_context", "test_step_context", "predict_step_context", "convert_input", "convert_output",
+             "pre_backward", "backward", "post_backward", "clip_gradients", "clip_grad_by_norm", "clip_grad_by_value",
+             "main_params", "unscale_gradients", "state_dict", "load_state_dict", "on_save_checkpoint",
+             "on_load_checkpoint", "teardown")
 
-    def train_step_context(self) -> AbstractContextManager:
-        return self.inner.train_step_context()
 
-    def val_step_context(self) -> AbstractContextManager:
-        return self.inner.val_step_context()
+def _delegate(name: str):
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.inner, name)(*args, **kwargs)
 
-    def test_step_context(self) -> AbstractContextManager:
-        return self.inner.test_step_context()
+    method.__name__ = method.__qualname__ = name
+    method.__doc__ = f"``self.inner.{name}(...)``."
+    return method
 
-    def predict_step_context(self) -> AbstractContextManager:
-        return self.inner.predict_step_context()
 
-    def convert_input(self, data: Any) -> Any:
-        return self.inner.convert_input(data)
-
-    def convert_output(self, data: Any) -> Any:
-        return self.inner.convert_output(data)
-
-    def pre_backward(self, tensor, module):
-        return self.inner.pre_backward(tensor, module)
-
-    def backward(self, tensor, model, optimizer, *args: Any, **kwargs: Any) -> None:
-        return self.inner.backward(tensor, model, optimizer, *args, **kwargs)
-
-    def post_backward(self, tensor, module):
-        return self.inner.post_backward(tensor, module)
-
-    def clip_gradients(self, optimizer, clip_val=0.0, gradient_clip_algorithm=GradClipAlgorithmType.NORM) -> None:
-        return self.inner.clip_gradients(optimizer, clip_val, gradient_clip_algorithm)
-
-    def main_params(self, optimizer):
-        return self.inner.main_params(optimizer)
-
-    def unscale_gradients(self, optimizer) -> None:
-        return self.inner.unscale_gradients(optimizer)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.inner.load_state_dict(state_dict)
-
-    def teardown(self) -> None:
-        self.inner.teardown()
+for _name in DELEGATED:
+    setattr(QuantizationPrecision, _name, _delegate(_name))

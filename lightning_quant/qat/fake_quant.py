@@ -52,7 +52,6 @@ class FakeQuantLinear(nn.Module):
         self.transposed = transposed  # weight stored [in, out] (GPT-2 Conv1D)
         self.lora_mode: str | None = None if lora_host is None else lora
         self.__dict__["_lora_host"] = lora_host  # plain attribute: not a submodule (no state_dict cycle)
-        self.__dict__["_orig"] = None
         with torch.no_grad():
             self.observer = build_observer(observer, spec, self.effective_weight().detach())
         self.register_buffer("enabled", torch.ones((), dtype=torch.bool, device=weight.device))
@@ -76,21 +75,19 @@ class FakeQuantLinear(nn.Module):
             raise TypeError(f"Linear kind {kind.name!r} reads its weight neither as stored nor transposed; "
                             "FakeQuantLinear supports only those two layouts.")
         fq = cls(module.weight, module.bias, spec, kind.name, act_spec, observer, lora_host, lora, transposed)
-        fq.__dict__["_orig"] = (type(module), {k: v for k, v in module.__dict__.items()
-                                               if not k.startswith("_") and k != "training"})
+        fq.__dict__["_orig_kind"] = kind  # plain attribute: how to rebuild the original module
         fq.train(module.training)
         return fq
 
     def to_linear(self) -> nn.Module:
-        """A module of the original type holding this module's ``weight`` / ``bias`` parameters."""
-        cls, attrs = self._orig
-        module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.__dict__.update(attrs)
-        module.weight = self.weight
-        module.bias = self.bias
-        module.train(self.training)
-        return module
+        """A module of the original kind holding this module's ``weight`` / ``bias`` parameters (built by the
+        linear kind's ``build``, :class:`~lightning_quant.targets.LinearKind`)."""
+        kind = self.__dict__.get("_orig_kind")
+        if kind is None or kind.build is None:
+            raise TypeError(f"FakeQuantLinear of kind {self.kind!r} cannot be turned back into its original module: "
+                            "register its linear kind with build=(weight, bias) -> module "
+                            "(lightning_quant.targets.LinearKind.build).")
+        return kind.build(self.weight, self.bias).train(self.training)
 
     # ---- math -------------------------------------------------------------------------
     def _weight_oi(self) -> Tensor:

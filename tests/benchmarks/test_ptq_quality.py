@@ -27,7 +27,7 @@ check_on_grid, VARIANTS, variant_config = _load("check_on_grid", "VARIANTS", "va
 
 def test_every_method_row_builds_a_registered_method_and_config():
     from lightning_quant.algorithms.gptq import GPTQConfig
-    from lightning_quant.algorithms.registry import get_method
+    from lightning_quant.methods.registry import get_method
 
     base = GPTQConfig(true_sequential=False)
     for name in VARIANTS:

@@ -138,4 +138,5 @@ def test_awq_config_selects_awq_then_gptq(tmp_path):
     model = LM()
     _trainer(tmp_path, cb).fit(model, datamodule=DM())
     assert len(_packed(model)) == 14
-    assert all("awq_ratio" in qw.extras and "gptq_loss" in qw.extras for qw in cb.quantized_weights.values())
+    figures = cb.quantized_weights.figures
+    assert set(figures) == set(cb.quantized_weights) and all("awq_ratio" in f and "gptq_loss" in f for f in figures.values())

@@ -75,7 +75,7 @@ def test_real_awq_models(tmp_path, ids, monkeypatch):
     'awq'; a Llama whose o_proj keeps an explicit input scale is refused by 'awq' but exported exactly by 'onnx'."""
     from lightning_quant import quantize_model
     from lightning_quant.algorithms.awq import AWQConfig
-    from lightning_quant.calibration import awq_mapping
+    from lightning_quant.methods import awq_mapping
     from lightning_quant.testing import random_token_batches, tiny_opt
 
     calib, cfg = torch.cat(random_token_batches(2, 32, 2)), AWQConfig(n_grid=4, clip_grid=0)  # small grid: speed

@@ -195,7 +195,7 @@ def test_gptq_awq_and_act_order(tmp_path, tok):
 def test_awq_explicit_input_scale_is_refused(tmp_path, tok, monkeypatch):
     from lightning_quant.algorithms.awq import AWQConfig
     from lightning_quant.api import quantize_model
-    from lightning_quant.calibration import awq_mapping
+    from lightning_quant.methods import awq_mapping
 
     monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no indirect folds: o_proj gets an explicit scale
     model = tiny_llama(vocab=len(tok))

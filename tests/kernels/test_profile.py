@@ -1,6 +1,6 @@
 """Launch counts per call (counted on ``meta`` from the Python path) and the GEMV's compiled resources.
 
-The instruction ratios are printed by ``python -m lightning_quant.kernels.aot --profile`` (a
+The instruction ratios are printed by ``python -m lightning_quant.kernels.profile`` (a
 benchmark), not asserted here; launch counts, spills and shared memory are.
 """
 

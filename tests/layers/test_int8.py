@@ -143,7 +143,7 @@ def test_bad_inputs_raise():
 def test_outlier_columns_beyond_the_static_width_stay_on_the_int8_path():
     """The float path has a static width (no host sync); the first ``max_outliers`` outlier columns
     take it, later ones are quantized with the rest."""
-    from lightning_quant.algorithms.llm_int8 import int8_outlier_matmul
+    from lightning_quant.kernels.int8_matmul import int8_outlier_matmul
 
     lin = _linear(bias=False)
     layer = Int8OutlierLinear.from_linear(lin, threshold=6.0)

@@ -62,3 +62,22 @@ def test_ddp_two_processes_gloo_end_with_identical_weights(tmp_path):
     assert set(r0["state"]) == set(r1["state"]) and any(".observer.scale" in k for k in r0["state"])
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+
+def test_every_precision_method_is_delegated_or_defined():
+    """No Lightning Precision method falls through to the base class: each is the plugin's own or the inner's."""
+    import inspect
+
+    from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+
+    from lightning_quant.plugins.precision import DELEGATED, QuantizationPrecision
+
+    public = {n for n, _ in inspect.getmembers(Precision, inspect.isfunction) if not n.startswith("_")}
+    own = {"convert_module", "optimizer_step"}
+    assert public - own - set(DELEGATED) == set(), "add the new Precision method(s) to DELEGATED"
+    plugin = QuantizationPrecision(QuantSpec(4, 32), inner="bf16-mixed", device="cpu")
+    assert isinstance(plugin.inner, MixedPrecision)
+    calls = []
+    plugin.inner.convert_input = lambda data: calls.append(data) or "converted"
+    assert plugin.convert_input(7) == "converted" and calls == [7]
+    assert plugin.state_dict() == plugin.inner.state_dict()

@@ -141,7 +141,10 @@ def test_activation_quant_refuses_a_layer_kind_without_plain_activations():
     try:
         with pytest.raises(TypeError, match="act_spec needs a layer whose input is a plain activation.*kind 'gated'"):
             FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32), ActivationSpec())
-        assert FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32)).kind == "gated"  # weight-only is fine
+        fq = FakeQuantLinear.from_linear(Gated(), QuantSpec(4, 32))
+        assert fq.kind == "gated"  # weight-only is fine
+        with pytest.raises(TypeError, match="register its linear kind with build="):
+            fq.to_linear()  # the kind says nothing about how to rebuild a Gated
     finally:
         targets._KINDS.pop(Gated)
 

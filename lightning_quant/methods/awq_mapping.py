@@ -29,11 +29,12 @@ Discovery is generic and data-driven, no per-architecture code:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
 
+from lightning_quant.algorithms.awq import ScaleTie, tie_expand
 from lightning_quant.calibration.distributed import all_reduce_sum, operand_like
 from lightning_quant.targets import is_linear_like, linear_weight
 
@@ -41,14 +42,13 @@ __all__ = [
     "FOLD_RTOL",
     "GENERIC_INDIRECT_FOLDS",
     "INDIRECT_FOLDS",
+    "FoldCandidate",
     "FoldPlan",
     "discover_groups",
     "fold_into_producer",
     "fold_rtol",
     "model_type",
     "scale_input_columns",
-    "tie_expand",
-    "tie_reduce",
 ]
 
 _LLAMA_LIKE = (("self_attn.v_proj", "self_attn.o_proj"), ("mlp.up_proj", "mlp.down_proj"))
@@ -85,8 +85,8 @@ class FoldPlan:
     ``group``: qualified target names (call order). ``producer``: qualified name of the module the
     scales fold into, or ``None`` (explicit input scaling). ``kind``: ``"norm"`` / ``"linear"`` /
     ``None``. ``companions``: other linear-like readers of the input (scaled by ``s`` on their input
-    columns). ``reason``: why the group is folded or explicit (for the report). ``tie``:
-    ``(kv_heads, repeats, head_dim)`` when the producer feeds the group through grouped-query
+    columns). ``reason``: why the group is folded or explicit (for the report). ``tie``: a
+    :class:`~lightning_quant.algorithms.awq.ScaleTie` when the producer feeds the group through grouped-query
     attention: the group's scales must be equal across the ``repeats`` copies of each kv head's block.
     """
 
@@ -95,7 +95,7 @@ class FoldPlan:
     kind: str | None
     companions: tuple[str, ...]
     reason: str
-    tie: tuple[int, int, int] | None = None
+    tie: ScaleTie | None = None
 
     @property
     def folded(self) -> bool:
@@ -104,30 +104,7 @@ class FoldPlan:
     def producer_scales(self, s: Tensor) -> Tensor:
         """The producer's share of the group's scales ``s [in]``: ``s`` itself, or under a tie the
         first copy of each kv head's block, ``[kv·hd]``."""
-        if self.tie is None:
-            return s
-        kv, rep, hd = self.tie
-        return s.view(kv, rep, hd)[:, 0].reshape(-1)  # [kv·rep·hd] -> [kv, rep, hd] -> [kv·hd]
-
-
-#: ``(kv_heads, repeats, head_dim)`` of a grouped-query tie, or ``None`` (no tie: the helpers below are the identity).
-Tie = tuple[int, int, int] | None
-
-
-def tie_expand(s: Tensor, tie: Tie) -> Tensor:
-    """Producer scales ``[kv·hd]`` -> the group's ``[kv·rep·hd]`` (``repeat_kv`` order: head ``h`` reads kv head ``h // rep``)."""
-    if tie is None:
-        return s
-    kv, rep, hd = tie
-    return s.view(kv, 1, hd).expand(kv, rep, hd).reshape(-1)
-
-
-def tie_reduce(x: Tensor, tie: Tie) -> Tensor:
-    """Per-feature statistics ``[kv·rep·hd]`` -> their mean over the ``rep`` copies, ``[kv·hd]``."""
-    if tie is None:
-        return x
-    kv, rep, hd = tie
-    return x.view(kv, rep, hd).mean(1).reshape(-1)
+        return s if self.tie is None else self.tie.producer_share(s)
 
 
 def model_type(model: nn.Module) -> str | None:
@@ -193,54 +170,70 @@ def _trace(block: nn.Module, inp) -> tuple[list[tuple[str, Tensor]], list[tuple[
     return ins, outs
 
 
-def _direct_candidate(key: Tensor, width: int, rel_group: set[str], ins, outs, block: nn.Module):
+@dataclass(frozen=True)
+class FoldCandidate:
+    """Where a group's scales could fold, before the numerical check: ``producer`` (a module path in the block,
+    ``None``: nowhere), its ``kind`` (``"norm"`` / ``"linear"``), the ``companions`` reading the same input,
+    the ``reason`` (for the report) and the grouped-query ``tie`` (indirect folds into ``v_proj`` only)."""
+
+    producer: str | None
+    kind: str | None
+    companions: tuple[str, ...]
+    reason: str
+    tie: ScaleTie | None = None
+
+
+def _direct_candidate(key: Tensor, width: int, rel_group: set[str], ins, outs, block: nn.Module) -> FoldCandidate:
     producer = next((n for n, t in outs if t is key), None)  # innermost module returning the tensor
     companions = tuple(n for n, t in ins if t is key and n not in rel_group and is_linear_like(block.get_submodule(n)))
     if producer is None:
-        return None, None, companions, "its input is not a module's output"
+        return FoldCandidate(None, None, companions, "its input is not a module's output")
     mod = block.get_submodule(producer)
     if is_linear_like(mod) and linear_weight(mod).shape[0] == width:
-        return producer, "linear", companions, f"folded into linear {producer}"
+        return FoldCandidate(producer, "linear", companions, f"folded into linear {producer}")
     if _norm_like(mod, width):
-        return producer, "norm", companions, f"folded into {type(mod).__name__} {producer}"
-    return None, None, companions, f"its producer {producer} ({type(mod).__name__}) has no per-channel weight"
+        return FoldCandidate(producer, "norm", companions, f"folded into {type(mod).__name__} {producer}")
+    return FoldCandidate(None, None, companions,
+                         f"its producer {producer} ({type(mod).__name__}) has no per-channel weight")
 
 
-def _gqa_tie(block: nn.Module, prod: str, outputs: int, width: int) -> tuple[int, int, int] | None:
-    """``(kv_heads, repeats, head_dim)`` when ``prod``'s ``outputs`` reach ``width`` features as whole
+def _gqa_tie(block: nn.Module, prod: str, outputs: int, width: int) -> ScaleTie | None:
+    """The :class:`ScaleTie` when ``prod``'s ``outputs`` reach ``width`` features as whole
     heads repeated (grouped-query attention); the head size comes from the attention module's ``head_dim``."""
     parent = block.get_submodule(prod.rpartition(".")[0]) if "." in prod else block
     hd = getattr(parent, "head_dim", None)
     if not isinstance(hd, int) or hd <= 0 or outputs % hd or width % outputs:
         return None
-    return outputs // hd, width // outputs, hd
+    return ScaleTie(outputs // hd, width // outputs, hd)
 
 
-def _indirect_candidate(rel_group: list[str], width: int, pairs, block: nn.Module):
-    """``(producer, reason, tie)`` for a group with no direct producer, from the data mapping ``pairs``."""
+def _indirect_candidate(rel_group: list[str], width: int, pairs, block: nn.Module) -> FoldCandidate:
+    """The candidate for a group with no direct producer, from the data mapping ``pairs`` (no companions)."""
     for prod, cons in pairs:
         if not any(r == cons or r.endswith("." + cons) for r in rel_group):
             continue
         try:
             mod = block.get_submodule(prod)
         except AttributeError:
-            return None, f"mapped producer {prod} does not exist in the block", None
+            return FoldCandidate(None, None, (), f"mapped producer {prod} does not exist in the block")
         if not is_linear_like(mod):
-            return None, f"mapped producer {prod} is a {type(mod).__name__}, not a plain linear (e.g. a LoRA wrapper)", None
+            return FoldCandidate(None, None, (), f"mapped producer {prod} is a {type(mod).__name__}, not a plain "
+                                 "linear (e.g. a LoRA wrapper)")
         outputs = linear_weight(mod).shape[0]
         if outputs == width:
-            return prod, f"folded into linear {prod} (indirect pair {prod} -> {cons})", None
+            return FoldCandidate(prod, "linear", (), f"folded into linear {prod} (indirect pair {prod} -> {cons})")
         tie = _gqa_tie(block, prod, outputs, width)
         if tie is None:
-            return None, (f"mapped producer {prod} has {outputs} outputs but the group reads {width} features "
-                          "and no head_dim tells how they repeat"), None
-        return prod, (f"folded into linear {prod} (indirect pair {prod} -> {cons}; grouped-query attention: "
-                      f"scales tied across the {tie[1]} query heads of each of {tie[0]} kv heads)"), tie
-    return None, "no foldable producer", None
+            return FoldCandidate(None, None, (), f"mapped producer {prod} has {outputs} outputs but the group reads "
+                                 f"{width} features and no head_dim tells how they repeat")
+        return FoldCandidate(prod, "linear", (), (f"folded into linear {prod} (indirect pair {prod} -> {cons}; "
+                                                  f"grouped-query attention: scales tied across the {tie.repeats} "
+                                                  f"query heads of each of {tie.kv_heads} kv heads)"), tie)
+    return FoldCandidate(None, None, (), "no foldable producer")
 
 
 def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[nn.Module], width: int,
-            seed: int, tie: tuple[int, int, int] | None = None) -> bool:
+            seed: int, tie: ScaleTie | None = None) -> bool:
     """Apply the fold with random (tied) scales, compare the block output, undo. True if within FOLD_RTOL."""
     producer, kind = plan_rel
     pmod = block.get_submodule(producer)
@@ -248,7 +241,7 @@ def _verify(block: nn.Module, inp, ref: Tensor, plan_rel: tuple, modules: list[n
     saved = [(t, t.detach().clone()) for m in touched for t in (m.weight, getattr(m, "bias", None))
              if isinstance(t, Tensor)]
     g = torch.Generator().manual_seed(seed)
-    s_prod = torch.exp(torch.rand(width if tie is None else tie[0] * tie[2], generator=g, dtype=torch.float32) - 0.5)
+    s_prod = torch.exp(torch.rand(width if tie is None else tie.producer_width, generator=g, dtype=torch.float32) - 0.5)
     s_prod = s_prod.to(pmod.weight.device)
     s = tie_expand(s_prod, tie)
     with torch.no_grad():
@@ -294,22 +287,21 @@ def discover_groups(block: nn.Module, prefix: str, members: dict[str, nn.Module]
     plans, ref = [], None
     for i, (key, group) in enumerate(groups):
         width = key.shape[-1]
-        prod, kind, comps, reason = _direct_candidate(key, width, set(group), ins, outs, block)
-        tie = None
-        if prod is None:
-            stripped = [r.removesuffix(_WRAPPER_SUFFIX) for r in group]
-            prod, reason2, tie = _indirect_candidate(stripped, width, pairs, block)
-            kind, comps = ("linear", ()) if prod is not None else (None, comps)
-            reason = reason2 if prod is not None else f"{reason}; {reason2}"
-        if prod is not None:
-            mods = [block.get_submodule(r) for r in group + list(comps)]
+        cand = _direct_candidate(key, width, set(group), ins, outs, block)
+        if cand.producer is None:
+            indirect = _indirect_candidate([r.removesuffix(_WRAPPER_SUFFIX) for r in group], width, pairs, block)
+            cand = indirect if indirect.producer is not None else replace(
+                cand, reason=f"{cand.reason}; {indirect.reason}")
+        if cand.producer is not None:
+            mods = [block.get_submodule(r) for r in group + list(cand.companions)]
             if ref is None:
                 with torch.no_grad():
                     ref = _run(block, inp)
-            if not _verify(block, inp, ref, (prod, kind), mods, width, seed=i, tie=tie):
-                tol = fold_rtol(block.get_submodule(prod).weight.dtype)
-                reason = f"fold into {prod} failed the numerical check (block output moved > {tol:g})"
-                prod, kind = None, None
-        plans.append(FoldPlan(tuple(by_rel[r] for r in group), None if prod is None else f"{prefix}.{prod}", kind,
-                              tuple(f"{prefix}.{c}" for c in comps), reason, tie if prod is not None else None))
+            if not _verify(block, inp, ref, (cand.producer, cand.kind), mods, width, seed=i, tie=cand.tie):
+                tol = fold_rtol(block.get_submodule(cand.producer).weight.dtype)
+                cand = replace(cand, producer=None, kind=None, tie=None,
+                               reason=f"fold into {cand.producer} failed the numerical check (block output moved > {tol:g})")
+        plans.append(FoldPlan(tuple(by_rel[r] for r in group),
+                              None if cand.producer is None else f"{prefix}.{cand.producer}", cand.kind,
+                              tuple(f"{prefix}.{c}" for c in cand.companions), cand.reason, cand.tie))
     return plans

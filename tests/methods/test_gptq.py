@@ -7,10 +7,10 @@ import torch.multiprocessing as mp
 
 from lightning_quant import QuantSpec, quantize_model, testing
 from lightning_quant.algorithms.gptq import GPTQConfig
-from lightning_quant.algorithms.gptq_method import gptq_method
-from lightning_quant.algorithms.registry import get_method
 from lightning_quant.calibration import shard
 from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.methods.gptq import gptq_method
+from lightning_quant.methods.registry import get_method
 from lightning_quant.targets import linear_weight, select_linears
 
 SPEC = QuantSpec(4, 32, symmetric=False)
@@ -37,7 +37,7 @@ def test_quantize_model_gptq_end_to_end(tiny_model):
     assert set(weights) == set(targets)
     for name, qw in weights.items():
         assert isinstance(g.get_submodule(name), PackedLinear)
-        assert qw.extras["gptq_loss"] >= 0 and qw.extras["gptq_fallback"] is False
+        assert weights.figures[name]["gptq_loss"] >= 0 and weights.figures[name]["gptq_fallback"] is False
         assert qw.perm is not None
     assert _logit_error(g, ref, evals) < _logit_error(r, ref, evals)
 
@@ -134,4 +134,4 @@ def test_peft_wrapped_model():
     assert isinstance(targets["base_model.model.model.layers.0.self_attn.q_proj"], torch.nn.Linear)
     weights = gptq_method(model, targets, SPEC, testing.random_token_batches(2, 32, 2), GPTQConfig())
     assert set(weights) == set(targets)
-    assert all(not qw.extras["gptq_fallback"] for qw in weights.values())
+    assert all(not weights.figures[n]["gptq_fallback"] for n in weights)

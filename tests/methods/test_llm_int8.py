@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from lightning_quant import QuantSpec, quantize_model
-from lightning_quant.algorithms.llm_int8 import int8_rowwise_quantize, outlier_columns, outlier_statistics
-from lightning_quant.algorithms.llm_int8_method import INT8_METHOD_SPEC, LLMInt8Config, convert_to_int8
-from lightning_quant.algorithms.registry import Method, get_method
+from lightning_quant.algorithms.llm_int8 import int8_rowwise, int8_rowwise_quantize, outlier_columns
+from lightning_quant.api import convert_to_int8
 from lightning_quant.layers.int8 import Int8OutlierLinear
 from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.methods.llm_int8 import INT8_METHOD_SPEC, LLMInt8Config, outlier_statistics
+from lightning_quant.methods.registry import Method, get_method
 from lightning_quant.targets import select_linears
 from lightning_quant.testing import random_token_batches
 
@@ -19,7 +20,19 @@ def test_rowwise_quantized_weight_is_the_project_convention():
     signed = qw.codes.int() - 128
     assert int(signed.abs().max()) == 127 and int(qw.codes.min()) >= 1
     torch.testing.assert_close(qw.dequantize(), w, atol=float(w.abs().max()) / 254 + 1e-7, rtol=0)
-    assert torch.equal(qw.extras["SCB"], w.abs().amax(1))
+    codes, scb = int8_rowwise(w)
+    assert torch.equal(scb, w.abs().amax(1)) and torch.equal(qw.codes.int() - 128, codes.int())
+    torch.testing.assert_close(qw.scales[:, 0], scb / 127, atol=0, rtol=0)
+
+
+def test_int8_method_keeps_the_exact_row_absmax_and_threshold(tiny_llama):
+    from lightning_quant.methods.llm_int8 import Int8Layer
+
+    w = tiny_llama.model.layers[0].mlp.up_proj.weight.detach().clone()
+    result = quantize_model(tiny_llama, method="int8", config=LLMInt8Config(threshold=2.5))
+    data = result.layers["model.layers.0.mlp.up_proj"]
+    assert isinstance(data, Int8Layer) and data.threshold == 2.5 and torch.equal(data.scb, w.abs().amax(1))
+    assert torch.equal(tiny_llama.model.layers[0].mlp.up_proj.SCB, data.scb) and result.figures == {}
 
 
 def test_outlier_columns_any_row():
@@ -109,7 +122,7 @@ def test_int8_rejects_every_spec_field_it_cannot_honour(tiny_llama, field, value
 
 
 def test_every_spec_field_has_a_reason_in_the_int8_error():
-    from lightning_quant.algorithms.llm_int8_method import _FIXED_BECAUSE
+    from lightning_quant.methods.llm_int8 import _FIXED_BECAUSE
 
     assert set(_FIXED_BECAUSE) == {f.name for f in dataclasses.fields(QuantSpec)}
 

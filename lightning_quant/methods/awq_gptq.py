@@ -1,10 +1,10 @@
 """AWQ then GPTQ (llm-compressor's documented ``AWQModifier`` + ``GPTQModifier`` recipe), ``method="awq+gptq"``.
 
-1. AWQ (:func:`~lightning_quant.algorithms.awq_method.awq_method`) searches the per-channel scales ``s``
+1. AWQ (:func:`~lightning_quant.methods.awq.awq_method`) searches the per-channel scales ``s``
    of each group sharing an input (Lin et al. 2024, "AWQ", §3.2) and its clip factors;
-2. the scales are folded into the model (:func:`~lightning_quant.algorithms.awq_method.fold_awq_scales`:
+2. the scales are folded into the model (:func:`~lightning_quant.methods.awq.fold_awq_scales`:
    producers divided by ``s``, each quantized layer's weight becomes ``W diag(s)``; float outputs unchanged);
-3. GPTQ (:func:`~lightning_quant.algorithms.gptq_method.gptq_method`) calibrates the folded model and
+3. GPTQ (:func:`~lightning_quant.methods.gptq.gptq_method`) calibrates the folded model and
    quantizes the scaled weights with error feedback. AWQ's clip factors are not reused: GPTQ picks its
    own group qparams (min-max or ``GPTQConfig.qparam_search``).
 
@@ -22,30 +22,27 @@ from dataclasses import replace
 from torch import nn
 
 from lightning_quant.algorithms.awq import AWQConfig
-from lightning_quant.algorithms.awq_method import awq_method, fold_awq_scales
 from lightning_quant.algorithms.gptq import GPTQConfig
-from lightning_quant.algorithms.gptq_method import gptq_method
-from lightning_quant.algorithms.registry import register_method
-from lightning_quant.quantized import QuantizedWeight
+from lightning_quant.methods.awq import awq_method, fold_awq_scales
+from lightning_quant.methods.gptq import gptq_method
+from lightning_quant.methods.registry import MethodResult, register_method
 from lightning_quant.spec import QuantSpec
 
 __all__ = ["awq_gptq_method"]
 
 
 def awq_gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
-                    config: GPTQConfig | None) -> dict[str, QuantizedWeight]:
-    """``{name: QuantizedWeight}`` of the AWQ-scaled weights, GPTQ-quantized; folds AWQ's scales into ``model``."""
+                    config: GPTQConfig | None) -> MethodResult:
+    """The AWQ-scaled weights, GPTQ-quantized (GPTQ's figures plus ``awq_ratio``); folds AWQ's scales into ``model``."""
     cfg = config or GPTQConfig()
     awq_cfg = cfg.awq or AWQConfig(batch_size=cfg.batch_size, block_path=cfg.block_path, device=cfg.device,
                                    progress=cfg.progress)
     scaled = awq_method(model, targets, spec, calibration, awq_cfg)
     fold_awq_scales(model, scaled)
     out = gptq_method(model, targets, spec, calibration, replace(cfg, awq=None))
-    for n, qw in out.items():
-        info = scaled[n].extras.get("awq")
-        if info is not None:
-            qw.extras["awq_ratio"] = info.ratio
-    return out
+    figures = {n: {**out.figures.get(n, {}), **({"awq_ratio": scaled.figures[n]["awq_ratio"]} if n in scaled.figures else {})}
+               for n in out}
+    return MethodResult(out.weights, figures={n: f for n, f in figures.items() if f})
 
 
 register_method("awq+gptq", awq_gptq_method, needs_calibration=True, config_type=GPTQConfig)

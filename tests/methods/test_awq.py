@@ -7,14 +7,15 @@ from lightning_quant import QuantSpec, quantize_model
 from lightning_quant.algorithms.awq import (
     AWQConfig,
     AWQStats,
+    ScaleTie,
     awq_quantize_group,
     awq_scales,
     search_clip,
     search_scales,
 )
-from lightning_quant.algorithms.awq_method import awq_method, awq_summary, fold_awq_scales
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.methods.awq import awq_method, awq_summary, fold_awq_scales
 from lightning_quant.targets import linear_weight, select_linears
 from lightning_quant.testing import TINY_VOCAB
 
@@ -141,8 +142,8 @@ def test_discovery_per_architecture(tiny_model):
     kind = tiny_model.config.model_type
     if kind == "llama":  # GQA: v has 48 outputs, o reads 96 -> tied scales fold into v
         assert not summary["explicit"] and len(summary["folded"]) == 8
-        o_plan = weights["model.layers.0.self_attn.o_proj"].extras["awq"].plan
-        assert o_plan.producer == "model.layers.0.self_attn.v_proj" and o_plan.tie == (2, 2, 24)
+        o_plan = weights.layers["model.layers.0.self_attn.o_proj"].plan
+        assert o_plan.producer == "model.layers.0.self_attn.v_proj" and o_plan.tie == ScaleTie(kv_heads=2, repeats=2, head_dim=24)
         assert "grouped-query attention" in summary["folded"]["model.layers.0.self_attn.o_proj"]
     elif kind == "gpt2":  # fused c_attn, GELU before mlp.c_proj
         assert sorted(summary["explicit"]) == [f"transformer.h.{i}.{m}.c_proj" for i in (0, 1) for m in ("attn", "mlp")]
@@ -159,9 +160,9 @@ def test_mha_llama_folds_o_into_v():
     model = LlamaForCausalLM(cfg).eval()
     ids = _ids(2)
     weights = quantize_model(model, SPEC, "awq", calibration=ids, config=AWQConfig(n_grid=4, clip_grid=2))
-    info = weights["model.layers.0.self_attn.o_proj"].extras["awq"]
+    info = weights.layers["model.layers.0.self_attn.o_proj"]
     assert info.plan.producer == "model.layers.0.self_attn.v_proj" and info.plan.kind == "linear"
-    assert weights["model.layers.0.self_attn.v_proj"].extras["awq"].row_scale is not None
+    assert weights.layers["model.layers.0.self_attn.v_proj"].row_scale is not None
     assert model.model.layers[0].self_attn.o_proj.input_scale is None
 
 
@@ -169,19 +170,20 @@ def test_gqa_scales_are_tied_across_query_heads_and_fold_into_v():
     """tiny Llama: 4 query heads share 2 kv heads (head_dim 24). o_proj's scales repeat each kv block
     twice (repeat_kv order), v_proj's rows carry one copy, nothing is explicit, logits are unchanged by
     the folds, and the group error is no worse than RTN."""
-    from lightning_quant.calibration.awq_mapping import tie_expand
+    from lightning_quant.algorithms.awq import tie_expand
     from lightning_quant.testing import tiny_llama
 
     model, ids = tiny_llama(), _ids()
     weights = awq_method(model, select_linears(model), SPEC, ids, AWQConfig(n_grid=10, clip_grid=0))
-    o = weights["model.layers.0.self_attn.o_proj"].extras["awq"]
-    v = weights["model.layers.0.self_attn.v_proj"].extras["awq"]
-    assert o.ratio > 0  # a real scaling was chosen, not the identity
+    o = weights.layers["model.layers.0.self_attn.o_proj"]
+    v = weights.layers["model.layers.0.self_attn.v_proj"]
+    fo = weights.figures["model.layers.0.self_attn.o_proj"]
+    assert fo["awq_ratio"] > 0  # a real scaling was chosen, not the identity
     share = o.plan.producer_scales(o.scales)
     assert share.shape == (48,) and torch.equal(tie_expand(share, o.plan.tie), o.scales)
     assert torch.equal(o.scales.view(2, 2, 24)[:, 0], o.scales.view(2, 2, 24)[:, 1])
     assert torch.equal(v.row_scale, share)
-    assert o.error <= o.rtn_error
+    assert fo["awq_error"] <= fo["awq_rtn_error"]
     folded = copy.deepcopy(model)
     fold_awq_scales(folded, weights)
     with torch.no_grad():
@@ -192,12 +194,12 @@ def test_gqa_scales_are_tied_across_query_heads_and_fold_into_v():
 def test_gqa_tie_needs_the_head_size(monkeypatch):
     from torch import nn
 
-    from lightning_quant.calibration import awq_mapping
+    from lightning_quant.methods import awq_mapping
     from lightning_quant.testing import tiny_llama
 
     model = tiny_llama()
     block = model.model.layers[0]
-    assert awq_mapping._gqa_tie(block, "self_attn.v_proj", 48, 96) == (2, 2, 24)
+    assert awq_mapping._gqa_tie(block, "self_attn.v_proj", 48, 96) == ScaleTie(kv_heads=2, repeats=2, head_dim=24)
     assert awq_mapping._gqa_tie(block, "self_attn.v_proj", 48, 100) is None  # not whole repeats
     assert awq_mapping._gqa_tie(nn.Sequential(nn.Linear(4, 48)), "0", 48, 96) is None  # no head_dim anywhere
     monkeypatch.setattr(awq_mapping, "_gqa_tie", lambda *a: None)
@@ -218,13 +220,13 @@ def test_unfoldable_groups_default_to_unscaled():
     assert sorted(summary["unscaled"]) == unscaled and not summary["explicit"] and len(summary["folded"]) == 4
     for n in unscaled:
         assert model.get_submodule(n).input_scale is None
-        assert torch.equal(weights[n].extras["awq"].scales, torch.ones_like(weights[n].extras["awq"].scales))
-        assert weights[n].extras["awq_error"] <= weights[n].extras["awq_rtn_error"] * (1 + 1e-6)
+        assert torch.equal(weights.layers[n].scales, torch.ones_like(weights.layers[n].scales))
+        assert weights.figures[n]["awq_error"] <= weights.figures[n]["awq_rtn_error"] * (1 + 1e-6)
 
 
 def test_unverifiable_fold_falls_back_to_explicit(monkeypatch):
     """A wrong pair in the data mapping (GELU between GPT-2's c_fc and c_proj) is caught numerically."""
-    from lightning_quant.calibration import awq_mapping
+    from lightning_quant.methods import awq_mapping
     from lightning_quant.testing import tiny_gpt2
 
     tiny_model = tiny_gpt2()
@@ -246,13 +248,13 @@ def test_quantize_model_awq_swaps_packed_layers_with_explicit_scales(tiny_model)
     fold_awq_scales(oracle, weights)
     with torch.no_grad():
         for n, qw in weights.items():
-            info, w = qw.extras["awq"], linear_weight(oracle.get_submodule(n))
+            info, w = weights.layers[n], linear_weight(oracle.get_submodule(n))
             w.copy_(qw.dequantize() / (info.scales if info.plan.producer is None else 1.0))
         expected = oracle(ids).logits
     for n, qw in weights.items():
         layer = tiny_model.get_submodule(n)
         assert isinstance(layer, PackedLinear)
-        info = qw.extras["awq"]
+        info = weights.layers[n]
         if info.plan.producer is None:
             assert torch.equal(layer.input_scale, info.scales.to(layer.input_scale.dtype))
         else:
@@ -274,7 +276,7 @@ def test_peft_wrapped_model(tiny_llama):
     assert not any("lora_" in n for n in targets)
     weights = awq_method(model, targets, SPEC, ids, AWQConfig(n_grid=4, clip_grid=2))
     assert set(weights) == set(targets)
-    qkv = weights["base_model.model.model.layers.0.self_attn.q_proj"].extras["awq"].plan
+    qkv = weights.layers["base_model.model.model.layers.0.self_attn.q_proj"].plan
     assert qkv.kind == "norm" and any(c.endswith("q_proj.lora_A.default") for c in qkv.companions)
     folded = copy.deepcopy(model)
     fold_awq_scales(folded, weights)
@@ -334,7 +336,7 @@ def test_smollm2_awq_w4g64_perplexity_below_rtn(smollm2, smollm2_tokenizer, held
 
 
 def _dump(weights):
-    return {n: (q.codes, q.scales, q.extras["awq"].scales) for n, q in weights.items()}
+    return {n: (q.codes, q.scales, weights.layers[n].scales) for n, q in weights.items()}
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
@@ -378,9 +380,9 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
 def test_search_is_split_by_fold_chain_across_ranks(tiny_llama):
     """A group whose scales fold into another group's linear is searched before it, by the same rank:
     Llama's MLP chain (down -> gate/up) and attention chain (o -> qkv) go to different ranks."""
-    from lightning_quant.algorithms.awq_method import _chain_owners
     from lightning_quant.calibration import run_sequential
-    from lightning_quant.calibration.awq_mapping import discover_groups, model_type
+    from lightning_quant.methods.awq import _chain_owners
+    from lightning_quant.methods.awq_mapping import discover_groups, model_type
 
     owners = []
 
@@ -399,8 +401,8 @@ def test_search_is_split_by_fold_chain_across_ranks(tiny_llama):
 
 
 def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path, monkeypatch):
-    from lightning_quant.calibration import awq_mapping
     from lightning_quant.cli import load_quantized, save_quantized
+    from lightning_quant.methods import awq_mapping
 
     monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no v -> o / up -> down folds: explicit scales
     ids = _ids(2)
@@ -410,3 +412,14 @@ def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path, monke
     assert back.model.layers[0].self_attn.o_proj.input_scale is not None
     with torch.no_grad():
         assert torch.equal(back(ids).logits, tiny_llama(ids).logits)
+
+
+def test_scale_tie_expands_reduces_and_validates():
+    tie = ScaleTie(kv_heads=2, repeats=3, head_dim=4)
+    s = torch.arange(8, dtype=torch.float32)  # [kv·hd]
+    full = tie.expand(s)  # head h reads kv head h // 3
+    assert full.shape == (24,) and torch.equal(full.view(2, 3, 4)[:, 1], s.view(2, 4))
+    assert torch.equal(tie.producer_share(full), s) and torch.equal(tie.reduce(full), s)
+    assert tie.producer_width == 8
+    with pytest.raises(ValueError, match="ScaleTie.repeats must be a positive int"):
+        ScaleTie(kv_heads=2, repeats=0, head_dim=4)

@@ -8,8 +8,8 @@ dequantized weights into the block so later groups and blocks see the quantizati
 model's weights are restored afterwards; swapping in packed layers is the caller's job
 (:func:`lightning_quant.quantize_model`).
 
-Each ``QuantizedWeight.extras`` gets ``gptq_loss`` (``tr(D H D^T)/2``), ``gptq_damp`` and
-``gptq_fallback``.
+The :class:`~lightning_quant.methods.registry.MethodResult` carries, per layer, the figures ``gptq_loss``
+(``tr(D H D^T)/2``), ``gptq_damp`` and ``gptq_fallback``.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from lightning_quant.algorithms.gptq import GPTQConfig, GPTQResult, HessianAccumulator, gptq_quantize
-from lightning_quant.algorithms.registry import register_method
 from lightning_quant.algorithms.rtn import rtn_quantize
 from lightning_quant.calibration import BlockContext, run_sequential
 from lightning_quant.calibration import distributed as dist
 from lightning_quant.calibration.distributed import full_tensor
+from lightning_quant.methods.registry import MethodResult, register_method
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import linear_weight
@@ -33,7 +33,7 @@ __all__ = ["GPTQConfig", "gptq_method"]
 
 
 def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, nn.Module], spec: QuantSpec,
-                    cfg: GPTQConfig, out: dict[str, QuantizedWeight]) -> None:
+                    cfg: GPTQConfig, out: dict[str, QuantizedWeight], figures: dict[str, dict]) -> None:
     """Solve the layers of ``readers`` (lists of names fed the same input) after one forward that
     accumulates one Hessian per list (hooked on its first layer; the block stops after the last)."""
     acc = {g[0]: HessianAccumulator(linear_weight(lin[g[0]]).shape[1], ctx.device, ", ".join(g)) for g in readers}
@@ -48,7 +48,7 @@ def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, 
         w = linear_weight(lin[n])
         res = gptq_quantize(w, hessians[n], spec, cfg, name=n) if owner == me else None
         res = _broadcast_result(res, owner, w, spec) if world > 1 else res
-        res.qweight.extras.update(gptq_loss=res.loss, gptq_damp=res.damp, gptq_fallback=res.fallback)
+        figures[n] = {"gptq_loss": res.loss, "gptq_damp": res.damp, "gptq_fallback": res.fallback}
         out[n] = res.qweight.to("cpu")
         ctx.set_weight(lin[n], res.dequantized.to(w.dtype))
 
@@ -63,12 +63,13 @@ def _broadcast_result(res: GPTQResult | None, src: int, w: Tensor, spec: QuantSp
 
 
 def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec, calibration,
-                config: GPTQConfig | None) -> dict[str, QuantizedWeight]:
-    """``{name: QuantizedWeight}`` for ``targets``; leaves the model's weights unchanged."""
+                config: GPTQConfig | None) -> MethodResult:
+    """The weights of ``targets`` with their GPTQ figures; leaves the model's weights unchanged."""
     cfg = config or GPTQConfig()
     if cfg.awq is not None:
         raise ValueError("GPTQConfig.awq is set but method='gptq' runs no AWQ; use method='awq+gptq' (or drop awq=).")
     out: dict[str, QuantizedWeight] = {}
+    figures: dict[str, dict] = {}
 
     def process(ctx: BlockContext) -> None:
         lin = ctx.linears(targets)
@@ -76,7 +77,7 @@ def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec
             return
         readers = ctx.sequential_groups(lin)  # layers sharing an input, in call order
         for step in ([[g] for g in readers] if cfg.true_sequential else [readers]):
-            _quantize_group(ctx, step, lin, spec, cfg, out)
+            _quantize_group(ctx, step, lin, spec, cfg, out, figures)
 
     run_sequential(model, calibration, process, **cfg.runner_kwargs())
     outside = [n for n in targets if n not in out]
@@ -89,7 +90,7 @@ def gptq_method(model: nn.Module, targets: dict[str, nn.Module], spec: QuantSpec
         )
         for n in outside:
             out[n] = rtn_quantize(full_tensor(linear_weight(targets[n]).detach()), spec, name=n)
-    return out
+    return MethodResult(out, figures=figures)
 
 
 register_method("gptq", gptq_method, needs_calibration=True, config_type=GPTQConfig)
