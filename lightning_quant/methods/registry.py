@@ -105,13 +105,14 @@ def layer_bias(module: nn.Module) -> Tensor | None:
     return None if bias is None else full_tensor(bias.detach())
 
 
-def swap_in_packed(model: nn.Module, result: MethodResult) -> dict[str, nn.Module]:
-    """Replace each named linear-like module by a :class:`PackedLinear` built from its weight.
+def swap_in_packed(model: nn.Module, weights: Mapping[str, QuantizedWeight]) -> dict[str, nn.Module]:
+    """Replace each named linear-like module by a :class:`PackedLinear` built from its weight (``weights``: a
+    :class:`MethodResult` or any ``{name: QuantizedWeight}``; the default swap needs no layer data).
 
     Returns the modules that were replaced (so callers can swap them back).
     """
     return {name: replace_layer(model, name, PackedLinear.from_quantized(qw, layer_bias(get_layer(model, name))))
-            for name, qw in result.weights.items()}
+            for name, qw in weights.items()}
 
 
 @dataclass(frozen=True)
