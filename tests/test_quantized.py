@@ -39,3 +39,12 @@ def test_act_order_g_idx_dequantize():
     assert not qw.has_trivial_groups
     s_full = scale[:, g_idx]
     assert ((qw.dequantize() - w).abs() <= s_full / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zeros_or_midpoint_fills_the_implicit_symmetric_zero(symmetric):
+    spec = QuantSpec(4, 32, symmetric=symmetric)
+    qw = rtn_quantize(torch.randn(6, 96), spec)
+    expected = torch.full((6, 3), 8.0) if symmetric else qw.zeros
+    got = qw.zeros_or_midpoint()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
