@@ -149,7 +149,8 @@ class LearnableScaleObserver(Observer):
     """LSQ: ``scale`` is an ``nn.Parameter [out, G]`` initialised to the min-max scale.
 
     In :meth:`qparams` the scale is clamped to :data:`~lightning_quant.primitives.SCALE_EPS`, its gradient
-    multiplied by ``g = 1/sqrt(N·Q_P)`` (LSQ eq. 4) and its value rounded to ``spec.scale_dtype`` with a
+    multiplied by ``g = 1/sqrt(N·Q_P)`` (LSQ eq. 4) and its value rounded to the nearest ``spec.scale_dtype``
+    value (:func:`~lightning_quant.primitives.round_scale_nearest`, not the min-max qparams' round-up) with a
     straight-through estimator, so the value used equals the value a packed layer stores. Asymmetric
     specs keep the min-max zero point of injection time fixed (buffer ``zero``): converted checkpoints need
     integer zero points, and a learned float offset could not be stored.
@@ -168,7 +169,7 @@ class LearnableScaleObserver(Observer):
         s = self.scale.float()
         s = s * self.grad_scale + (s - s * self.grad_scale).detach()  # value s, gradient g·∂L/∂s
         s = s.clamp_min(P.SCALE_EPS)
-        stored = s.detach().to(self.spec.torch_scale_dtype).float().clamp_min(P.SCALE_EPS)
+        stored = P.round_scale_nearest(s.detach(), self.spec)  # a learned scale: nearest, not up (no range to hold)
         return s + (stored - s).detach(), self.zero
 
 

@@ -5,9 +5,17 @@ Shapes: a weight is ``[out, in]``; per-group parameters are ``[out, G]`` with
 Conventions (code range, scale formula, partial last group) are documented in
 :mod:`lightning_quant.spec`.
 
-The only rounding with a straight-through gradient lives in :class:`_FakeQuantizeSTE`; QAT's
-fake quant and RTN/GPTQ/AWQ's real quant compute identical codes because both call
-:func:`round_codes` on the same float32 operands.
+One formula per concept, each in one place:
+
+* codes: :func:`round_codes` ``clamp(round(x/s) + z, 0, qmax)`` — RTN/GPTQ/AWQ's real quant, the min-max
+  grid searches, and (through its two halves) the forward of :class:`_FakeQuantizeSTE`, the only rounding
+  with a straight-through gradient, which QAT's fake quant uses; so fake and real quant compute identical
+  codes from the same float32 operands;
+* values: :func:`dequantize_codes` ``(q − z)·s`` — :func:`dequantize` (and through it
+  ``QuantizedWeight.dequantize`` and the kernels' pure-torch reference), fake quant, GPTQ's solver;
+* the implicit symmetric zero: :func:`zeros_or_midpoint` ``2^(b−1)``;
+* scale rounding to ``spec.scale_dtype``: :func:`round_scale_up` (min-max qparams: the range stays
+  inside the grid) and :func:`round_scale_nearest` (learned LSQ scales).
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ __all__ = [
     "compute_qparams",
     "default_group_index",
     "dequantize",
+    "dequantize_codes",
     "expand_groups",
     "fake_quantize",
     "fake_quantize_activation",
@@ -33,7 +42,10 @@ __all__ = [
     "quantize",
     "quantize_activation",
     "round_codes",
+    "round_scale_nearest",
+    "round_scale_up",
     "search_clip",
+    "zeros_or_midpoint",
 ]
 
 #: Smallest scale we ever produce. Exactly representable in float16, so rounding scales to
@@ -77,16 +89,33 @@ def group_minmax(w: Tensor, spec: QuantSpec, g_idx: Tensor | None = None) -> tup
     return lo, hi
 
 
-def _round_scale(scale: Tensor, spec: QuantSpec) -> Tensor:
-    """Clamp to :data:`SCALE_EPS` and round *up* to the storage dtype (returned as float32).
+def round_scale_up(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """Clamp ``scale`` (any shape) to :data:`SCALE_EPS` and round it *up* to ``spec.scale_dtype``
+    (returned as float32): the smallest storable value ``>= scale``.
 
-    Rounding up keeps every value of the min-max range representable, so the rounding error
-    of each element stays within ``s / 2``.
+    Used for min-max qparams (:func:`qparams_from_minmax`): a scale rounded up keeps every value of
+    the range inside the grid, so each element's rounding error stays within ``s / 2``.
     """
     scale = scale.float().clamp_min(SCALE_EPS)
     stored = scale.to(spec.torch_scale_dtype)
     bumped = torch.nextafter(stored, torch.full_like(stored, float("inf")))
     return torch.where(stored.float() < scale, bumped, stored).float()
+
+
+def round_scale_nearest(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """Clamp ``scale`` (any shape) to :data:`SCALE_EPS` and round it to the *nearest* value of
+    ``spec.scale_dtype`` (returned as float32, never below :data:`SCALE_EPS`).
+
+    Used for learned scales (LSQ, :class:`~lightning_quant.observers.LearnableScaleObserver`): they have
+    no range to keep inside the grid, and round-to-nearest (the cast's own rounding) moves a trained
+    scale the least, while the straight-through estimator around it passes the gradient unchanged.
+    """
+    return scale.float().clamp_min(SCALE_EPS).to(spec.torch_scale_dtype).float().clamp_min(SCALE_EPS)
+
+
+def _zero_point(lo: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """Asymmetric zero ``clamp(round(−lo / s), 0, qmax)`` of a range ``[lo, hi] ∋ 0`` (integer-valued float32)."""
+    return torch.clamp(torch.round(-lo / scale), 0, qmax)
 
 
 def qparams_from_minmax(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor, Tensor | None]:
@@ -95,17 +124,17 @@ def qparams_from_minmax(lo: Tensor, hi: Tensor, spec: QuantSpec) -> tuple[Tensor
     Symmetric: ``s = 2·max(|lo|, |hi|) / (2^b − 1)``, zero implicit (``None``).
     Asymmetric: the range is widened to contain 0, ``s = (hi − lo) / (2^b − 1)``,
     ``z = clamp(round(−lo / s), 0, 2^b − 1)`` as float32 integers.
-    Scales are float32 holding values exactly representable in ``spec.scale_dtype``.
+    Scales are float32 holding values exactly representable in ``spec.scale_dtype``, rounded up
+    (:func:`round_scale_up`).
     """
     lo, hi = lo.float(), hi.float()
     if spec.symmetric:
         absmax = torch.maximum(lo.abs(), hi.abs())
-        return _round_scale(2.0 * absmax / spec.qmax, spec), None
+        return round_scale_up(2.0 * absmax / spec.qmax, spec), None
     lo = lo.clamp(max=0.0)
     hi = hi.clamp(min=0.0)
-    scale = _round_scale((hi - lo) / spec.qmax, spec)
-    zero = torch.clamp(torch.round(-lo / scale), 0, spec.qmax)
-    return scale, zero
+    scale = round_scale_up((hi - lo) / spec.qmax, spec)
+    return scale, _zero_point(lo, scale, spec.qmax)
 
 
 def compute_qparams(
@@ -138,9 +167,9 @@ def fake_quantize_minmax(w: Tensor, spec: QuantSpec, clip: Tensor | float = 1.0)
     wg = _grouped(w, spec)  # [out, in] -> [out, G, gs]
     clip = clip.unsqueeze(-1) if isinstance(clip, Tensor) else clip
     scale, zero = qparams_from_minmax(wg.amin(-1, keepdim=True) * clip, wg.amax(-1, keepdim=True) * clip, spec)
-    zero = torch.full_like(scale, float(spec.midpoint)) if zero is None else zero
+    zero = zeros_or_midpoint(zero, scale, spec)  # [out, G, 1]
     q = round_codes(wg, scale, zero, spec.qmax)
-    return ((q - zero) * scale).view(out_f, -1)[:, :in_f]
+    return dequantize_codes(q, scale, zero).view(out_f, -1)[:, :in_f]  # [out, G, gs] -> [out, in]
 
 
 def _group_blocks(h: Tensor, in_f: int, gs: int) -> Tensor:
@@ -183,22 +212,50 @@ def search_clip(w: Tensor, spec: QuantSpec, search: QParamSearch, hessian: Tenso
     return best
 
 
-def _zero_full(zero: Tensor | None, spec_bits_mid: int, like: Tensor) -> Tensor:
-    if zero is None:
-        return torch.full((), float(spec_bits_mid), dtype=torch.float32, device=like.device)
-    return zero.float()
+def zeros_or_midpoint(zero: Tensor | None, like: Tensor, spec: QuantSpec | ActivationSpec) -> Tensor:
+    """The zero points to compute with, float32: ``zero`` itself, or — symmetric codes, ``zero is None`` —
+    the implicit ``z = 2^(bits−1)`` (``spec.midpoint``) in the shape and on the device of ``like``.
+
+    ``like`` is usually the matching scales (``[out, G]``, ``[out, 1]``, ``[..., 1]``); a 0-dim ``like``
+    gives a scalar that broadcasts over any ``[out, in]`` without materialising it.
+    """
+    if zero is not None:
+        return zero.float()
+    return torch.full_like(like, float(spec.midpoint), dtype=torch.float32)
+
+
+def _nearest_codes(x: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """``round(x / s) + z``: the nearest grid point before the clamp (first half of :func:`round_codes`)."""
+    return torch.round(x / s) + z
+
+
+def _clamp_codes(raw: Tensor, qmax: int) -> Tensor:
+    """``clamp(raw, 0, qmax)``: the code range (second half of :func:`round_codes`)."""
+    return torch.clamp(raw, 0, qmax)
 
 
 def round_codes(x: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
-    """``clamp(round(x / s) + z, 0, qmax)`` — the one rounding formula (solvers that work column by
-    column, such as GPTQ, call it directly on float32 slices)."""
-    return torch.clamp(torch.round(x / s) + z, 0, qmax)
+    """``clamp(round(x / s) + z, 0, qmax)`` — the one rounding formula, on operands that broadcast (solvers
+    that work column by column, such as GPTQ, call it directly on float32 ``[out]`` slices)."""
+    return _clamp_codes(_nearest_codes(x, s, z), qmax)
+
+
+def dequantize_codes(q: Tensor, s: Tensor, z: Tensor) -> Tensor:
+    """``(q − z) · s`` — the one dequantization formula, elementwise on operands that broadcast (group-expanded
+    ``[out, in]``, a ``[out, G, gs]`` view with ``[out, G, 1]`` qparams, GPTQ's ``[out]`` columns).
+
+    Computes in the operands' dtype: every caller passes float32 (integer codes as float32) and casts the
+    result itself, so the values are those of the project's float32 convention (:mod:`lightning_quant.spec`).
+    """
+    return (q - z) * s
 
 
 def _expanded(w: Tensor, scale: Tensor, zero: Tensor | None, spec: QuantSpec, g_idx: Tensor | None):
+    """Float32 ``(s, z)`` gathered to ``w [out, in]``; the symmetric zero stays a broadcasting 0-dim tensor."""
     g_idx = default_group_index(w.shape[1], spec, w.device) if g_idx is None else g_idx
-    s = expand_groups(scale.float(), g_idx)
-    z = _zero_full(None if zero is None else expand_groups(zero, g_idx), spec.midpoint, w)
+    s = expand_groups(scale.float(), g_idx)  # [out, G] -> [out, in]
+    z_group = None if zero is None else expand_groups(zero, g_idx)  # [out, G] -> [out, in]
+    z = zeros_or_midpoint(z_group, torch.empty((), device=w.device), spec)  # [out, in] or 0-dim
     return s, z
 
 
@@ -218,13 +275,15 @@ def dequantize(
     g_idx: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """``(codes − z) · s`` as ``dtype [out, in]`` (computed in float32)."""
+    """``(codes − z) · s`` (:func:`dequantize_codes`) as ``dtype [out, in]``, computed in float32 then cast."""
     s, z = _expanded(codes, scale, zero, spec, g_idx)
-    return ((codes.float() - z) * s).to(dtype)
+    return dequantize_codes(codes.float(), s, z).to(dtype)
 
 
 class _FakeQuantizeSTE(torch.autograd.Function):
-    """Forward: ``(clamp(round(x/s) + z, 0, qmax) − z) · s``. Backward (straight-through):
+    """Forward: ``(clamp(round(x/s) + z, 0, qmax) − z) · s`` — :func:`round_codes` (its two halves: the
+    gradient needs the code before the clamp) then :func:`dequantize_codes`, in float32, cast to ``x.dtype``.
+    Backward (straight-through):
 
     * ``∂/∂x = 1`` where the code is inside ``[0, qmax]`` before clamping, else 0;
     * ``∂/∂s = (q − z) − x/s`` inside, ``(q − z)`` at the clamp (LSQ, Esser et al. 2020, eq. 3);
@@ -234,12 +293,12 @@ class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, s: Tensor, z: Tensor, qmax: int) -> Tensor:
         xf = x.float()
-        raw = torch.round(xf / s) + z
-        q = torch.clamp(raw, 0, qmax)
+        raw = _nearest_codes(xf, s, z)
+        q = _clamp_codes(raw, qmax)  # = round_codes(xf, s, z, qmax)
         inside = (raw >= 0) & (raw <= qmax)
         ctx.save_for_backward(xf, s, z, q, inside)
         ctx.x_dtype = x.dtype
-        return ((q - z) * s).to(x.dtype)
+        return dequantize_codes(q, s, z).to(x.dtype)
 
     @staticmethod
     def backward(ctx, g: Tensor):
@@ -283,10 +342,9 @@ def activation_qparams(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor]
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0.0)
     if spec.symmetric:
         scale = (2.0 * torch.maximum(-lo, hi) / spec.qmax).clamp_min(SCALE_EPS)
-        return scale, torch.full_like(scale, float(spec.midpoint))
+        return scale, zeros_or_midpoint(None, scale, spec)
     scale = ((hi - lo) / spec.qmax).clamp_min(SCALE_EPS)
-    zero = torch.clamp(torch.round(-lo / scale), 0, spec.qmax)
-    return scale, zero
+    return scale, _zero_point(lo, scale, spec.qmax)
 
 
 def quantize_activation(x: Tensor, spec: ActivationSpec) -> tuple[Tensor, Tensor, Tensor]:

@@ -103,6 +103,11 @@ class QuantizedWeight:
         """The float weight ``(codes − z)·s``, ``[out, in]`` in ``dtype`` (default: original)."""
         return P.dequantize(self.codes, self.scales, self.zeros, self.spec, self.g_idx, dtype or self.dtype)
 
+    def zeros_or_midpoint(self) -> Tensor:
+        """float32 ``[out, G]`` zero points: ``zeros``, or the implicit ``2^(bits−1)`` when symmetric
+        (:func:`~lightning_quant.primitives.zeros_or_midpoint`) — what formats that always store zeros write."""
+        return P.zeros_or_midpoint(self.zeros, self.scales, self.spec)
+
     def bits_per_weight(self) -> float:
         """Storage cost including scales (and zeros) per weight element."""
         n = self.codes.numel()

@@ -95,6 +95,19 @@ def test_lsq_scale_is_a_parameter_with_scaled_ste_gradient():
     assert obs.scale.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16"])
+def test_lsq_value_is_the_learned_scale_rounded_to_nearest(scale_dtype):
+    spec = QuantSpec(4, 32, scale_dtype=scale_dtype)
+    obs = LearnableScaleObserver(spec, _w())
+    with torch.no_grad():  # a trained scale sits between storable values
+        obs.scale.mul_(torch.linspace(0.7, 1.3, obs.scale.numel()).view_as(obs.scale))
+    scale, _ = obs.qparams(_w())
+    dt = spec.torch_scale_dtype
+    assert torch.equal(scale, P.round_scale_nearest(obs.scale.detach(), spec))
+    assert torch.equal(scale, obs.scale.detach().clamp_min(P.SCALE_EPS).to(dt).float())
+    assert (scale < P.round_scale_up(obs.scale.detach(), spec)).any()  # not the min-max round-up
+
+
 def test_errors_name_the_fix():
     with pytest.raises(ValueError, match="observer='ema' is not registered; use one of"):
         build_observer("ema", QuantSpec(4, 32), _w())

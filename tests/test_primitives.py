@@ -133,3 +133,93 @@ def test_activation_fake_quant_per_token():
     assert ((y - x).abs() <= scale / 2 * (1 + 1e-5)).all()
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))  # asymmetric min-max never clamps
+
+
+# ---- the shared formulas, each against its written-out definition (atol = 0) ----------------------
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=specs, seed=st.integers(0, 2**16), in_f=st.integers(24, 70))
+def test_round_codes_and_dequantize_codes_are_the_written_formulas(spec, seed, in_f):
+    w = _weight(seed, 4, in_f) * 1.3  # some values fall outside the range: the clamp acts
+    scale, zero = P.compute_qparams(w / 1.3, spec)
+    s = P.expand_groups(scale, P.default_group_index(in_f, spec))
+    z = torch.full_like(s, 2.0 ** (spec.bits - 1)) if zero is None else P.expand_groups(zero, P.default_group_index(in_f, spec))
+    q = P.round_codes(w, s, z, spec.qmax)
+    assert torch.equal(q, torch.clamp(torch.round(w / s) + z, 0, spec.qmax))
+    assert torch.equal(P.dequantize_codes(q, s, z), (q - z) * s)
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=specs, seed=st.integers(0, 2**16), in_f=st.integers(24, 70),
+       dtype=st.sampled_from([torch.float32, torch.float16, torch.bfloat16]))
+def test_dequantize_is_the_gathered_formula_cast_once(spec, seed, in_f, dtype):
+    w = _weight(seed, 5, in_f)
+    scale, zero = P.compute_qparams(w, spec)
+    codes = P.quantize(w, scale, zero, spec)
+    gs = spec.effective_group_size(in_f)
+    ref = torch.empty(5, in_f)
+    for j in range(in_f):  # column by column: group j // gs, zero 2^(b-1) when symmetric
+        z_j = 2.0 ** (spec.bits - 1) if zero is None else zero[:, j // gs]
+        ref[:, j] = (codes[:, j].float() - z_j) * scale[:, j // gs]
+    assert torch.equal(P.dequantize(codes, scale, zero, spec, dtype=dtype), ref.to(dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(spec=specs, seed=st.integers(0, 2**16), in_f=st.integers(24, 70))
+def test_fake_quantize_forwards_are_round_codes_then_dequantize_codes(spec, seed, in_f):
+    w = _weight(seed, 3, in_f) * 1.5
+    scale, zero = P.compute_qparams(w / 1.5, spec)
+    g_idx = P.default_group_index(in_f, spec)
+    s = P.expand_groups(scale, g_idx)
+    z = P.zeros_or_midpoint(None if zero is None else P.expand_groups(zero, g_idx), s, spec)
+    expected = P.dequantize_codes(P.round_codes(w, s, z, spec.qmax), s, z)
+    assert torch.equal(P.fake_quantize(w, scale, zero, spec), expected)
+    s_mm, z_mm = P.compute_qparams(w, spec)  # fake_quantize_minmax: its own min-max qparams, same formulas
+    s_mm = P.expand_groups(s_mm, g_idx)
+    z_mm = P.zeros_or_midpoint(None if z_mm is None else P.expand_groups(z_mm, g_idx), s_mm, spec)
+    assert torch.equal(P.fake_quantize_minmax(w, spec), P.dequantize_codes(P.round_codes(w, s_mm, z_mm, spec.qmax), s_mm, z_mm))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_zeros_or_midpoint(bits):
+    spec = QuantSpec(bits, 8)
+    like = torch.rand(3, 2, dtype=torch.float16)
+    mid = P.zeros_or_midpoint(None, like, spec)
+    assert mid.dtype == torch.float32 and mid.shape == (3, 2) and torch.equal(mid, torch.full((3, 2), 2.0 ** (bits - 1)))
+    scalar = P.zeros_or_midpoint(None, torch.empty(()), spec)
+    assert scalar.shape == () and scalar.item() == 2 ** (bits - 1)
+    zero = torch.tensor([[0, 3], [1, 2], [5, 0]], dtype=torch.uint8)
+    assert torch.equal(P.zeros_or_midpoint(zero, like, spec), zero.float())
+    act = ActivationSpec(symmetric=True)
+    assert torch.equal(P.activation_qparams(torch.randn(2, 16), act)[1], torch.full((2, 1), 128.0))
+
+
+_SCALES = torch.cat([torch.logspace(-8, 2, 400), torch.tensor([0.0, 2.0**-21, 2.0**-20, 0.1, 1.0 / 3, 0.5])])
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+def test_round_scale_up_is_the_smallest_storable_value_not_below(scale_dtype):
+    spec = QuantSpec(4, 8, scale_dtype=scale_dtype)
+    dt = spec.torch_scale_dtype
+    r = P.round_scale_up(_SCALES, spec)
+    target = _SCALES.clamp_min(P.SCALE_EPS)
+    below = torch.nextafter(r.to(dt), torch.tensor(float("-inf"), dtype=dt)).float()
+    assert r.dtype == torch.float32 and torch.equal(r.to(dt).float(), r)  # storable
+    assert (r >= target).all() and (below < target).all()  # not below the scale; the next one down is
+    assert torch.equal(P.round_scale_up(r, spec), r)  # storable values stay
+
+
+@pytest.mark.parametrize("scale_dtype", ["float16", "bfloat16", "float32"])
+def test_round_scale_nearest_is_the_cast_and_differs_from_round_up(scale_dtype):
+    spec = QuantSpec(4, 8, scale_dtype=scale_dtype)
+    dt = spec.torch_scale_dtype
+    r = P.round_scale_nearest(_SCALES, spec)
+    assert r.dtype == torch.float32 and torch.equal(r, _SCALES.clamp_min(P.SCALE_EPS).to(dt).float())
+    up = P.round_scale_up(_SCALES, spec)
+    down = torch.nextafter(up.to(dt), torch.tensor(float("-inf"), dtype=dt)).float()
+    nearest = torch.where(up - _SCALES <= _SCALES - down, up, down).clamp_min(P.SCALE_EPS)  # ties: up or even
+    tie = (up - _SCALES) == (_SCALES - down)
+    assert torch.equal(r[~tie], nearest[~tie]) and (r >= P.SCALE_EPS).all()
+    if scale_dtype != "float32":
+        assert (r < up).any()  # two rules: a learned scale may round down, a min-max scale never does

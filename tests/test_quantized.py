@@ -50,3 +50,12 @@ def test_quantized_weight_is_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         qw.dtype = torch.float16
     assert dataclasses.replace(qw, dtype=torch.float16).dequantize().dtype == torch.float16
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_zeros_or_midpoint_fills_the_implicit_symmetric_zero(symmetric):
+    spec = QuantSpec(4, 32, symmetric=symmetric)
+    qw = rtn_quantize(torch.randn(6, 96), spec)
+    expected = torch.full((6, 3), 8.0) if symmetric else qw.zeros
+    got = qw.zeros_or_midpoint()
+    assert got.dtype == torch.float32 and torch.equal(got, expected)

@@ -173,7 +173,7 @@ def _group_params(w: Tensor, spec: QuantSpec, search: QParamSearch | None = None
         clip = P.search_clip(w, replace(spec, group_size=-1), search, h)  # [out, 1]: the columns are one group
         lo, hi = lo * clip, hi * clip
     s, z = P.qparams_from_minmax(lo, hi, spec)
-    z = torch.full_like(s, float(spec.midpoint)) if z is None else z
+    z = P.zeros_or_midpoint(z, s, spec)  # [out, 1]
     return s[:, 0], z[:, 0]
 
 
@@ -221,7 +221,7 @@ def _solve(w: Tensor, h: Tensor, upper: Tensor, spec: QuantSpec, cfg: GPTQConfig
                 scales[:, j // gs], zeros[:, j // gs] = s_g, z_g
             s, z = scales[:, groups[j]], zeros[:, groups[j]]
             q = P.round_codes(w1[:, i], s, z, qmax)
-            d = (q - z) * s
+            d = P.dequantize_codes(q, s, z)
             codes[:, j], dq[:, j] = q, d
             e = (w1[:, i] - d) / u1[i, i]
             w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)  # error feedback inside the block: w -= e u_i

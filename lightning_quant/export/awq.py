@@ -59,7 +59,7 @@ def _encode(name: str, layer: PackedLinear) -> dict[str, Tensor]:
     if qw.spec.scale_dtype != "float16":
         raise ValueError(f"AWQ stores float16 scales but layer {name!r} has scale_dtype={qw.spec.scale_dtype!r}; "
                          "quantize with QuantSpec(scale_dtype='float16').")
-    zeros = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, qw.spec.midpoint)
+    zeros = qw.zeros_or_midpoint()  # [out, G]
     out = {
         "qweight": packing.pack_awq(qw.codes.t().contiguous()),  # [out, in] -> [in, out] -> [in, out/8]
         "qzeros": packing.pack_awq(zeros.t().to(torch.uint8).contiguous()),  # [G, out/8]

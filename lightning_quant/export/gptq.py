@@ -55,7 +55,7 @@ def _codec(version: str) -> LayerCodec:
         if spec.scale_dtype != "float16":
             raise ValueError(f"GPTQ stores float16 scales but layer {name!r} has scale_dtype={spec.scale_dtype!r}; "
                              "quantize with QuantSpec(scale_dtype='float16').")
-        zeros = qw.zeros if qw.zeros is not None else torch.full_like(qw.scales, spec.midpoint)
+        zeros = qw.zeros_or_midpoint()  # [out, G]
         if offset and bool((zeros < offset).any()):
             raise ValueError(f"Layer {name!r} has asymmetric zero points equal to 0, which checkpoint_format 'gptq' "
                              "(v1, stores zero - 1) cannot hold; use format='gptq_v2'.")

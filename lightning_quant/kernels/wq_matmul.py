@@ -47,8 +47,10 @@ import torch
 from torch import Tensor
 
 from lightning_quant import packing
+from lightning_quant import primitives as P
 from lightning_quant.kernels import _runtime
 from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS, wq_gemv
+from lightning_quant.spec import QuantSpec
 
 __all__ = [
     "DECODE_MAX_ROWS",
@@ -85,22 +87,23 @@ def dequantize_packed(qweight: Tensor, scales: Tensor, qzeros: Tensor | None, bi
     """The float weight ``[N, K]`` (original input order) of packed codes; ``(q − z)·s`` in float32, then ``dtype``.
 
     ``group_size = -1`` means one group (per channel); otherwise kernel column ``k`` uses group ``k // group_size``.
+    The words are unpacked with :mod:`lightning_quant.packing` and dequantized by
+    :func:`lightning_quant.primitives.dequantize` — the formula, groups and implicit zero every other
+    dequantization uses, so this reference equals ``QuantizedWeight.dequantize(dtype)`` bit for bit.
     """
-    n_out = scales.shape[1]
+    spec = _packed_spec(bits, group_size, qzeros)
     codes = packing.unpack_rows(qweight, bits, in_features).t().contiguous()  # [K, N] -> [N, K] (kernel order)
-    if group_size == -1:
-        g = torch.zeros(in_features, dtype=torch.long, device=qweight.device)
-    else:
-        g = torch.arange(in_features, device=qweight.device) // group_size
-    s = scales.float().t().index_select(1, g)  # [N, G] -> [N, K]
-    if qzeros is None:
-        z = torch.full((), float(1 << (bits - 1)), dtype=torch.float32, device=qweight.device)
-    else:
-        z = packing.unpack_cols(qzeros, bits, n_out).t().float().index_select(1, g)  # [G, N] -> [N, K]
-    w = ((codes.float() - z) * s).to(dtype)
+    zeros = None if qzeros is None else packing.unpack_cols(qzeros, bits, scales.shape[1]).t()  # [G, N] -> [N, G]
+    w = P.dequantize(codes, scales.t(), zeros, spec, dtype=dtype)  # [N, K], kernel order
     if perm is not None:  # kernel column k holds input feature perm[k]: undo it
         w = w.index_select(1, torch.argsort(perm))
     return w
+
+
+def _packed_spec(bits: int, group_size: int, qzeros: Tensor | None) -> QuantSpec:
+    """The code convention of packed operands (symmetric: no ``qzeros``). ``scale_dtype`` is unused by
+    dequantization (it takes the scales as given); float32 holds every scale dtype exactly."""
+    return QuantSpec(bits=bits, group_size=group_size, symmetric=qzeros is None, scale_dtype="float32")
 
 
 def wq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
