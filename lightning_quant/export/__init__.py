@@ -118,7 +118,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     if not directory.is_dir():
         raise FileNotFoundError(f"{str(directory)!r} is not an export directory (written by lightning_quant.export.save).")
     config = read_json(directory / "config.json")
-    model = detect_format(config).load(directory, config)
+    model = detect_format(config, directory).load(directory, config)
     from lightning_quant.export import adapters
 
     if (directory / adapters.ADAPTER_CONFIG).exists():

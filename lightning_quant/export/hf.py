@@ -20,8 +20,8 @@ from lightning_quant.export import io
 from lightning_quant.export.registry import ExportFormat, SaveOptions
 from lightning_quant.targets import linear_weight, set_submodule
 
-__all__ = ["LayerCodec", "build_model", "check_plain", "hf_format", "load_plain", "model_dtype", "plain_tensors",
-           "quantized_layers", "take"]
+__all__ = ["LayerCodec", "build_model", "check_plain", "config_dict", "hf_format", "load_plain", "model_dtype",
+           "plain_tensors", "quantized_layers", "take"]
 
 
 @dataclass(frozen=True)
@@ -85,26 +85,32 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def save_hf(model: nn.Module, directory: Path, options: SaveOptions, codec: LayerCodec, fmt_name: str) -> None:
-    config_obj = getattr(model, "config", None)
-    if config_obj is None or not hasattr(config_obj, "to_dict"):
-        raise TypeError(f"Exporting needs a transformers model with a .config (got {type(model).__name__}); "
-                        "wrap plain modules in a PreTrainedModel first.")
+    cfg = config_dict(model, options.dtype or model_dtype(model))
     layers = quantized_layers(model, codec.layer_type, fmt_name)
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
         tensors.update({f"{name}.{k}": v for k, v in codec.encode(name, layer).items()})
-    dtype = options.dtype or model_dtype(model)
     tensors.update(plain_tensors(model, layers, options.dtype, options.full_state))
-    cfg = config_obj.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [_model_class(model).__name__]
     cfg["quantization_config"] = codec.config(layers, model)
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = cfg["dtype"]
     io.write_tensors(directory, tensors, options.max_shard_bytes)
     io.write_json(directory / "config.json", cfg)
     for fname, obj in (codec.extra_files(cfg["quantization_config"]) if codec.extra_files else {}).items():
         io.write_json(directory / fname, obj)
+
+
+def config_dict(model: nn.Module, dtype: torch.dtype) -> dict:
+    """The model's HF config as a dict for ``config.json``, with ``architectures`` (the model's own class when
+    unset) and ``dtype`` (and ``torch_dtype`` where present) set to ``dtype``."""
+    config_obj = getattr(model, "config", None)
+    if config_obj is None or not hasattr(config_obj, "to_dict"):
+        raise TypeError(f"Exporting needs a transformers model with a .config (got {type(model).__name__}); "
+                        "wrap plain modules in a PreTrainedModel first.")
+    cfg = config_obj.to_dict()
+    cfg["architectures"] = cfg.get("architectures") or [_model_class(model).__name__]
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    return cfg
 
 
 def _model_class(model: nn.Module) -> type:

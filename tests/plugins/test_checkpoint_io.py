@@ -14,7 +14,7 @@ from lightning_quant.plugins import QuantizedCheckpointIO
 from lightning_quant.plugins.checkpoint_io import MANIFEST_KEY, apply_manifest, packed_manifest
 from lightning_quant.spec import QuantSpec
 from lightning_quant.testing import random_token_batches, tiny_llama
-from tests.export.conftest import quantize_packed
+from tests.export.conftest import mixed_tiny, quantize_packed
 
 
 class LM(L.LightningModule):
@@ -171,24 +171,8 @@ def _manifest_before_the_registry(model: torch.nn.Module) -> dict[str, dict]:
     return out
 
 
-def _mixed_model() -> torch.nn.Module:
-    """Packed act-order asym layers, one with activation quant and an input scale, and an LLM.int8 layer."""
-    from lightning_quant.layers.int8 import Int8OutlierLinear
-    from lightning_quant.spec import ActivationSpec
-    from lightning_quant.targets import set_submodule
-
-    model = quantize_packed(tiny_llama(), QuantSpec(bits=4, group_size=32, symmetric=False), act_order=True)
-    up = model.model.layers[0].mlp.up_proj
-    set_submodule(model, "model.layers.0.mlp.up_proj", PackedLinear.from_quantized(
-        up.to_quantized(), act_spec=ActivationSpec(), input_scale=torch.rand(up.in_features) + 0.5))
-    set_submodule(model, "model.layers.1.mlp.down_proj",
-                  Int8OutlierLinear.from_linear(torch.nn.Linear(model.config.intermediate_size, model.config.hidden_size),
-                                                threshold=3.0))
-    return model.eval()
-
-
 def test_ckpt_with_todays_manifest_loads_into_a_fresh_model(tmp_path):
-    model = _mixed_model()
+    model = mixed_tiny()
     old = _manifest_before_the_registry(model)
     assert packed_manifest(model) == old  # the registry writes the same entries (the same keys and values)
     torch.save({"state_dict": model.state_dict(), MANIFEST_KEY: old}, tmp_path / "old.ckpt")
