@@ -2,8 +2,9 @@
 
 ``save(model, path, format=...)`` writes an HF-style directory (``gptq``, ``gptq_v2``, ``awq``,
 ``compressed-tensors``, ``int8``), an ONNX decoder with a KV cache that onnxruntime-genai generates with
-(``onnx``) or a llama.cpp GGUF file (``gguf``) atomically; ``load(path)`` reads any
-of them back (safetensors and JSON only, never pickle). See ``docs/formats.md``.
+(``onnx``), a llama.cpp GGUF file (``gguf``) or our own layout that keeps every layer setting
+(``lightning-quant``, the CLI's default) atomically; ``load(path)`` reads any of them back (safetensors
+and JSON only, never pickle). See ``docs/formats.md``.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def save(
 
     Args:
         model: a transformers model whose quantized layers are ``PackedLinear`` (gptq, awq,
-            compressed-tensors, onnx) or ``Int8OutlierLinear`` (int8), or a peft ``PeftModel`` around one:
+            compressed-tensors, onnx, gguf) or ``Int8OutlierLinear`` (int8) — any registered layer kind, mixed,
+            for ``lightning-quant`` — or a peft ``PeftModel`` around one:
             adapters kept on packed bases (``lora="separate"``) are written next to it as
             ``adapter_model.safetensors`` / ``adapter_config.json`` (see :mod:`.adapters`).
         format: one of :func:`available_formats`.
@@ -65,8 +67,9 @@ def save(
             (:func:`lightning_quant.export.export_after_fit` does this).
         options: the format's own options, a dict of its fields or its options dataclass (``onnx``:
             :class:`~lightning_quant.export.onnx.OnnxOptions`, e.g. ``{"accuracy_level": 4}``; ``gguf``:
-            :class:`~lightning_quant.export.gguf.GGUFOptions`, e.g. ``{"float_type": "q8_0"}``); unknown
-            keys raise naming the allowed ones.
+            :class:`~lightning_quant.export.gguf.GGUFOptions`, e.g. ``{"float_type": "q8_0"}``;
+            ``lightning-quant``: :class:`~lightning_quant.export.native.NativeOptions`, ``{"method": "gptq",
+            "figures": {...}}``); unknown keys raise naming the allowed ones.
 
     Returns:
         The export directory. The write is atomic: on any failure the previous content of
@@ -104,7 +107,8 @@ def save(
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Read an export written by :func:`save` (any format, detected from ``config.json``).
+    """Read an export written by :func:`save` (any format, detected from ``config.json``, or from a format's
+    marker file: ``quantization.json`` of a version-1 ``lightning-quant`` directory).
 
     Returns a model with ``PackedLinear`` / ``Int8OutlierLinear`` layers (for ``onnx``: an
     onnxruntime-backed module with the same call signature; for ``gguf``: a float transformers model read by
