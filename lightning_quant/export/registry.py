@@ -146,9 +146,10 @@ def detect_format(config: dict, directory: str | Path | None = None) -> ExportFo
     for fmt in formats:
         if fmt.detect(config):
             return fmt
-    for fmt in formats:
-        if directory is not None and fmt.marker_file is not None and (Path(directory) / fmt.marker_file).is_file():
-            return fmt
+    if directory is not None:
+        for fmt in formats:
+            if fmt.marker_file is not None and (Path(directory) / fmt.marker_file).is_file():
+                return fmt
     qc = config.get("quantization_config")
     desc = "no quantization_config" if qc is None else f"quantization_config={_short(qc)}"
     raise ValueError(f"config.json has {desc}, which matches no known export format {available_formats()}; "

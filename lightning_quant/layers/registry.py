@@ -18,7 +18,7 @@ new layer kind is serialised everywhere once it registers. The built-in kinds (`
 Example::
 
     cfg = layer_config(model.get_submodule("model.layers.0.mlp.up_proj"))
-    # {"kind": "packed", "in_features": 96, "out_features": 256, "bias": False, "dtype": "float32",
+    # {"kind": "packed", "in_features": 96, "out_features": 160, "bias": False, "dtype": "float32",
     #  "spec": {"bits": 4, ...}, "act_order": False, "act_spec": None, "input_scale": False}
     empty = layer_from_config(cfg)          # same shapes and spec, zero buffers
     empty.load_state_dict(state)            # the packed tensors

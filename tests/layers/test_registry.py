@@ -166,3 +166,16 @@ def test_register_layer_checks_the_class_and_the_name(monkeypatch):
 
     with pytest.raises(ValueError, match=r"must not set 'kind' \(the registry adds 'kindful'\)"):
         layer_config(Kindful())
+
+
+def test_the_registry_imports_nothing_above_layers():
+    """It sits under every serialiser: stdlib, torch, spec and layers/ only (so plugins/export/cli can use it)."""
+    import ast
+    from pathlib import Path
+
+    tree = ast.parse(Path(registry.__file__).read_text())
+    names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+    ours = [n for n in names if n.startswith("lightning_quant")]
+    assert all(n == "lightning_quant.spec" or n.startswith("lightning_quant.layers") for n in ours), ours
+    assert registry._BUILTIN_MODULES == ("lightning_quant.layers.packed", "lightning_quant.layers.int8")
