@@ -259,3 +259,20 @@ def test_cli_lists_the_format_once_from_the_registry():
     fmt = next(a for a in quantize._actions if a.dest == "format")
     assert fmt.default == "lightning-quant" and fmt.choices == export.available_formats()
     assert fmt.choices.count("lightning-quant") == 1
+
+
+def test_a_failed_save_leaves_the_previous_directory_intact(tmp_path, monkeypatch):
+    from lightning_quant.cli import save_quantized
+    from lightning_quant.export import native
+
+    save_quantized(packed_tiny(), "rtn", tmp_path / "m")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(native.io, "write_json", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_quantized(packed_tiny(bits=8), "rtn", tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]
