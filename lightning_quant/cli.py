@@ -15,12 +15,14 @@ group size 128, symmetric, float16 scales): ``--asym`` stores a zero point per g
 fixed spec (``int8``: ``INT8_METHOD_SPEC``, 8 bits, per channel, symmetric, float32 scales) takes it when
 no spec flag is given; a spec flag that contradicts it is an error, not ignored.
 
-Output of ``quantize`` (readable by ``eval``; safetensors + JSON only): ``config.json`` (HF config),
-tokenizer files, ``quantization.json`` (``format``, ``version``, ``method``, ``spec``, ``dtype`` and per
-layer ``in_features``, ``out_features``, ``bias``, ``act_order`` and the method's float figures) and
-``model.safetensors`` (all weights; quantized layers as ``PackedLinear`` buffers). With ``--format``
-another value, ``quantize`` writes that format with :func:`lightning_quant.export.save` instead
-(``docs/formats.md``), and ``eval`` reads it with :func:`lightning_quant.export.load`.
+Output of ``quantize`` (readable by ``eval``): by default the ``lightning-quant`` format
+(:mod:`lightning_quant.export.native`; safetensors + JSON only): ``config.json`` (HF config), tokenizer
+files, ``quantization.json`` (``format``, ``version`` 2, ``method``, ``spec``, ``dtype`` and per layer the
+layer registry's config — kind, shapes, spec, act order, activation spec, input scale or LLM.int8
+threshold — plus the method's float figures) and ``model.safetensors`` (all weights; quantized layers as
+their own buffers). It is one of the export formats: ``quantize`` writes every ``--format`` with
+:func:`lightning_quant.export.save` (``docs/formats.md``), and ``eval`` reads every one (version-1
+``lightning-quant`` directories included) with :func:`lightning_quant.export.load`.
 ``--export-option KEY=VALUE`` (repeatable) sets one of the format's options (``onnx``: ``graph``,
 ``accuracy_level``, ``context_length`` of :class:`~lightning_quant.export.onnx.OnnxOptions`; ``gguf``:
 ``float_type=q8_0``, ``pre_tokenizer=smollm`` of :class:`~lightning_quant.export.gguf.GGUFOptions`); values
@@ -31,18 +33,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from torch import nn
 
 __all__ = ["build_parser", "evaluate", "load_quantized", "main", "quantize", "save_quantized"]
 
+#: the default --format (lightning_quant.export.native); its options (method, figures) are filled by quantize
 FORMAT = "lightning-quant"
-QUANT_FILE, WEIGHTS_FILE = "quantization.json", "model.safetensors"
 
 
 def _method_names() -> list[str]:
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     q.add_argument("--out", required=True, help="output directory")
-    q.add_argument("--format", default=FORMAT, choices=[FORMAT, *_export_formats()],
+    q.add_argument("--format", default=FORMAT, choices=_export_formats(),
                    help=f"on-disk format (default {FORMAT}; others: see docs/formats.md)")
     q.add_argument("--export-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of --format (repeatable), e.g. accuracy_level=4 for onnx, float_type=q8_0 for gguf")
@@ -190,7 +190,9 @@ def _export_options(args: argparse.Namespace) -> dict | None:
     """``--export-option KEY=VALUE`` flags as a dict (None when none are given)."""
     items = getattr(args, "export_option", None) or []
     if items and args.format == FORMAT:
-        raise SystemExit(f"error: --export-option needs --format (one of {_export_formats()}); {FORMAT} has no options.")
+        others = [f for f in _export_formats() if f != FORMAT]
+        raise SystemExit(f"error: --export-option needs --format (one of {others}); {FORMAT} takes no command-line "
+                         "options (quantize records the method and its figures itself).")
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -229,82 +231,64 @@ def quantize(args: argparse.Namespace) -> Path:
         print(f"note: --method {args.method} uses no calibration data; --calib ignored.", file=sys.stderr)
     weights = quantize_model(model, spec, args.method, calibration=calib, config=config)
     if args.format == FORMAT:
-        out = save_quantized(model, weights, args.method, args.out, tokenizer)
-    else:
-        from lightning_quant import export
+        export_options = {"method": args.method, "figures": _figures(weights)}
+    from lightning_quant import export
 
-        try:
-            out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True, options=export_options)
-        except ValueError as e:
-            raise SystemExit(f"error: --format {args.format}: {e}") from None
+    try:
+        out = export.save(model, args.out, args.format, tokenizer=tokenizer, overwrite=True, options=export_options)
+    except ValueError as e:
+        raise SystemExit(f"error: --format {args.format}: {e}") from None
     print(f"quantized {len(weights)} layers with {args.method} ({spec}) -> {out}")
     return out
 
 
-def save_quantized(model: nn.Module, weights: dict, method: str, out: str | Path, tokenizer=None) -> Path:
-    """Write ``model`` (packed layers swapped in) as described in the module docstring."""
-    from safetensors.torch import save_model
+def _figures(result) -> dict[str, dict[str, float]]:
+    """``{layer: {figure: float}}``: the method's float figures (``gptq_loss``, ...; bool flags are not recorded)."""
+    return {name: {k: float(v) for k, v in figs.items() if not isinstance(v, bool)}
+            for name, figs in result.figures.items()}
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(out)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    layers = {}
-    for name, qw in weights.items():
-        layer = model.get_submodule(name)
-        figures = {k: float(v) for k, v in getattr(weights, "figures", {}).get(name, {}).items() if not isinstance(v, bool)}
-        if hasattr(layer, "threshold"):  # Int8OutlierLinear
-            figures["threshold"] = float(layer.threshold)
-        layers[name] = {"in_features": qw.in_features, "out_features": qw.out_features, "bias": layer.bias is not None,
-                        "act_order": getattr(layer, "perm", None) is not None, "figures": figures,
-                        "input_scale": getattr(layer, "input_scale", None) is not None,  # AWQ explicit scales
-                        "kind": type(layer).__name__}  # PackedLinear or Int8OutlierLinear (method "int8")
-    spec = next(iter(weights.values())).spec
-    meta = {"format": FORMAT, "version": 1, "method": method, "spec": spec.to_dict(),
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."), "layers": layers}
-    (out / QUANT_FILE).write_text(json.dumps(meta, indent=2))
-    save_model(model, str(out / WEIGHTS_FILE))
-    return out
+
+def save_quantized(model: nn.Module, method: str, out: str | Path, tokenizer=None,
+                   figures: dict[str, dict[str, float]] | None = None) -> Path:
+    """Write ``model`` (quantized layers swapped in) in the ``lightning-quant`` format, replacing ``out``.
+
+    ``figures`` is ``{layer name: {figure: float}}`` (e.g. ``gptq_loss``), recorded per layer. The same as
+    ``export.save(model, out, "lightning-quant", tokenizer=tokenizer, overwrite=True,
+    options=NativeOptions(method, figures))``.
+    """
+    from lightning_quant import export
+    from lightning_quant.export.native import NativeOptions
+
+    return export.save(model, out, FORMAT, tokenizer=tokenizer, overwrite=True,
+                       options=NativeOptions(method=method, figures=figures or {}))
 
 
 def load_quantized(directory: str | Path) -> nn.Module:
-    """Rebuild a model saved by :func:`save_quantized`: HF model from config, ``PackedLinear`` by name, weights."""
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Read a directory written by :func:`save_quantized` (``lightning-quant`` version 1 or 2; any other export
+    format too): :func:`lightning_quant.export.load`, in eval mode."""
+    from lightning_quant import export
 
-    from lightning_quant.layers.packed import PackedLinear
-    from lightning_quant.spec import QuantSpec
-    from lightning_quant.targets import set_submodule
-
-    directory = Path(directory)
-    meta = json.loads((directory / QUANT_FILE).read_text())
-    if meta.get("format") != FORMAT or meta.get("version") != 1:
-        raise ValueError(f"{directory / QUANT_FILE} is not a {FORMAT} v1 file (format={meta.get('format')!r}).")
-    dtype = getattr(torch, meta["dtype"])
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(directory), dtype=dtype)
-    spec = QuantSpec.from_dict(meta["spec"])
-    for name, info in meta["layers"].items():
-        if info.get("kind") == "Int8OutlierLinear":
-            from lightning_quant.layers.int8 import Int8OutlierLinear
-
-            layer = Int8OutlierLinear(info["in_features"], info["out_features"], bias=info["bias"], dtype=dtype,
-                                      threshold=info["figures"].get("threshold", 6.0))
-        else:
-            layer = PackedLinear(info["in_features"], info["out_features"], spec, bias=info["bias"],
-                                 act_order=info["act_order"], dtype=dtype, input_scale=info.get("input_scale", False))
-        set_submodule(model, name, layer)
-    load_model(model, str(directory / WEIGHTS_FILE), strict=True)
-    return model.eval()
+    return export.load(directory).eval()
 
 
 def _is_export(path: str) -> bool:
-    """A directory written by ``lightning_quant.export.save`` (gptq, awq, compressed-tensors, int8, onnx, gguf)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
+    """A directory :func:`lightning_quant.export.load` reads: ``config.json`` marks an export (gptq, awq,
+    compressed-tensors, int8, onnx, gguf, lightning-quant), or a format's marker file is there
+    (``quantization.json``: lightning-quant version 1)."""
+    from lightning_quant.export.io import read_json
+    from lightning_quant.export.registry import detect_format
+
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
         return False
-    data = json.loads(cfg.read_text())
-    return "quantization_config" in data or "lightning_quant_export" in data
+    config = read_json(directory / "config.json")
+    if "quantization_config" in config or "lightning_quant_export" in config:
+        return True
+    try:
+        detect_format(config, directory)
+    except ValueError:
+        return False
+    return True
 
 
 def evaluate(args: argparse.Namespace) -> float:
@@ -314,10 +298,7 @@ def evaluate(args: argparse.Namespace) -> float:
 
     _positive("seq-len", args.seq_len)
     _positive("max-windows", args.max_windows)
-    is_quantized = Path(args.model).is_dir() and (Path(args.model) / QUANT_FILE).exists()
-    if is_quantized:
-        model = load_quantized(args.model)
-    elif _is_export(args.model):
+    if _is_export(args.model):
         from lightning_quant import export
 
         model = export.load(args.model)

@@ -2,8 +2,9 @@
 
 ``save(model, path, format=...)`` writes an HF-style directory (``gptq``, ``gptq_v2``, ``awq``,
 ``compressed-tensors``, ``int8``), an ONNX decoder with a KV cache that onnxruntime-genai generates with
-(``onnx``) or a llama.cpp GGUF file (``gguf``) atomically; ``load(path)`` reads any
-of them back (safetensors and JSON only, never pickle). See ``docs/formats.md``.
+(``onnx``), a llama.cpp GGUF file (``gguf``) or our own layout that keeps every layer setting
+(``lightning-quant``, the CLI's default) atomically; ``load(path)`` reads any of them back (safetensors
+and JSON only, never pickle). See ``docs/formats.md``.
 """
 
 from __future__ import annotations

@@ -20,7 +20,8 @@ from lightning_quant.export import io
 from lightning_quant.export.registry import ExportFormat, SaveOptions
 from lightning_quant.targets import linear_weight, set_submodule
 
-__all__ = ["LayerCodec", "build_model", "check_plain", "hf_format", "model_dtype", "quantized_layers", "take"]
+__all__ = ["LayerCodec", "build_model", "check_plain", "config_dict", "hf_format", "load_plain", "model_dtype",
+           "plain_tensors", "quantized_layers", "take"]
 
 
 @dataclass(frozen=True)
@@ -59,12 +60,11 @@ def hf_format(name: str, codec: LayerCodec) -> ExportFormat:
 
 
 def quantized_layers(model: nn.Module, layer_type: type, fmt_name: str) -> dict[str, nn.Module]:
-    """``{name: layer}`` of the model's quantized layers; raises when there are none or of another kind."""
-    from lightning_quant.layers.int8 import Int8OutlierLinear
-    from lightning_quant.layers.packed import PackedLinear
+    """``{name: layer}`` of the model's quantized layers (every kind in :mod:`lightning_quant.layers.registry`);
+    raises when there are none or some are not ``layer_type``."""
+    from lightning_quant.layers.registry import quantized_layers as registered_layers
 
-    kinds = (PackedLinear, Int8OutlierLinear)
-    found = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    found = registered_layers(model)
     if not found:
         raise ValueError(f"The model has no quantized layers to export as {fmt_name!r}; quantize it first "
                          "(lightning_quant.quantize_model or a PTQ/QAT callback).")
@@ -85,26 +85,32 @@ def model_dtype(model: nn.Module) -> torch.dtype:
 
 
 def save_hf(model: nn.Module, directory: Path, options: SaveOptions, codec: LayerCodec, fmt_name: str) -> None:
-    config_obj = getattr(model, "config", None)
-    if config_obj is None or not hasattr(config_obj, "to_dict"):
-        raise TypeError(f"Exporting needs a transformers model with a .config (got {type(model).__name__}); "
-                        "wrap plain modules in a PreTrainedModel first.")
+    cfg = config_dict(model, options.dtype or model_dtype(model))
     layers = quantized_layers(model, codec.layer_type, fmt_name)
     tensors: dict[str, Tensor] = {}
     for name, layer in layers.items():
         tensors.update({f"{name}.{k}": v for k, v in codec.encode(name, layer).items()})
-    dtype = options.dtype or model_dtype(model)
-    tensors.update(_plain_tensors(model, layers, options.dtype, options.full_state))
-    cfg = config_obj.to_dict()
-    cfg["architectures"] = cfg.get("architectures") or [_model_class(model).__name__]
+    tensors.update(plain_tensors(model, layers, options.dtype, options.full_state))
     cfg["quantization_config"] = codec.config(layers, model)
-    cfg["dtype"] = str(dtype).removeprefix("torch.")
-    if "torch_dtype" in cfg:
-        cfg["torch_dtype"] = cfg["dtype"]
     io.write_tensors(directory, tensors, options.max_shard_bytes)
     io.write_json(directory / "config.json", cfg)
     for fname, obj in (codec.extra_files(cfg["quantization_config"]) if codec.extra_files else {}).items():
         io.write_json(directory / fname, obj)
+
+
+def config_dict(model: nn.Module, dtype: torch.dtype) -> dict:
+    """The model's HF config as a dict for ``config.json``, with ``architectures`` (the model's own class when
+    unset) and ``dtype`` (and ``torch_dtype`` where present) set to ``dtype``."""
+    config_obj = getattr(model, "config", None)
+    if config_obj is None or not hasattr(config_obj, "to_dict"):
+        raise TypeError(f"Exporting needs a transformers model with a .config (got {type(model).__name__}); "
+                        "wrap plain modules in a PreTrainedModel first.")
+    cfg = config_obj.to_dict()
+    cfg["architectures"] = cfg.get("architectures") or [_model_class(model).__name__]
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    if "torch_dtype" in cfg:
+        cfg["torch_dtype"] = cfg["dtype"]
+    return cfg
 
 
 def _model_class(model: nn.Module) -> type:
@@ -116,8 +122,8 @@ def _model_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
-def _plain_tensors(model: nn.Module, layers: dict[str, nn.Module], dtype: torch.dtype | None,
-                   state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+def plain_tensors(model: nn.Module, layers: dict[str, nn.Module], dtype: torch.dtype | None,
+                  state: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
     """Every state-dict tensor outside the quantized layers (of ``state`` when given, e.g. the gathered
     full state of an FSDP model); tied duplicates (same storage) written once."""
     prefixes = tuple(n + "." for n in layers)
@@ -198,11 +204,13 @@ def load_hf(directory: Path, config: dict, codec: LayerCodec) -> nn.Module:
         if local:
             raise ValueError(f"Unexpected tensors for layer {prefix!r}: {sorted(local)}.")
         set_submodule(model, prefix, layer)
-    _load_plain(model, tensors, set(groups))
+    load_plain(model, tensors, set(groups))
     return model
 
 
-def _load_plain(model: nn.Module, tensors: dict[str, Tensor], quantized: set[str]) -> None:
+def load_plain(model: nn.Module, tensors: dict[str, Tensor], quantized: set[str]) -> None:
+    """Load ``tensors`` into ``model`` (non-strict, then re-tie tied weights), raising ``ValueError`` for an
+    unexpected tensor, a wrong shape or dtype, or a missing entry outside the ``quantized`` layer prefixes."""
     state = model.state_dict()
     for key, t in tensors.items():
         if key not in state:

@@ -64,6 +64,9 @@ class ExportFormat:
         needs_tokenizer: the format embeds the vocabulary, so ``save`` (and ``ExportConfig``) require a tokenizer.
         holds_adapters: an engine reading the format also applies peft adapters written next to it; False
             (``gguf``: llama.cpp runs the one file) makes ``save`` refuse a model with kept (unmerged) adapters.
+        marker_file: a file whose presence identifies the format in a directory whose ``config.json`` no
+            format's ``detect`` accepts (``lightning-quant`` version 1: a plain HF config next to
+            ``quantization.json``); ``None``: ``detect`` alone decides.
     """
 
     name: str
@@ -73,6 +76,7 @@ class ExportFormat:
     options: type | None = None
     needs_tokenizer: bool = False
     holds_adapters: bool = True
+    marker_file: str | None = None
 
 
 def format_options(fmt: ExportFormat, value: Any = None) -> Any:
@@ -108,6 +112,7 @@ _BUILTIN: dict[str, str] = {
     "int8": "lightning_quant.export.int8:INT8",
     "onnx": "lightning_quant.export.onnx:ONNX",
     "gguf": "lightning_quant.export.gguf:GGUF",
+    "lightning-quant": "lightning_quant.export.native:NATIVE",
 }
 _FORMATS: dict[str, ExportFormat] = {}
 
@@ -134,12 +139,17 @@ def get_format(name: str) -> ExportFormat:
     return fmt
 
 
-def detect_format(config: dict) -> ExportFormat:
-    """The format whose ``detect`` accepts ``config`` (parsed ``config.json``)."""
-    for name in available_formats():
-        fmt = get_format(name)
+def detect_format(config: dict, directory: str | Path | None = None) -> ExportFormat:
+    """The format whose ``detect`` accepts ``config`` (parsed ``config.json``), else the format whose
+    :attr:`~ExportFormat.marker_file` is in ``directory`` (when given)."""
+    formats = [get_format(name) for name in available_formats()]
+    for fmt in formats:
         if fmt.detect(config):
             return fmt
+    if directory is not None:
+        for fmt in formats:
+            if fmt.marker_file is not None and (Path(directory) / fmt.marker_file).is_file():
+                return fmt
     qc = config.get("quantization_config")
     desc = "no quantization_config" if qc is None else f"quantization_config={_short(qc)}"
     raise ValueError(f"config.json has {desc}, which matches no known export format {available_formats()}; "

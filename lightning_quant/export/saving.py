@@ -29,7 +29,8 @@ def save(
 
     Args:
         model: a transformers model whose quantized layers are ``PackedLinear`` (gptq, awq,
-            compressed-tensors, onnx) or ``Int8OutlierLinear`` (int8), or a peft ``PeftModel`` around one:
+            compressed-tensors, onnx, gguf) or ``Int8OutlierLinear`` (int8) — any registered layer kind, mixed,
+            for ``lightning-quant`` — or a peft ``PeftModel`` around one:
             adapters kept on packed bases (``lora="separate"``) are written next to it as
             ``adapter_model.safetensors`` / ``adapter_config.json`` (see :mod:`.adapters`).
         format: one of :func:`available_formats`.
@@ -41,8 +42,9 @@ def save(
             (:func:`lightning_quant.export.export_after_fit` does this).
         options: the format's own options, a dict of its fields or its options dataclass (``onnx``:
             :class:`~lightning_quant.export.onnx.OnnxOptions`, e.g. ``{"accuracy_level": 4}``; ``gguf``:
-            :class:`~lightning_quant.export.gguf.GGUFOptions`, e.g. ``{"float_type": "q8_0"}``); unknown
-            keys raise naming the allowed ones.
+            :class:`~lightning_quant.export.gguf.GGUFOptions`, e.g. ``{"float_type": "q8_0"}``;
+            ``lightning-quant``: :class:`~lightning_quant.export.native.NativeOptions`, ``{"method": "gptq",
+            "figures": {...}}``); unknown keys raise naming the allowed ones.
 
     Returns:
         The export directory. The write is atomic: on any failure the previous content of
@@ -80,7 +82,8 @@ def save(
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Read an export written by :func:`save` (any format, detected from ``config.json``).
+    """Read an export written by :func:`save` (any format, detected from ``config.json``, or from a format's
+    marker file: ``quantization.json`` of a version-1 ``lightning-quant`` directory).
 
     Returns a model with ``PackedLinear`` / ``Int8OutlierLinear`` layers (for ``onnx``: an
     onnxruntime-backed module with the same call signature; for ``gguf``: a float transformers model read by
@@ -94,7 +97,7 @@ def load(path: str | os.PathLike) -> nn.Module:
     if not directory.is_dir():
         raise FileNotFoundError(f"{str(directory)!r} is not an export directory (written by lightning_quant.export.save).")
     config = read_json(directory / "config.json")
-    model = detect_format(config).load(directory, config)
+    model = detect_format(config, directory).load(directory, config)
     from lightning_quant.export import adapters
 
     if (directory / adapters.ADAPTER_CONFIG).exists():

@@ -32,13 +32,10 @@ from peft.tuners.lora.layer import Linear as _LoraLinear
 from torch import nn
 
 from lightning_quant import primitives as P
-from lightning_quant.layers.int8 import Int8OutlierLinear
 from lightning_quant.layers.packed import PackedLinear
+from lightning_quant.layers.registry import quantized_layer_types
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import set_submodule
-
-#: the quantized layer kinds LoRA can sit on (the adapters stay float)
-_QUANTIZED = (PackedLinear, Int8OutlierLinear)
 
 __all__ = ["MERGE_METHODS", "PackedLoraLinear", "merge_packed_lora", "register_packed_lora"]
 
@@ -48,8 +45,10 @@ class PackedLoraLinear(_LoraLinear):
 
     def __init__(self, base_layer, adapter_name: str, config: LoraConfig | None = None, **kwargs) -> None:
         base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if not isinstance(base, _QUANTIZED):
-            raise TypeError(f"PackedLoraLinear wraps a PackedLinear or Int8OutlierLinear, got {type(base).__name__}.")
+        kinds = quantized_layer_types()  # every registered quantized layer kind; the adapters stay float
+        if not isinstance(base, kinds):
+            raise TypeError(f"PackedLoraLinear wraps a quantized layer ({', '.join(k.__name__ for k in kinds)}), "
+                            f"got {type(base).__name__}.")
         use_dora = kwargs.get("use_dora", getattr(config, "use_dora", False))
         if use_dora:
             raise ValueError("DoRA needs a float base weight; use LoraConfig(use_dora=False) on a packed base.")
@@ -75,7 +74,7 @@ def register_packed_lora(config: LoraConfig) -> LoraConfig:
     """Teach ``config`` to wrap every targeted :class:`PackedLinear` in a :class:`PackedLoraLinear`; returns it."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"register_packed_lora takes a peft LoraConfig, got {type(config).__name__}.")
-    config._register_custom_module({kind: PackedLoraLinear for kind in _QUANTIZED})
+    config._register_custom_module({kind: PackedLoraLinear for kind in quantized_layer_types()})
     return config
 
 

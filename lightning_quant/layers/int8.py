@@ -20,12 +20,14 @@ from torch import Tensor, nn
 
 from lightning_quant.algorithms.llm_int8 import DEFAULT_THRESHOLD, INT8_ROWWISE, check_threshold, int8_rowwise
 from lightning_quant.kernels.int8_matmul import int8_outlier_matmul
+from lightning_quant.layers.registry import check_layer_config, dtype_from_name, dtype_name, register_layer
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.targets import linear_kind
 
 __all__ = ["Int8OutlierLinear"]
 
 
+@register_layer("int8")
 class Int8OutlierLinear(nn.Module):
     """Linear layer with row-wise int8 weights and LLM.int8's outlier decomposition."""
 
@@ -84,6 +86,19 @@ class Int8OutlierLinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
+
+    def layer_config(self) -> dict:
+        """Plain-JSON shape (no tensors): ``in_features``, ``out_features``, ``bias``, ``dtype``, ``threshold``."""
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "dtype": dtype_name(self.compute_dtype), "threshold": float(self.threshold)}
+
+    @classmethod
+    def from_config(cls, cfg: dict, device: torch.device | str | None = None) -> Int8OutlierLinear:
+        """An empty layer as :meth:`layer_config` describes; ``load_state_dict`` fills ``weight`` / ``SCB``."""
+        c = check_layer_config("int8", cfg, required=("in_features", "out_features"),
+                               defaults={"bias": False, "dtype": "float32", "threshold": DEFAULT_THRESHOLD})
+        return cls(c["in_features"], c["out_features"], bias=c["bias"], threshold=c["threshold"],
+                   dtype=dtype_from_name(c["dtype"]), device=device)
 
     # ---- state ------------------------------------------------------------------------
     @property

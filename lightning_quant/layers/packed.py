@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from lightning_quant import packing
 from lightning_quant.kernels.wq_matmul import wq_linear
+from lightning_quant.layers.registry import check_layer_config, dtype_from_name, dtype_name, register_layer
 from lightning_quant.primitives import fake_quantize_activation
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import ActivationSpec, QuantSpec
@@ -42,6 +43,7 @@ from lightning_quant.spec import ActivationSpec, QuantSpec
 __all__ = ["PackedLinear"]
 
 
+@register_layer("packed")
 class PackedLinear(nn.Module):
     """Linear layer with int2/3/4/8 packed weights, built with :meth:`from_quantized`."""
 
@@ -127,6 +129,29 @@ class PackedLinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.detach())
         return layer
+
+    def layer_config(self) -> dict:
+        """Plain-JSON shape and spec (no tensors): what :meth:`from_config` rebuilds an empty layer from.
+
+        Keys: ``in_features``, ``out_features``, ``bias``, ``dtype`` (the compute dtype), ``spec``
+        (:meth:`QuantSpec.to_dict`), ``act_order``, ``act_spec`` (:meth:`ActivationSpec.to_dict` or
+        ``None``), ``input_scale`` — the keys of the Lightning checkpoint manifest.
+        """
+        return {"in_features": self.in_features, "out_features": self.out_features, "bias": self.bias is not None,
+                "dtype": dtype_name(self.compute_dtype), "spec": self.spec.to_dict(), "act_order": self.perm is not None,
+                "act_spec": None if self.act_spec is None else self.act_spec.to_dict(),
+                "input_scale": self.input_scale is not None}
+
+    @classmethod
+    def from_config(cls, cfg: dict, device: torch.device | str | None = None) -> PackedLinear:
+        """An empty layer (zero codes, unit scales) as :meth:`layer_config` describes; ``load_state_dict`` fills it."""
+        c = check_layer_config("packed", cfg, required=("in_features", "out_features", "spec"),
+                               defaults={"bias": False, "dtype": "float32", "act_order": False, "act_spec": None,
+                                         "input_scale": False})
+        act = c["act_spec"]
+        return cls(c["in_features"], c["out_features"], QuantSpec.from_dict(c["spec"]), bias=c["bias"],
+                   act_order=c["act_order"], dtype=dtype_from_name(c["dtype"]), device=device,
+                   act_spec=None if act is None else ActivationSpec(**act), input_scale=c["input_scale"])
 
     def to_quantized(self) -> QuantizedWeight:
         """Unpack back into a :class:`QuantizedWeight` (exact inverse of :meth:`from_quantized`)."""

@@ -26,7 +26,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from torch import nn
 
-from lightning_quant.spec import ActivationSpec, QuantSpec
+from lightning_quant.layers.registry import layer_config, layer_from_config, quantized_layers
 from lightning_quant.targets import is_linear_like, set_submodule
 
 __all__ = ["MANIFEST_KEY", "QuantizedCheckpointIO", "apply_manifest", "packed_manifest"]
@@ -35,40 +35,17 @@ MANIFEST_KEY = "lightning_quant_packed_layers"
 
 
 def packed_manifest(model: nn.Module) -> dict[str, dict]:
-    """``{layer name: plain-JSON description}`` of every packed / int8 layer of ``model``."""
-    from lightning_quant.layers.int8 import Int8OutlierLinear
-    from lightning_quant.layers.packed import PackedLinear
+    """``{layer name: plain-JSON description}`` of every quantized layer of ``model``.
 
-    out = {}
-    for name, m in model.named_modules():
-        base = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
-                "dtype": str(getattr(m, "compute_dtype", torch.float32)).removeprefix("torch.")} \
-            if isinstance(m, (PackedLinear, Int8OutlierLinear)) else None
-        if isinstance(m, PackedLinear):
-            out[name] = {**base, "kind": "packed", "spec": m.spec.to_dict(), "act_order": m.perm is not None,
-                         "act_spec": None if m.act_spec is None else m.act_spec.to_dict(),
-                         "input_scale": m.input_scale is not None}
-        elif isinstance(m, Int8OutlierLinear):
-            out[name] = {**base, "kind": "int8", "threshold": float(m.threshold)}
-    return out
-
-
-def _empty_layer(entry: dict) -> nn.Module:
-    from lightning_quant.layers.int8 import Int8OutlierLinear
-    from lightning_quant.layers.packed import PackedLinear
-
-    dtype = getattr(torch, entry["dtype"])
-    if entry["kind"] == "int8":
-        return Int8OutlierLinear(entry["in_features"], entry["out_features"], bias=entry["bias"],
-                                 threshold=entry["threshold"], dtype=dtype)
-    act = None if entry["act_spec"] is None else ActivationSpec(**entry["act_spec"])
-    return PackedLinear(entry["in_features"], entry["out_features"], QuantSpec.from_dict(entry["spec"]),
-                        bias=entry["bias"], act_order=entry["act_order"], dtype=dtype, act_spec=act,
-                        input_scale=entry["input_scale"])
+    Each description is :func:`lightning_quant.layers.registry.layer_config` (``"kind"`` plus the
+    layer's shapes, dtype and spec), so every registered layer kind is recorded.
+    """
+    return {name: layer_config(m) for name, m in quantized_layers(model).items()}
 
 
 def apply_manifest(model: nn.Module, manifest: dict[str, dict], source: str = "the checkpoint") -> list[str]:
-    """Swap float linears named in ``manifest`` for empty packed layers of the recorded shape/spec.
+    """Swap float linears named in ``manifest`` for empty layers of the recorded kind, shape and spec
+    (:func:`lightning_quant.layers.registry.layer_from_config`).
 
     Layers already packed the same way are left alone. Returns the names swapped. Raises when a
     name is missing from the model, is not a linear-like layer, or is packed differently.
@@ -87,7 +64,7 @@ def apply_manifest(model: nn.Module, manifest: dict[str, dict], source: str = "t
             raise ValueError(f"{source} has a packed layer {name!r} that this model lacks; wrong model?") from None
         if not is_linear_like(module):
             raise ValueError(f"{source} packs {name!r}, but the model's {name!r} is a {type(module).__name__}.")
-        set_submodule(model, name, _empty_layer(entry).to(next(iter(module.parameters())).device))
+        set_submodule(model, name, layer_from_config(entry, device=next(iter(module.parameters())).device))
         swapped.append(name)
     return swapped
 

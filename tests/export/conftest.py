@@ -40,3 +40,22 @@ def ids() -> torch.Tensor:
 
 def packed_tiny(bits=4, group_size=32, symmetric=True, act_order=False, seed=0):
     return quantize_packed(tiny_llama(seed), QuantSpec(bits=bits, group_size=group_size, symmetric=symmetric), act_order)
+
+
+def mixed_tiny(seed: int = 0) -> torch.nn.Module:
+    """Every layer setting at once: packed W4 g32 asym act-order layers, one of them with per-token activation
+    quant and an explicit input scale, and an LLM.int8 layer (threshold 3)."""
+    from lightning_quant.layers.int8 import Int8OutlierLinear
+    from lightning_quant.layers.packed import PackedLinear
+    from lightning_quant.spec import ActivationSpec
+    from lightning_quant.targets import set_submodule
+
+    model = quantize_packed(tiny_llama(seed), QuantSpec(bits=4, group_size=32, symmetric=False), act_order=True)
+    up = model.model.layers[0].mlp.up_proj
+    scale = torch.rand(up.in_features, generator=torch.Generator().manual_seed(seed)) + 0.5
+    set_submodule(model, "model.layers.0.mlp.up_proj",
+                  PackedLinear.from_quantized(up.to_quantized(), act_spec=ActivationSpec(), input_scale=scale))
+    torch.manual_seed(seed)
+    float_down = torch.nn.Linear(model.config.intermediate_size, model.config.hidden_size)
+    set_submodule(model, "model.layers.1.mlp.down_proj", Int8OutlierLinear.from_linear(float_down, threshold=3.0))
+    return model.eval()

@@ -406,8 +406,8 @@ def test_cli_format_roundtrips_explicit_input_scales(tiny_llama, tmp_path, monke
 
     monkeypatch.setitem(awq_mapping.INDIRECT_FOLDS, "llama", ())  # no v -> o / up -> down folds: explicit scales
     ids = _ids(2)
-    weights = quantize_model(tiny_llama, SPEC, "awq", calibration=ids, config=EXPLICIT)
-    save_quantized(tiny_llama, weights, "awq", tmp_path)
+    quantize_model(tiny_llama, SPEC, "awq", calibration=ids, config=EXPLICIT)
+    save_quantized(tiny_llama, "awq", tmp_path)
     back = load_quantized(tmp_path)
     assert back.model.layers[0].self_attn.o_proj.input_scale is not None
     with torch.no_grad():

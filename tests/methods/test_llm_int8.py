@@ -177,8 +177,8 @@ def test_cli_format_roundtrips_int8_layers(tiny_llama, tmp_path):
     from lightning_quant.cli import load_quantized, save_quantized
 
     ids = random_token_batches(1)[0]
-    weights = convert_to_int8(tiny_llama, threshold=2.5)
-    save_quantized(tiny_llama, weights, "int8", tmp_path)
+    convert_to_int8(tiny_llama, threshold=2.5)
+    save_quantized(tiny_llama, "int8", tmp_path)
     back = load_quantized(tmp_path)
     layer = back.model.layers[1].mlp.down_proj
     assert isinstance(layer, Int8OutlierLinear) and layer.threshold == 2.5

@@ -14,7 +14,7 @@ from lightning_quant.plugins import QuantizedCheckpointIO
 from lightning_quant.plugins.checkpoint_io import MANIFEST_KEY, apply_manifest, packed_manifest
 from lightning_quant.spec import QuantSpec
 from lightning_quant.testing import random_token_batches, tiny_llama
-from tests.export.conftest import quantize_packed
+from tests.export.conftest import mixed_tiny, quantize_packed
 
 
 class LM(L.LightningModule):
@@ -151,3 +151,42 @@ def test_sharded_strategies_are_refused_naming_what_to_use():
     with pytest.raises(TypeError, match="under ModelParallelStrategy the strategy writes its own sharded "
                                         "checkpoints.*export_on_fit_end"):
         QuantizedCheckpointIO().setup(trainer, None, "fit")
+
+
+def _manifest_before_the_registry(model: torch.nn.Module) -> dict[str, dict]:
+    """The manifest exactly as QuantizedCheckpointIO wrote it before layer kinds registered themselves."""
+    from lightning_quant.layers.int8 import Int8OutlierLinear
+
+    out = {}
+    for name, m in model.named_modules():
+        base = {"in_features": m.in_features, "out_features": m.out_features, "bias": m.bias is not None,
+                "dtype": str(getattr(m, "compute_dtype", torch.float32)).removeprefix("torch.")} \
+            if isinstance(m, (PackedLinear, Int8OutlierLinear)) else None
+        if isinstance(m, PackedLinear):
+            out[name] = {**base, "kind": "packed", "spec": m.spec.to_dict(), "act_order": m.perm is not None,
+                         "act_spec": None if m.act_spec is None else m.act_spec.to_dict(),
+                         "input_scale": m.input_scale is not None}
+        elif isinstance(m, Int8OutlierLinear):
+            out[name] = {**base, "kind": "int8", "threshold": float(m.threshold)}
+    return out
+
+
+def test_ckpt_with_todays_manifest_loads_into_a_fresh_model(tmp_path):
+    model = mixed_tiny()
+    old = _manifest_before_the_registry(model)
+    assert packed_manifest(model) == old  # the registry writes the same entries (the same keys and values)
+    torch.save({"state_dict": model.state_dict(), MANIFEST_KEY: old}, tmp_path / "old.ckpt")
+    io, fresh = QuantizedCheckpointIO(), tiny_llama().eval()
+    io._module = fresh  # what setup() records
+    checkpoint = io.load_checkpoint(tmp_path / "old.ckpt")
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert packed_manifest(fresh) == old
+    ids = random_token_batches(1, 12, 2)[0]
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_apply_manifest_names_an_unknown_layer_kind():
+    entry = {"kind": "nf4", "in_features": 96, "out_features": 96, "bias": False, "dtype": "float32"}
+    with pytest.raises(ValueError, match=r"Unknown layer kind 'nf4'; known kinds: \[.*'int8', 'packed'"):
+        apply_manifest(tiny_llama(), {"model.layers.0.self_attn.q_proj": entry})
