@@ -30,8 +30,8 @@ import torch
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "disassemble", "gemv_builds", "int8_builds",
-           "main_loop_instructions", "wq_builds"]
+__all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "dequant_builds", "disassemble", "gemv_builds",
+           "int8_builds", "main_loop_instructions", "wq_builds"]
 
 #: Largest dynamic shared memory one block may use, bytes, by compute capability (CUDA guide, table 21).
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -208,6 +208,23 @@ def gemv_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 
             for cfg in gv.prune_gemv(gv.gemv_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BLOCK_M", "BITS")})]
 
 
+def dequant_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
+                   symmetric: bool = False, act_order: bool = False) -> list[KernelBuild]:
+    """Every autotune config of the prefill dequantization (:mod:`~lightning_quant.kernels.wq_dequant`) that
+    its pre-filter keeps, writing ``dtype`` (scales in the activation dtype, as ``PackedLinear`` stores them)."""
+    from lightning_quant.kernels import wq_dequant as dq
+
+    triton, _ = _runtime.load_triton()
+    jit = dq._build(False)["jit"]
+    t = _TRITON_DTYPE[dtype]
+    sig = {"qw_ptr": "*i32", "s_ptr": f"*{t}", "z_ptr": "*i32", "p_ptr": "*i64", "out_ptr": f"*{t}", "N": "i32",
+           "K": "i32", "stride_zg": "i32"}
+    launch = dq.dequant_constants(bits, not symmetric, act_order, group_size, dtype, dtype)
+    return [compile_kernel(jit, sig, {**launch, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           arch=arch, aligned=("N", "K", "stride_zg"), name="wq-dequant")
+            for cfg in dq.prune_dequant(dq.dequant_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BITS")})]
+
+
 def int8_builds(arch: int = 90) -> list[KernelBuild]:
     """Every autotune config of :mod:`~lightning_quant.kernels.int8_matmul`."""
     from lightning_quant.kernels import int8_matmul as i8
@@ -226,13 +243,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--symmetric", action="store_true")
-    p.add_argument("--family", choices=["all", "wq", "gemv", "int8"], default="all")
+    p.add_argument("--family", choices=["all", "wq", "gemv", "dequant", "int8"], default="all")
     args = p.parse_args(argv)
     builds = []
     if args.family in ("all", "wq"):
         builds += wq_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
     if args.family in ("all", "gemv"):
         builds += gemv_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
+    if args.family in ("all", "dequant"):
+        builds += dequant_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
     if args.family in ("all", "int8"):
         builds += int8_builds(args.arch)
     for b in builds:

@@ -19,14 +19,18 @@ each packed word is loaded once (``[BLOCK_K·b/32, BLOCK_N]`` int32) and unpacke
 scales come as one row when the block lies inside a group, as one row per group broadcast over
 the block when whole groups fit in it, and per element only for groups straddling blocks (e.g. 48).
 
-Three launch paths, dispatched by rows (:func:`select_path`):
+Four launch paths, dispatched by rows (:func:`select_path`):
 
 * ``"gemv"`` (decode, ``M <= 8``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
   launch per call (act-order gather, bias and cast inside the kernel);
 * ``"splitk"`` (``8 < M <= 16``): this kernel with ``BLOCK_M = 16`` and the ``K`` loop split over
   ``SPLIT_K`` programs that ``atomic_add`` (relaxed) float32 partials into a zeroed buffer, then a
   cast — three launches (four with act-order: the input gather);
-* ``"gemm"`` (prefill, ``M > 16``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program.
+* ``"gemm"`` (``16 < M < PREFILL_MIN_ROWS``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program;
+* ``"prefill"`` (``M >= PREFILL_MIN_ROWS``): :mod:`lightning_quant.kernels.wq_dequant` writes the weight
+  once in the activation dtype (bit for bit :func:`dequantize_packed`, act-order rows already in the
+  input order), then ``F.linear`` (cuBLAS) with the bias — two launches. The crossover
+  :data:`PREFILL_MIN_ROWS` is a placeholder until the GPU benchmark measures it.
 
 Row and output offsets are int64 (``M·K`` or ``M·N`` may pass ``2^31``: a 128k-vocabulary head at
 16k tokens).
@@ -49,6 +53,7 @@ from torch import Tensor
 from lightning_quant import packing
 from lightning_quant import primitives as P
 from lightning_quant.kernels import _runtime
+from lightning_quant.kernels.wq_dequant import dequantize_packed_triton
 from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS, wq_gemv
 from lightning_quant.spec import QuantSpec
 
@@ -57,6 +62,7 @@ __all__ = [
     "KERNEL_BITS",
     "KERNEL_DTYPES",
     "PATHS",
+    "PREFILL_MIN_ROWS",
     "dequantize_packed",
     "select_path",
     "wq_linear",
@@ -72,8 +78,12 @@ KERNEL_BITS = (2, 4, 8)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
 #: Inputs with more rows than the GEMV takes and at most this many take the tensor-core split-K path.
 DECODE_MAX_ROWS = 16
+#: Inputs with at least this many rows take the prefill path (dequantize once, then cuBLAS) under
+#: ``path="auto"``. **Unmeasured**: 1024 is a placeholder, not a crossover read off a GPU; the GPU session
+#: (``benchmarks/kernels.py --session``: ``gemm`` vs ``prefill`` at M = 512 and 4096) is where it gets set.
+PREFILL_MIN_ROWS = 1024
 #: Launch paths of :func:`wq_linear`.
-PATHS = ("auto", "gemv", "splitk", "gemm")
+PATHS = ("auto", "gemv", "splitk", "gemm", "prefill")
 _PER_CHANNEL_GROUP = 1 << 30  # "one group": k // 2^30 == 0 for every column, aligned with any BLOCK_K
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 tl = None  # triton.language, bound on the first kernel build (lazy import)
@@ -242,7 +252,9 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
                      config: dict | None = None) -> Tensor:
     """Launch the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``); inputs as :func:`wq_linear`.
 
-    ``config`` (``BLOCK_M/N/K``, ``SPLIT_K``) skips autotuning; it is required under the interpreter.
+    ``config`` (``BLOCK_M/N/K``, ``SPLIT_K``; for ``"gemv"`` and ``"prefill"`` ``BLOCK_N/K``, ``SPLIT_K``)
+    skips autotuning; it is required under the interpreter. ``"prefill"`` takes any activation dtype here
+    (float32 too, for the interpreter tests); the op sends it float16/bfloat16 only.
     """
     if bits not in KERNEL_BITS:
         raise ValueError(f"The Triton kernel handles bits in {KERNEL_BITS}, got {bits}; use wq_linear_reference.")
@@ -251,6 +263,11 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
     path = select_path(m) if path == "auto" else path
     if path == "gemv":  # one launch: act-order gather, bias and cast inside the kernel
         return wq_gemv(x, qweight, scales, qzeros, perm, bias, bits, group_size, config)
+    if path == "prefill":  # dequantize once (input order, act-order included), then cuBLAS with the bias
+        if m == 0:
+            return x.new_empty(0, n)
+        w = dequantize_packed_triton(qweight, scales, qzeros, perm, bits, group_size, k, x.dtype, config)  # [N, K]
+        return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
     if perm is not None:
         x = x.index_select(1, perm)  # one gather of the input per call: kernel order
     x = x.contiguous()
@@ -282,8 +299,13 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
 
 def select_path(rows: int) -> str:
     """``path="auto"``: the GEMV up to :data:`~lightning_quant.kernels.wq_gemv.GEMV_MAX_ROWS` rows, the
-    tensor-core split-K up to :data:`DECODE_MAX_ROWS`, the tiled GEMM above."""
-    return "gemv" if rows <= GEMV_MAX_ROWS else "splitk" if rows <= DECODE_MAX_ROWS else "gemm"
+    tensor-core split-K up to :data:`DECODE_MAX_ROWS`, the tiled GEMM below :data:`PREFILL_MIN_ROWS`
+    (an unmeasured placeholder, see there), dequantize-then-cuBLAS from there on."""
+    if rows <= GEMV_MAX_ROWS:
+        return "gemv"
+    if rows <= DECODE_MAX_ROWS:
+        return "splitk"
+    return "gemm" if rows < PREFILL_MIN_ROWS else "prefill"
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -366,7 +388,8 @@ def wq_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None 
               force_reference: bool | None = None, path: str = "auto") -> Tensor:
     """``x [..., K] -> [..., N]`` through packed weights (layouts in the module docstring).
 
-    Triton on CUDA (``path="auto"`` picks split-K for ``<= 16`` rows, the tiled GEMM above), the
+    Triton on CUDA (``path="auto"``: the GEMV for ``<= 8`` rows, split-K for ``<= 16``, the tiled GEMM
+    below :data:`PREFILL_MIN_ROWS`, dequantize-then-cuBLAS from there; see :func:`select_path`), the
     reference on CPU; ``force_reference=True`` or ``LIGHTNING_QUANT_FORCE_REFERENCE=1`` forces the
     reference. Differentiable in ``x`` (LoRA on a packed base needs that).
     """
