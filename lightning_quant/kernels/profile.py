@@ -16,6 +16,8 @@ its ``nvdisasm``) and prints one line per family and shape::
   (:func:`count_launches`: Triton launches through :func:`~lightning_quant.kernels._runtime.launch`
   plus every non-view ATen op, which on CUDA is a kernel of its own).
 * ``spills`` / ``smem_kib`` / ``regs``: of the shown config, from ``ptxas -v`` and Triton's metadata.
+* ``prefill``: the figures are the dequantization kernel's (the weight written once per call); the
+  GEMM that follows is cuBLAS, counted as one launch (``aten::mm`` / ``aten::addmm``) but not profiled.
 
 Goals (issue 14): ``gemv`` (M=1, W4 g128) ≤ 0.10, the GEMM main loop ≤ 0.15, one launch per decode
 call, no spills. These are properties of the compiled code, not speed: time on a GPU
@@ -34,11 +36,12 @@ from lightning_quant.kernels import _runtime
 __all__ = ["GOALS", "ProfileLine", "count_launches", "profile", "profile_lines"]
 
 #: ``family -> instr_per_weight`` goal (``None``: reported, no goal set).
-GOALS = {"gemv": 0.10, "splitk": None, "gemm": 0.15, "int8": None}
+GOALS = {"gemv": 0.10, "splitk": None, "gemm": 0.15, "prefill": None, "int8": None}
 #: The goal shape: ``K x N`` of a 4096 -> 14336 projection (``benchmarks/kernels.py``).
 GOAL_K, GOAL_N = 4096, 14336
-#: ``(family, M)`` rows of the profile: decode, mid-size, prefill; the int8 layer at M = 512.
-ROWS = (("gemv", 1), ("splitk", 16), ("gemm", 64), ("gemm", 4096), ("int8", 512))
+#: ``(family, M)`` rows of the profile: decode, mid-size, the fused GEMM at prefill sizes, the prefill path
+#: (dequantize, then cuBLAS: the dequantization kernel's figures); the int8 layer at M = 512.
+ROWS = (("gemv", 1), ("splitk", 16), ("gemm", 64), ("gemm", 4096), ("prefill", 4096), ("int8", 512))
 _ALLOC = {"empty", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
 
 
@@ -141,6 +144,8 @@ def _family_builds(family: str, arch: int) -> list:
         return aot.int8_builds(arch)
     if family == "gemv":
         return aot.gemv_builds(arch, torch.float16, 4, 128, symmetric=True, bias=False)
+    if family == "prefill":
+        return aot.dequant_builds(arch, torch.float16, 4, 128, symmetric=True)
     return aot.wq_builds(arch, torch.float16, 4, 128, symmetric=True, bias=False, paths=(family,))
 
 

@@ -11,17 +11,21 @@ The kernel (operands as :mod:`lightning_quant.kernels.wq_matmul`: ``qweight`` in
 
 * writes ``W^T`` as a contiguous ``[K, N]`` buffer (the packed layout's own orientation: consecutive
   outputs are consecutive words on the read side and consecutive elements on the write side, so both
-  are coalesced with no transpose through shared memory); :func:`dequantize_packed_triton` returns it
+  are coalesced without a transpose; the compiled kernel stages 2–8 KiB of shared memory only to
+  regroup registers for 16-byte stores); :func:`dequantize_packed_triton` returns it
   as the ``[N, K]`` view ``buffer.t()``, which ``F.linear`` hands to cuBLAS as a non-transposed
   operand (no copy);
 * **act-order** costs nothing: kernel row ``k`` of the codes is written to row ``perm[k]`` of the
   buffer (a scatter of whole contiguous rows), so the weight comes out in the *original* input order
   and multiplies ``x`` as it is (no input gather);
-* dequantizes ``(q − z)·s`` in float32 with magic numbers (``q | 0x4B000000`` read as float32 is
-  ``2^23 + q``, minus ``2^23 + z``: the exact integer ``q − z``, no integer-to-float conversion), then
-  one cast to the output dtype — the operations of the reference
-  :func:`~lightning_quant.kernels.wq_matmul.dequantize_packed` (``(q − z)·s`` in float32, then
-  ``.to(dtype)``), so the weight is bit for bit the reference's;
+* dequantizes with magic numbers, no integer-to-float conversion instruction, bit for bit the
+  reference :func:`~lightning_quant.kernels.wq_matmul.dequantize_packed` (``(q − z)·s`` in float32,
+  then ``.to(dtype)``). float16 weight from float16 scales (``HALF = 1``, two codes per 32-bit op):
+  ``q | 0x6400`` read as float16 is ``1024 + q``, minus ``1024 + z`` is the exact ``q − z``, and the
+  float16 product with ``s`` rounds once the exact value ``(q − z)·s`` (at most 8 + 11 significant
+  bits, so also exact in the reference's float32 before its one rounding to float16). Otherwise
+  ``q | 0x4B000000`` read as float32 is ``2^23 + q``, minus ``2^23 + z``, times ``s`` in float32,
+  cast to ``dtype``: the reference's own operations;
 * one program owns ``BLOCK_N`` outputs and a ``K / SPLIT_K`` slice of rows (``SPLIT_K`` programs
   along ``K``, each writing its own rows: no reduction), one ``[BLOCK_K·b/32, BLOCK_N]`` word load per
   step; a step lies inside one group when ``BLOCK_K`` divides the group size (one scale row), else

@@ -12,6 +12,7 @@ import torch
 from lightning_quant import QuantSpec
 from lightning_quant.kernels import _runtime
 from lightning_quant.kernels.int8_matmul import int8_matmul_reference, int8_matmul_triton
+from lightning_quant.kernels.wq_dequant import dequantize_packed_triton
 from lightning_quant.kernels.wq_gemv import _WORKSPACES, GEMV_MAX_ROWS
 from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear_reference, wq_linear_triton
 from tests.kernels._cases import magnitude_bound, packed_operands
@@ -22,7 +23,8 @@ if not _runtime.interpreting():  # a hard error, not a skip: this file only make
 GEMM = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 1}
 SPLITK = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 3}
 GEMV = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}  # 2 splits: the workspace / arrival-counter epilogue
-CONFIGS = {"gemm": GEMM, "splitk": SPLITK, "gemv": GEMV}
+PREFILL = {"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}  # the dequantization kernel's blocks
+CONFIGS = {"gemm": GEMM, "splitk": SPLITK, "gemv": GEMV, "prefill": PREFILL}
 # (bits, group_size, symmetric, act_order, M, K, N): odd M, N not a multiple of BLOCK_N, groups
 # aligned with BLOCK_K (32), whole groups inside it (16: broadcast rows), straddling it (48: per-element
 # gather), per channel (-1), partial (96 = 64 + 32).
@@ -39,7 +41,8 @@ def _case_id(c):
 
 
 # the GEMV takes at most GEMV_MAX_ROWS (8) rows: the M=17 cases run on the two tensor-core paths only
-PATH_CASES = [(p, c) for p in ("gemm", "splitk", "gemv") for c in CASES if p != "gemv" or c[4] <= GEMV_MAX_ROWS]
+PATH_CASES = [(p, c) for p in ("gemm", "splitk", "gemv", "prefill") for c in CASES
+              if p != "gemv" or c[4] <= GEMV_MAX_ROWS]
 
 
 @pytest.mark.parametrize("path,case", PATH_CASES, ids=lambda v: v if isinstance(v, str) else _case_id(v))
@@ -56,7 +59,7 @@ def test_wq_kernel_matches_reference(case, path):
     assert ((y - ref).abs() <= bound).all(), (y - ref).abs().max()
 
 
-@pytest.mark.parametrize("path", ["gemm", "splitk", "gemv"])
+@pytest.mark.parametrize("path", ["gemm", "splitk", "gemv", "prefill"])
 def test_wq_kernel_half_precision(path):
     spec = QuantSpec(4, 32, symmetric=False)
     qw, qweight, scales, qzeros, perm = packed_operands(72, 96, spec, act_order=True)
@@ -105,6 +108,53 @@ def test_gemv_magic_dequant_is_bit_exact(case, dtype):
         assert torch.equal(y, w[:, cols].t()), (y.float() - w[:, cols].t().float()).abs().max()
 
 
+# (bits, group_size, symmetric, act_order, K, BLOCK_K): every code width; one scale row per step (g32, g64
+# with BLOCK_K 32, per channel), groups smaller than the step (g16), straddling it (g48), partial (K = 96 = 64 + 32;
+# 72 = 4.5 groups of 16 with a partial last step); sym/asym; act-order
+DEQUANT_CASES = [(4, 32, False, True, 96, 32), (4, 16, True, False, 72, 32), (4, 48, False, True, 96, 32),
+                 (4, 64, True, False, 96, 32), (8, -1, False, False, 96, 32), (8, 32, True, True, 96, 16),
+                 (2, 64, False, False, 96, 32), (2, -1, True, True, 96, 16)]
+# (weight dtype, scale dtype): float16 magic (HALF), float32 magic with a float16 weight, bfloat16, float32
+DEQUANT_DTYPES = [(torch.float16, "float16"), (torch.float16, "float32"), (torch.bfloat16, "bfloat16"),
+                  (torch.float32, "float32")]
+
+
+@pytest.mark.parametrize("dtypes", DEQUANT_DTYPES, ids=lambda d: f"{str(d[0])[6:]}-s{d[1]}")
+@pytest.mark.parametrize("case", DEQUANT_CASES, ids=lambda c: "W{}g{}{}{}-K{}-bk{}".format(
+    c[0], c[1], "" if c[2] else "a", "-ao" if c[3] else "", c[4], c[5]))
+def test_prefill_dequantization_is_bit_exact(case, dtypes):
+    """The prefill kernel's weight is ``dequantize_packed(..., dtype)`` bit for bit (atol = 0), in the
+    original input order for act-order (the rows are scattered by ``perm``), as the ``[N, K]`` view of
+    a contiguous ``[K, N]`` buffer.
+
+    bfloat16: Triton's CPU interpreter casts float32 to bfloat16 by truncation (the GPU rounds to nearest
+    even, as torch does: ``test_cuda_prefill_dequantization_is_bit_exact``), so here the expected weight
+    is the exact float32 ``(q − z)·s`` truncated to bfloat16."""
+    bits, gs, sym, act_order, k, block_k = case
+    dtype, scale_dtype = dtypes
+    _, qweight, scales, qzeros, perm = packed_operands(40, k, QuantSpec(bits, gs, sym, scale_dtype=scale_dtype),
+                                                       act_order)
+    w = dequantize_packed_triton(qweight, scales, qzeros, perm, bits, gs, k, dtype,
+                                 {"BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 2})
+    expected = dequantize_packed(qweight, scales, qzeros, bits, gs, k, dtype, perm)  # [N, K], input order
+    if dtype == torch.bfloat16:  # the interpreter's truncating cast, see the docstring
+        w32 = dequantize_packed(qweight, scales, qzeros, bits, gs, k, torch.float32, perm)
+        expected = (w32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert w.dtype == dtype and w.shape == (40, k) and w.t().is_contiguous()
+    assert torch.equal(w, expected), (w.float() - expected.float()).abs().max()
+
+
+def test_prefill_path_is_dequantize_then_linear():
+    """``path="prefill"`` = ``F.linear(x, W, b)`` with the kernel's weight (act-order: ``x`` not gathered),
+    float16 activations, bias in the activation dtype."""
+    spec = QuantSpec(4, 32, symmetric=False, scale_dtype="float16")
+    _, qweight, scales, qzeros, perm = packed_operands(72, 96, spec, act_order=True)
+    x, bias = torch.randn(5, 96).half(), torch.randn(72)
+    y = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "prefill", PREFILL)
+    w = dequantize_packed_triton(qweight, scales, qzeros, perm, 4, 32, 96, torch.float16, PREFILL)
+    assert y.dtype == torch.float16 and torch.equal(y, torch.nn.functional.linear(x, w, bias.half()))
+
+
 def test_gemv_workspace_is_left_zeroed_and_calls_repeat():
     """Split GEMV calls leave the persistent workspace and arrival counters zeroed (the last split
     resets them), so a second call gives the same bits."""
@@ -140,11 +190,17 @@ def test_interpreter_needs_a_config():
         wq_linear_triton(torch.randn(9, 64), qweight, scales, None, None, None, 4, 32, "gemv", GEMV)
     with pytest.raises(ValueError, match="The Triton kernel handles bits in"):
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 3, 32, "gemm", GEMM)
+    with pytest.raises(ValueError, match=r"Under TRITON_INTERPRET=1 pass config=.* for the prefill dequantization"):
+        wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32, "prefill")
+    with pytest.raises(ValueError, match=r"BLOCK_K=4 must be a multiple of 32/bits = 8 \(whole words\)"):
+        dequantize_packed_triton(qweight, scales, None, None, 4, 32, 64, torch.float16,
+                                 {"BLOCK_N": 32, "BLOCK_K": 4, "SPLIT_K": 1})
 
 
 def test_empty_batches():
     _, qweight, scales, _, _ = packed_operands(40, 64, QuantSpec(4, 32))
     y = wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "gemm", GEMM)
     assert wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "gemv", GEMV).shape == (0, 40)
+    assert wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "prefill").shape == (0, 40)
     c = int8_matmul_triton(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8), {})
     assert y.shape == (0, 40) and c.shape == (0, 5)

@@ -83,6 +83,19 @@ def test_gemv_configs_compile_for_sm90_without_spills(rows):
     assert all(b.mma_version is None and b.loop_instructions for b in builds)  # no tensor cores; a main loop
 
 
+@pytest.mark.parametrize("case", [(torch.float16, 4, 128, False, False), (torch.float16, 4, 32, False, True),
+                                  (torch.bfloat16, 8, -1, True, False), (torch.float16, 2, 64, True, True),
+                                  (torch.float32, 4, 128, False, False)],
+                         ids=lambda c: f"{str(c[0])[6:]}-W{c[1]}g{c[2]}{'' if c[3] else 'a'}{'-ao' if c[4] else ''}")
+def test_prefill_dequant_configs_compile_for_sm90_without_spills(case):
+    """The prefill path's dequantization kernel: float16 magic (HALF), float32 magic to bfloat16/float32,
+    act-order's row scatter; no tensor cores, a main loop."""
+    dtype, bits, group, sym, act_order = case
+    builds = aot.dequant_builds(90, dtype, bits, group, sym, act_order)
+    _check(builds)
+    assert all(b.mma_version is None and b.loop_instructions for b in builds)
+
+
 def test_main_loop_is_the_innermost_loop_that_loads():
     sass = textwrap.dedent("""\
                 /*0000*/                   MOV R1, R2 ;

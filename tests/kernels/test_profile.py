@@ -55,6 +55,17 @@ def test_launch_counter_sees_torch_kernels_around_the_tensor_core_path():
     assert profile.count_launches(lambda: wq_linear_triton(bits=4, group_size=128, **op)) == ["triton::_wq_kernel"]
 
 
+@pytest.mark.parametrize("bits,group,asym,act_order,bias", [(4, 128, False, False, False), (4, 128, True, True, True),
+                                                            (8, -1, True, False, True), (2, 64, False, True, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_prefill_call_is_two_launches(bits, group, asym, act_order, bias, dtype):
+    """Dequantize once, then one cuBLAS GEMM (with the bias): act-order needs no input gather."""
+    op = _meta_operands(4096, 4096, 14336, bits, group, asym, act_order, bias, dtype)
+    launched = profile.count_launches(lambda: wq_linear_triton(bits=bits, group_size=group, **op))  # auto
+    assert launched == ["triton::_wq_dequant_kernel", "aten::addmm" if bias else "aten::mm"]
+    assert profile.wq_launches(4096, path="prefill") == ["triton::_wq_dequant_kernel", "aten::mm"]
+
+
 def test_int8_layer_forward_has_no_host_sync_and_one_int8_matmul():
     launched = profile.int8_layer_launches(512, 256, 384)
     assert launched.count("lightning_quant::int8_matmul") == 1

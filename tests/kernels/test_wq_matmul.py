@@ -78,10 +78,27 @@ def test_wrapper_rejects_bad_operands():
         wq_linear(x, qweight, scales, qzeros, bias=torch.zeros(23), **kw)
     with pytest.raises(ValueError, match="scales must be contiguous"):
         wq_linear(x, qweight, scales.t().contiguous().t(), qzeros, **kw)
-    with pytest.raises(ValueError, match="path='fast' is not one of"):
+    with pytest.raises(ValueError, match="path='fast' is not one of 'auto', 'gemv', 'splitk', 'gemm', 'prefill'"):
         wq_linear(x, qweight, scales, qzeros, path="fast", **kw)
     with pytest.raises(ValueError, match="bits=5 is not supported"):
         wq_linear(x, qweight, scales, qzeros, bits=5, group_size=32)
+
+
+def test_select_path_by_rows():
+    """Decode GEMV, split-K, the fused GEMM, then dequantize-once + cuBLAS from ``PREFILL_MIN_ROWS`` on."""
+    from lightning_quant.kernels.wq_matmul import PREFILL_MIN_ROWS, select_path
+
+    assert [select_path(m) for m in (1, 8, 9, 16, 17, PREFILL_MIN_ROWS - 1)] == ["gemv"] * 2 + ["splitk"] * 2 + ["gemm"] * 2
+    assert select_path(PREFILL_MIN_ROWS) == select_path(16384) == "prefill"
+
+
+def test_prefill_path_on_cpu_is_the_reference():
+    """``path="prefill"`` is accepted on every device; on CPU the op runs the exact reference."""
+    spec = QuantSpec(4, 32, symmetric=False)
+    qw, qweight, scales, qzeros, perm = packed_operands(24, 64, spec, act_order=True)
+    x, b = torch.randn(3, 64), torch.randn(24)
+    y = wq_linear(x, qweight, scales, qzeros, bits=4, group_size=32, perm=perm, bias=b, path="prefill")
+    assert torch.equal(y, torch.nn.functional.linear(x, qw.dequantize(), b))
 
 
 # ---- GPU: the compiled kernels on realistic shapes ----------------------------------------------
@@ -93,7 +110,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Tri
 #: every config at every shape); ``test_cuda_autotuned_paths_match_reference`` runs the autotuner once.
 FIXED = {"gemv": {"BLOCK_N": 128, "BLOCK_K": 16, "SPLIT_K": 4, "num_warps": 1},
          "splitk": {"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 4, "num_warps": 4, "num_stages": 3},
-         "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3}}
+         "gemm": {"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "SPLIT_K": 1, "num_warps": 4, "num_stages": 3},
+         "prefill": {"BLOCK_N": 512, "BLOCK_K": 32, "SPLIT_K": 16, "num_warps": 4}}
 
 
 def _cuda_case(m, spec, act_order, dtype, n=1376):
@@ -119,7 +137,7 @@ def test_cuda_kernels_match_reference(m, spec, act_order, dtype):
     from lightning_quant.kernels.wq_matmul import wq_linear_triton
 
     (x, qweight, scales, qzeros, perm, b), exact, bound = _cuda_case(m, spec, act_order, dtype)
-    paths = [p for p in ("gemv", "splitk", "gemm") if p != "gemv" or m <= GEMV_MAX_ROWS]
+    paths = [p for p in ("gemv", "splitk", "gemm", "prefill") if p != "gemv" or m <= GEMV_MAX_ROWS]
     for path in paths:
         y = wq_linear_triton(x, qweight, scales, qzeros, perm, b, spec.bits, spec.group_size, path, FIXED[path])
         assert y.dtype == dtype and y.shape == (m, 1376)
@@ -131,10 +149,30 @@ def test_cuda_kernels_match_reference(m, spec, act_order, dtype):
 
 @pytest.mark.gpu
 @cuda
-@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("spec,act_order,dtype", [
+    (QuantSpec(4, 128, scale_dtype="float16"), False, torch.float16),
+    (QuantSpec(4, 128, False, scale_dtype="float16"), True, torch.float16),
+    (QuantSpec(8, -1, False, scale_dtype="float32"), False, torch.float16),
+    (QuantSpec(2, 64, scale_dtype="float16"), True, torch.float16),
+    (QuantSpec(4, 128, False, scale_dtype="bfloat16"), True, torch.bfloat16)], ids=str)
+def test_cuda_prefill_dequantization_is_bit_exact(spec, act_order, dtype):
+    """The compiled dequantization (float16 magic numbers, or float32 then the GPU's round-to-nearest-even
+    cast, which the interpreter cannot check for bfloat16) equals the reference weight bit for bit."""
+    from lightning_quant.kernels.wq_dequant import dequantize_packed_triton
+
+    _, qweight, scales, qzeros, perm = packed_operands(1376, 4096, spec, act_order, device="cuda")
+    w = dequantize_packed_triton(qweight, scales, qzeros, perm, spec.bits, spec.group_size, 4096, dtype,
+                                 FIXED["prefill"])
+    ref = dequantize_packed(qweight, scales, qzeros, spec.bits, spec.group_size, 4096, dtype, perm)
+    assert torch.equal(w, ref)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("m", [1, 16, 64, 1024])
 def test_cuda_autotuned_paths_match_reference(m):
-    """The autotuner's smoke test: one spec, ``path="auto"`` (GEMV, split-K, GEMM by rows), called twice
-    (the GEMV's workspace must come back zeroed)."""
+    """The autotuner's smoke test: one spec, ``path="auto"`` (GEMV, split-K, GEMM, prefill by rows), called
+    twice (the GEMV's workspace must come back zeroed)."""
     spec = QuantSpec(4, 128, False)
     (x, qweight, scales, qzeros, perm, b), exact, bound = _cuda_case(m, spec, True, torch.float16)
     for _ in range(2):
