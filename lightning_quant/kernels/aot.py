@@ -96,13 +96,15 @@ def _ptxas_resources(ptx: str, arch: int) -> tuple[int, int]:
 
 
 def compile_kernel(jit_fn, signature: dict[str, str], constants: dict, *, num_warps: int, num_stages: int,
-                   arch: int = 90, aligned: tuple[str, ...] = (), name: str | None = None) -> KernelBuild:
+                   arch: int = 90, aligned: tuple[str, ...] = (), name: str | None = None,
+                   fp_fusion: bool = True) -> KernelBuild:
     """Compile ``jit_fn`` for ``sm_<arch>`` with runtime argument types ``signature`` (``"*fp16"``,
     ``"i32"``, ...) and constexpr ``constants``; returns its :class:`KernelBuild`.
 
     Like a launch, pointers are taken as 16-byte aligned; the integer arguments named in ``aligned``
     as multiples of 16 (what Triton's launcher specialises on for e.g. ``K = 4096``). Without those
     hints loads cannot be vectorised or pipelined and the build would not be the one a GPU runs.
+    ``fp_fusion=False`` compiles as a launch with ``enable_fp_fusion=False`` (no FMA contraction).
     """
     triton, _ = _runtime.load_triton()
     from triton.backends.compiler import GPUTarget
@@ -116,7 +118,7 @@ def compile_kernel(jit_fn, signature: dict[str, str], constants: dict, *, num_wa
     src = ASTSource(fn=jit_fn, signature=sig, constexprs={(jit_fn.arg_names.index(k),): v for k, v in constants.items()},
                     attrs={(jit_fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in divisible})
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                            options={"num_warps": num_warps, "num_stages": num_stages})
+                            options={"num_warps": num_warps, "num_stages": num_stages, "enable_fp_fusion": fp_fusion})
     regs, spills = _ptxas_resources(kernel.asm["ptx"], arch)
     mma = re.search(r"versionMajor = (\d)", kernel.asm["ttgir"])
     loop = main_loop_instructions(disassemble(kernel.asm["cubin"]))
@@ -225,15 +227,23 @@ def dequant_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int
             for cfg in dq.prune_dequant(dq.dequant_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BITS")})]
 
 
-def int8_builds(arch: int = 90) -> list[KernelBuild]:
-    """Every autotune config of :mod:`~lightning_quant.kernels.int8_matmul`."""
+def int8_builds(arch: int = 90, scaled: bool = False, out_dtype: torch.dtype = torch.float16,
+                bias: bool = True, residual: bool = True) -> list[KernelBuild]:
+    """Every autotune config of :mod:`~lightning_quant.kernels.int8_matmul`: the int32 store, or (``scaled``)
+    the fused epilogue of :func:`~lightning_quant.kernels.int8_matmul.int8_matmul_scaled` writing
+    ``out_dtype`` (float16 bias; compiled, as launched, without FMA contraction)."""
     from lightning_quant.kernels import int8_matmul as i8
 
     triton, _ = _runtime.load_triton()
     jit = i8._build(False)["jit"]
-    sig = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32"}
-    return [compile_kernel(jit, sig, dict(cfg.kwargs), num_warps=cfg.num_warps, num_stages=cfg.num_stages, arch=arch,
-                           aligned=("N", "K"), name="int8") for cfg in i8._configs(triton)]
+    out = _TRITON_DTYPE[out_dtype] if scaled else "i32"
+    sig = {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": f"*{out}", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
+           "bias_ptr": "*fp16", "res_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
+           "divisor": "fp32"}
+    const = {"SCALED": scaled, "HAS_BIAS": scaled and bias, "HAS_RESIDUAL": scaled and residual}
+    return [compile_kernel(jit, sig, {**const, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+                           arch=arch, aligned=("N", "K"), name="int8-scaled" if scaled else "int8",
+                           fp_fusion=not scaled) for cfg in i8._configs(triton, scaled)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.family in ("all", "dequant"):
         builds += dequant_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
     if args.family in ("all", "int8"):
-        builds += int8_builds(args.arch)
+        builds += int8_builds(args.arch) + int8_builds(args.arch, scaled=True)
     for b in builds:
         print(b.describe() + ("" if b.fits_shared_memory else "  EXCEEDS SHARED MEMORY"))
 

@@ -7,11 +7,16 @@ integer arithmetic (LLM.int8(), Dettmers et al. 2022, eq. 1 before the outer-pro
   and the oracle of the Triton kernel.
 * ``lightning_quant::int8_matmul`` — ``torch.library`` op: reference on CPU, Triton on CUDA; a fake
   implementation lets ``torch.compile`` trace it.
-* :func:`int8_outlier_matmul` — LLM.int8's mixed-precision decomposition around ``int8_matmul`` (the
+* :func:`int8_matmul_scaled` (op ``lightning_quant::int8_matmul_scaled``) — the same product with the
+  rescale fused into the kernel's epilogue: ``cast(((C · r/d) · c/d + residual) + bias)`` with per-row
+  ``r``, per-column ``c``, an optional float32 ``residual [M, N]`` and ``bias [N]``, one launch
+  (see its docstring for the numerics); :func:`int8_matmul_scaled_reference` is its CPU path.
+* :func:`int8_outlier_matmul` — LLM.int8's mixed-precision decomposition around ``int8_matmul_scaled`` (the
   forward of ``Int8OutlierLinear``), with a static-width outlier path (no host sync).
-* :func:`int8_matmul_triton` — the kernel launcher (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``):
-  ``[BLOCK_M, BLOCK_N]`` tiles, ``tl.dot`` on int8 operands with an int32 accumulator (the tensor
-  cores' IMMA path), autotuned over a small config set keyed by a power-of-two row bucket.
+* :func:`int8_matmul_triton` / :func:`int8_matmul_scaled_triton` — the kernel launchers (CUDA, or CPU
+  tensors under ``TRITON_INTERPRET=1``): ``[BLOCK_M, BLOCK_N]`` tiles, ``tl.dot`` on int8 operands with an
+  int32 accumulator (the tensor cores' IMMA path), autotuned over a small config set keyed by a
+  power-of-two row bucket; one ``@triton.jit`` kernel, the epilogue chosen by the ``SCALED`` constexpr.
 """
 
 from __future__ import annotations
@@ -24,11 +29,14 @@ from torch import Tensor
 from lightning_quant.algorithms.llm_int8 import absmax_quantize_rows, outlier_columns
 from lightning_quant.kernels import _runtime
 
-__all__ = ["MAX_OUTLIER_COLUMNS", "int8_matmul", "int8_matmul_reference", "int8_matmul_triton", "int8_outlier_matmul"]
+__all__ = ["MAX_OUTLIER_COLUMNS", "int8_matmul", "int8_matmul_reference", "int8_matmul_scaled",
+           "int8_matmul_scaled_reference", "int8_matmul_scaled_triton", "int8_matmul_triton", "int8_outlier_matmul"]
 
 #: Width of the float outlier path of :func:`int8_outlier_matmul` (static, so no host sync decides it);
 #: the paper reports at most a few dozen outlier feature dimensions per layer up to 13B parameters.
 MAX_OUTLIER_COLUMNS = 128
+#: Output dtypes of :func:`int8_matmul_scaled`.
+SCALED_OUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 
@@ -38,9 +46,26 @@ def int8_matmul_reference(a: Tensor, b: Tensor) -> Tensor:
     return (a.to(torch.int64) @ b.to(torch.int64).t()).to(torch.int32)
 
 
-def _int8_kernel(a_ptr, b_ptr, c_ptr, M, N, K, M_BUCKET,
+def int8_matmul_scaled_reference(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor,
+                                 bias: Tensor | None = None, out_dtype: torch.dtype | None = None,
+                                 residual: Tensor | None = None, scale_divisor: float = 1.0) -> Tensor:
+    """``cast(((C · r/d)[:, None] · (c/d)[None, :] + residual) + bias)`` in float32 with ``C = a @ b.T``
+    exact, each operation in this order and rounded once (torch on CPU): the numerics of LLM.int8's
+    rescale as :func:`int8_outlier_matmul` always computed it."""
+    y = int8_matmul_reference(a, b).float() * (row_scale.float() / scale_divisor).unsqueeze(1) \
+        * (col_scale.float() / scale_divisor).unsqueeze(0)  # [M, N]
+    if residual is not None:
+        y = y + residual
+    if bias is not None:
+        y = y + bias.float()
+    return y if out_dtype is None else y.to(out_dtype)
+
+
+def _int8_kernel(a_ptr, b_ptr, c_ptr, rs_ptr, cs_ptr, bias_ptr, res_ptr, M, N, K, M_BUCKET, divisor,
+                 SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``C[m-tile, n-tile] = sum_k A[m, k] · B[n, k]`` with an int32 accumulator."""
+    """``C[m-tile, n-tile] = sum_k A[m, k] · B[n, k]`` with an int32 accumulator; ``SCALED``: the float32
+    epilogue ``cast(((C · r/d) · c/d + residual) + bias)`` instead of the int32 store."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -54,44 +79,89 @@ def _int8_kernel(a_ptr, b_ptr, c_ptr, M, N, K, M_BUCKET,
         a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         b = tl.load(b_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0)
         acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # [BLOCK_M, BLOCK_K] x [BLOCK_K, BLOCK_N]
-    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask_m[:, None] & mask_n[None, :])
+    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M·N may reach 2^31
+    mask_out = mask_m[:, None] & mask_n[None, :]
+    if SCALED:  # the reference's float32 operations in its order (launched without FMA contraction)
+        rs = tl.math.div_rn(tl.load(rs_ptr + offs_m, mask=mask_m, other=0.0).to(tl.float32), divisor)  # IEEE r/d
+        cs = tl.math.div_rn(tl.load(cs_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32), divisor)
+        y = acc.to(tl.float32) * rs[:, None] * cs[None, :]
+        if HAS_RESIDUAL:
+            y = y + tl.load(res_ptr + out_off, mask=mask_out, other=0.0)
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(c_ptr + out_off, y.to(c_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        tl.store(c_ptr + out_off, acc, mask=mask_out)
 
 
-def _configs(triton):
-    shapes = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 3), (64, 64, 128, 4, 4),
-              (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+_SHAPES = [(16, 64, 128, 4, 3), (16, 128, 128, 4, 4), (32, 128, 128, 4, 3), (64, 64, 128, 4, 4),
+           (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+#: Tiles the fused epilogue leaves out: 128 x 256 on 8 warps holds 128 int32 accumulators, the float32
+#: result and the residual tile per thread and spills (1.5 KiB on sm_90, ``python -m lightning_quant.kernels.aot``).
+_SCALED_EXCLUDED = {(128, 256, 64, 8, 3)}
+
+
+def _configs(triton, scaled: bool = False):
+    """The autotune configs of the int32-store kernel, or (``scaled``) of the fused epilogue."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+            for m, n, k, w, s in _SHAPES if not (scaled and (m, n, k, w, s) in _SCALED_EXCLUDED)]
+
+
+def _scaled_configs(triton):
+    return _configs(triton, scaled=True)
 
 
 @functools.cache
 def _build(interpret: bool):
+    key = {"key": ["M_BUCKET", "N", "K"]}
     return _runtime.build_kernels(globals(), _int8_kernel, interpret,
-                                  {"tuned": (_configs, {"key": ["M_BUCKET", "N", "K"]})})
+                                  {"tuned": (_configs, key), "scaled": (_scaled_configs, key)})
+
+
+def _launch(a: Tensor, b: Tensor, out: Tensor, epilogue: tuple, const: dict, config: dict | None) -> Tensor:
+    """Run the kernel on ``a [M, K]``, ``b [N, K]`` into ``out [M, N]``; ``epilogue`` = the pointers and
+    divisor (``rs, cs, bias, residual, d``), ``const`` = ``SCALED`` / ``HAS_BIAS`` / ``HAS_RESIDUAL``."""
+    m, k = a.shape
+    n = b.shape[0]
+    if m == 0:
+        return out
+    kernels = _build(_runtime.interpreting())
+    bucket = min(1 << max(m - 1, 0).bit_length(), 4096)
+    args = (a, b, out, *epilogue[:4], m, n, k, bucket, epilogue[4])
+    # SCALED: no FMA contraction, so (C·r)·c + residual + bias rounds after every operation, as the reference
+    opts = {**const, **({"enable_fp_fusion": False} if const["SCALED"] else {})}
+    with _runtime.on_device(a):
+        if config is not None or "tuned" not in kernels:
+            if config is None:
+                raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M': .., 'BLOCK_N': .., 'BLOCK_K': ..}.")
+            grid = (-(-m // config["BLOCK_M"]), -(-n // config["BLOCK_N"]))
+            _runtime.launch(kernels["jit"], grid, *args, **opts, **config)
+        else:
+            _runtime.launch(kernels["scaled" if const["SCALED"] else "tuned"],
+                            lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"])), *args, **opts)
+    return out
 
 
 def int8_matmul_triton(a: Tensor, b: Tensor, config: dict | None = None) -> Tensor:
     """Launch the Triton kernel; ``config`` (``BLOCK_M/N/K``) skips autotuning (required when interpreting)."""
     _check(a, b)
     a, b = a.contiguous(), b.contiguous()
-    m, k = a.shape
-    n = b.shape[0]
-    out = torch.empty(m, n, dtype=torch.int32, device=a.device)
-    if m == 0:
-        return out
-    kernels = _build(_runtime.interpreting())
-    bucket = min(1 << max(m - 1, 0).bit_length(), 4096)
-    if config is not None or "tuned" not in kernels:
-        if config is None:
-            raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M': .., 'BLOCK_N': .., 'BLOCK_K': ..}.")
-        grid = (-(-m // config["BLOCK_M"]), -(-n // config["BLOCK_N"]))
-        with _runtime.on_device(a):
-            _runtime.launch(kernels["jit"], grid, a, b, out, m, n, k, bucket, **config)
-    else:
-        with _runtime.on_device(a):
-            _runtime.launch(kernels["tuned"], lambda meta: (-(-m // meta["BLOCK_M"]), -(-n // meta["BLOCK_N"])),
-                            a, b, out, m, n, k, bucket)
-    return out
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.int32, device=a.device)
+    return _launch(a, b, out, (a, a, a, a, 1.0), {"SCALED": False, "HAS_BIAS": False, "HAS_RESIDUAL": False}, config)
+
+
+def int8_matmul_scaled_triton(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None = None,
+                              out_dtype: torch.dtype | None = None, residual: Tensor | None = None,
+                              scale_divisor: float = 1.0, config: dict | None = None) -> Tensor:
+    """Launch the kernel with the fused epilogue (inputs as :func:`int8_matmul_scaled`); ``config`` as
+    :func:`int8_matmul_triton`."""
+    _check_scaled(a, b, row_scale, col_scale, bias, out_dtype, residual, scale_divisor)
+    a, b = a.contiguous(), b.contiguous()
+    out = torch.empty(a.shape[0], b.shape[0], dtype=out_dtype or torch.float32, device=a.device)
+    epilogue = (row_scale.contiguous(), col_scale.contiguous(), a if bias is None else bias.contiguous(),
+                a if residual is None else residual.contiguous(), float(scale_divisor))
+    const = {"SCALED": True, "HAS_BIAS": bias is not None, "HAS_RESIDUAL": residual is not None}
+    return _launch(a, b, out, epilogue, const, config)
 
 
 @torch.library.custom_op("lightning_quant::int8_matmul", mutates_args=())
@@ -125,6 +195,61 @@ def int8_matmul(a: Tensor, b: Tensor, force_reference: bool | None = None) -> Te
     return _int8_matmul_op(a.contiguous(), b.contiguous())
 
 
+@torch.library.custom_op("lightning_quant::int8_matmul_scaled", mutates_args=())
+def _int8_matmul_scaled_op(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None,
+                           residual: Tensor | None, scale_divisor: float, out_dtype: torch.dtype) -> Tensor:
+    if a.device.type == "cuda":
+        return int8_matmul_scaled_triton(a, b, row_scale, col_scale, bias, out_dtype, residual, scale_divisor)
+    return int8_matmul_scaled_reference(a, b, row_scale, col_scale, bias, out_dtype, residual, scale_divisor)
+
+
+@_int8_matmul_scaled_op.register_fake
+def _(a, b, row_scale, col_scale, bias, residual, scale_divisor, out_dtype):
+    return a.new_empty(a.shape[0], b.shape[0], dtype=out_dtype)
+
+
+def _check_scaled(a, b, row_scale, col_scale, bias, out_dtype, residual, scale_divisor) -> None:
+    _check(a, b)
+    m, n = a.shape[0], b.shape[0]
+    _runtime.check_device(a, b, row_scale, col_scale, bias, residual)
+    for name, t, size in (("row_scale", row_scale, m), ("col_scale", col_scale, n), ("bias", bias, n)):
+        if t is not None and (tuple(t.shape) != (size,) or not t.is_floating_point()):
+            raise ValueError(f"{name} must be a float tensor of shape [{size}], got {t.dtype} {tuple(t.shape)}.")
+    if residual is not None and (residual.dtype != torch.float32 or tuple(residual.shape) != (m, n)):
+        raise ValueError(f"residual must be float32 [M, N] = ({m}, {n}), got {residual.dtype} {tuple(residual.shape)}.")
+    if out_dtype is not None and out_dtype not in SCALED_OUT_DTYPES:
+        raise TypeError(f"out_dtype must be one of {', '.join(map(str, SCALED_OUT_DTYPES))} or None, got {out_dtype}.")
+    if not scale_divisor > 0.0:
+        raise ValueError(f"scale_divisor must be > 0 (127.0 for absmax scales), got {scale_divisor}.")
+
+
+def int8_matmul_scaled(a: Tensor, b: Tensor, row_scale: Tensor, col_scale: Tensor, bias: Tensor | None = None,
+                       out_dtype: torch.dtype | None = None, residual: Tensor | None = None, *,
+                       scale_divisor: float = 1.0, force_reference: bool | None = None) -> Tensor:
+    """``y [M, N] = cast(((C · r/d)[:, None] · (c/d)[None, :] + residual) + bias)`` for int8 ``a [M, K]``,
+    ``b [N, K]``, ``C = a @ b.T`` (int32), ``r = row_scale [M]``, ``c = col_scale [N]``, ``d = scale_divisor``
+    (``127.0`` when the scales are absmax values, LLM.int8's ``a/127`` and ``SCB/127``); optional float32
+    ``residual [M, N]`` and ``bias [N]``; ``y`` in ``out_dtype`` (``None``: float32). One launch on CUDA.
+
+    Numerics. The reference (:func:`int8_matmul_scaled_reference`, the CPU path and
+    ``force_reference=True``) is float32 torch, each operation rounded once in the order written. The
+    kernel runs the same float32 operations in the same order in its epilogue: ``C`` is exact (int32),
+    ``r/d`` and ``c/d`` are IEEE divisions (``div_rn``), and the launch disables FMA contraction, so
+    every product and sum is rounded exactly as the reference's — bit for bit with the reference under
+    ``TRITON_INTERPRET=1`` (float32 and float16 outputs; bfloat16 there truncates, a limit of the
+    interpreter). On the GPU the comparison is with torch's CUDA ops, which divide by a scalar through
+    its reciprocal (``x · (1/d)``, up to 1 ulp off ``x/d``): each scale then differs by at most 2^-23
+    relative, ``y`` before the cast by at most ``2^-21·|C·r·c| + 2^-24·(|residual| + |bias|)``-ish, and
+    after the one rounding at the cast by at most one unit in the last place of ``out_dtype`` more —
+    the tolerance the GPU test uses (``2^-20`` relative in float32, one ulp plus that in half precision).
+    """
+    _check_scaled(a, b, row_scale, col_scale, bias, out_dtype, residual, scale_divisor)
+    if _runtime.reference_forced(force_reference):
+        return int8_matmul_scaled_reference(a, b, row_scale, col_scale, bias, out_dtype, residual, scale_divisor)
+    return _int8_matmul_scaled_op(a.contiguous(), b.contiguous(), row_scale, col_scale, bias, residual,
+                                  float(scale_divisor), out_dtype or torch.float32)
+
+
 def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float,
                         max_outliers: int = MAX_OUTLIER_COLUMNS, bias: Tensor | None = None,
                         out_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
@@ -133,8 +258,10 @@ def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float,
     forward of :class:`~lightning_quant.layers.int8.Int8OutlierLinear` on a flat input.
 
     ``y = X_o W_o^T + (round(X_r·127/a) @ codes_r^T) · a/127 · SCB/127`` where ``o`` are the outlier
-    columns (float path with dequantized weights) and ``r`` the rest (int8 x int8 -> int32 through
-    :func:`lightning_quant.kernels.int8_matmul.int8_matmul`, ``a`` the per-token absmax of ``X_r``).
+    columns (float path with dequantized weights) and ``r`` the rest (int8 x int8 -> int32, ``a`` the
+    per-token absmax of ``X_r``). The int8 product, both rescales, the outlier path's float product
+    (added as the residual), the bias and the cast are one :func:`int8_matmul_scaled` (one kernel on
+    CUDA; on CPU the same float32 operations as before the fusion, bit for bit).
 
     Without a host sync: the float path has a static width of ``min(in, max_outliers)`` columns
     (``nonzero_static``; unused slots multiply zeros), so no ``bool(outliers.any())`` waits for the
@@ -144,20 +271,17 @@ def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float,
     xf = x.float()
     outliers = outlier_columns(xf, threshold)
     width = min(x.shape[-1], max_outliers) if threshold > 0.0 else 0
+    residual = None
     if width:
         kept = outliers & (torch.cumsum(outliers, 0) <= width)  # [in]: the first `width` outlier columns
         idx = torch.nonzero_static(kept, size=width, fill_value=0).squeeze(1)  # [width], padded with column 0
         valid = torch.arange(width, device=x.device) < kept.sum()  # [width]: False on the padding
         x_o = xf.index_select(1, idx) * valid  # [M, width]
+        w_o = codes.index_select(1, idx).float() * (scb.float() / 127.0).unsqueeze(1)  # [out, width]
+        residual = x_o @ w_o.t()  # [M, out] float32
         x_rest = xf.masked_fill(kept, 0.0)
     else:
         x_rest = xf
     a_codes, a_absmax = absmax_quantize_rows(x_rest)  # [M, in] int8, [M]
-    acc = int8_matmul(a_codes, codes)  # [M, out] int32
-    y = acc.float() * (a_absmax / 127.0).unsqueeze(1) * (scb.float() / 127.0).unsqueeze(0)
-    if width:
-        w_o = codes.index_select(1, idx).float() * (scb.float() / 127.0).unsqueeze(1)  # [out, width]
-        y = y + x_o @ w_o.t()
-    if bias is not None:
-        y = y + bias.float()
-    return (y if out_dtype is None else y.to(out_dtype)), outliers
+    y = int8_matmul_scaled(a_codes, codes, a_absmax, scb, bias, out_dtype, residual, scale_divisor=127.0)
+    return y, outliers

@@ -140,8 +140,8 @@ def _best(builds: list):
 def _family_builds(family: str, arch: int) -> list:
     from lightning_quant.kernels import aot
 
-    if family == "int8":
-        return aot.int8_builds(arch)
+    if family == "int8":  # the layer's kernel: the fused rescale / residual / bias / cast epilogue
+        return aot.int8_builds(arch, scaled=True)
     if family == "gemv":
         return aot.gemv_builds(arch, torch.float16, 4, 128, symmetric=True, bias=False)
     if family == "prefill":

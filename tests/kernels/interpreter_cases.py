@@ -11,7 +11,14 @@ import torch
 
 from lightning_quant import QuantSpec
 from lightning_quant.kernels import _runtime
-from lightning_quant.kernels.int8_matmul import int8_matmul_reference, int8_matmul_triton
+from lightning_quant.kernels import int8_matmul as i8
+from lightning_quant.kernels.int8_matmul import (
+    int8_matmul_reference,
+    int8_matmul_scaled_reference,
+    int8_matmul_scaled_triton,
+    int8_matmul_triton,
+    int8_outlier_matmul,
+)
 from lightning_quant.kernels.wq_dequant import dequantize_packed_triton
 from lightning_quant.kernels.wq_gemv import _WORKSPACES, GEMV_MAX_ROWS
 from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear_reference, wq_linear_triton
@@ -178,6 +185,58 @@ def test_int8_kernel_is_exact(m, k, n):
     assert c.dtype == torch.int32 and torch.equal(c, int8_matmul_reference(a, b))
 
 
+INT8 = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
+
+
+def _bf16_truncated(y32: torch.Tensor) -> torch.Tensor:
+    """The interpreter's float32 -> bfloat16 cast (truncation; the GPU rounds to nearest even)."""
+    return (y32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m,k,n,bias,residual,divisor", [(1, 64, 40, True, True, 127.0), (3, 96, 72, False, True, 127.0),
+                                                         (17, 80, 56, True, False, 127.0), (5, 64, 40, False, False, 1.0)])
+def test_int8_scaled_epilogue_is_bit_exact(m, k, n, bias, residual, divisor, out_dtype):
+    """The fused epilogue runs the reference's float32 operations in its order (IEEE divisions, no FMA
+    contraction, one rounding at the cast): equal to :func:`int8_matmul_scaled_reference` with atol = 0
+    (bfloat16: the interpreter truncates the cast, so the expected value is the float32 result truncated)."""
+    g = torch.Generator().manual_seed(m + k)
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    b = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    rs, cs = torch.rand(m, generator=g) * 40, torch.rand(n, generator=g) * 2  # absmax-like
+    bias_t = torch.randn(n, generator=g).half() if bias else None
+    res = torch.randn(m, n, generator=g) * 10 if residual else None
+    y = int8_matmul_scaled_triton(a, b, rs, cs, bias_t, out_dtype, res, divisor, INT8)
+    if out_dtype == torch.bfloat16:
+        expected = _bf16_truncated(int8_matmul_scaled_reference(a, b, rs, cs, bias_t, None, res, divisor))
+    else:
+        expected = int8_matmul_scaled_reference(a, b, rs, cs, bias_t, out_dtype, res, divisor)
+    assert y.dtype == (out_dtype or torch.float32) and y.shape == (m, n)
+    assert torch.equal(y, expected), (y.float() - expected.float()).abs().max()
+
+
+@pytest.mark.parametrize("out_dtype", [None, torch.float16], ids=str)
+@pytest.mark.parametrize("threshold,max_outliers", [(6.0, 128), (6.0, 2), (0.0, 128)])
+def test_int8_layer_forward_through_the_fused_kernel_equals_the_reference(threshold, max_outliers, out_dtype,
+                                                                          monkeypatch):
+    """LLM.int8's decomposition with the fused kernel in place of the op's CPU path (int8 product, both
+    rescales, the outlier path as the residual, bias, cast): the same bits as the CPU reference."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 96, generator=g) * 2).clamp(-5, 5).half()
+    x[1, 5], x[2, 17], x[4, 60] = 25.0, -40.0, 9.0  # three outlier columns
+    codes = torch.randint(-127, 128, (40, 96), dtype=torch.int8, generator=g)
+    scb = torch.rand(40, generator=g) + 0.1
+    bias = torch.randn(40, generator=g).half()
+    ref, ref_out = int8_outlier_matmul(x, codes, scb, threshold, max_outliers, bias, out_dtype)
+
+    def fused(a, b, rs, cs, bias, out_dtype, residual, *, scale_divisor):
+        return int8_matmul_scaled_triton(a, b, rs, cs, bias, out_dtype, residual, scale_divisor, INT8)
+
+    monkeypatch.setattr(i8, "int8_matmul_scaled", fused)
+    y, outliers = int8_outlier_matmul(x, codes, scb, threshold, max_outliers, bias, out_dtype)
+    assert torch.equal(outliers, ref_out) and y.dtype == ref.dtype and torch.equal(y, ref)
+
+
 def test_interpreter_needs_a_config():
     _, qweight, scales, _, _ = packed_operands(40, 64, QuantSpec(4, 32))
     with pytest.raises(ValueError, match="Under TRITON_INTERPRET=1 pass config="):
@@ -188,6 +247,9 @@ def test_interpreter_needs_a_config():
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 4, 32, "gemv")
     with pytest.raises(ValueError, match=f"The GEMV takes at most {GEMV_MAX_ROWS} rows, got 9"):
         wq_linear_triton(torch.randn(9, 64), qweight, scales, None, None, None, 4, 32, "gemv", GEMV)
+    with pytest.raises(ValueError, match=r"Under TRITON_INTERPRET=1 pass config=\{'BLOCK_M'"):
+        int8_matmul_scaled_triton(torch.zeros(2, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8),
+                                  torch.ones(2), torch.ones(5))
     with pytest.raises(ValueError, match="The Triton kernel handles bits in"):
         wq_linear_triton(torch.randn(2, 64), qweight, scales, None, None, None, 3, 32, "gemm", GEMM)
     with pytest.raises(ValueError, match=r"Under TRITON_INTERPRET=1 pass config=.* for the prefill dequantization"):
@@ -204,3 +266,6 @@ def test_empty_batches():
     assert wq_linear_triton(torch.randn(0, 64), qweight, scales, None, None, None, 4, 32, "prefill").shape == (0, 40)
     c = int8_matmul_triton(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8), {})
     assert y.shape == (0, 40) and c.shape == (0, 5)
+    e = int8_matmul_scaled_triton(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8),
+                                  torch.ones(0), torch.ones(5), out_dtype=torch.float16)
+    assert e.shape == (0, 5) and e.dtype == torch.float16

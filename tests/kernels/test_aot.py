@@ -45,6 +45,14 @@ def test_int8_kernel_configs_compile_for_sm90_without_spills():
     assert any(b.mma_version == 3 for b in builds)
 
 
+@pytest.mark.parametrize("out_dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_int8_scaled_epilogue_configs_compile_for_sm90_without_spills(out_dtype):
+    """The fused epilogue (scales, residual, bias, cast) of every config: fits, no spills, IMMA via wgmma."""
+    builds = aot.int8_builds(90, scaled=True, out_dtype=out_dtype)
+    _check(builds)
+    assert any(b.mma_version == 3 for b in builds)
+
+
 def test_a100_builds_fit_its_shared_memory():
     builds = aot.wq_builds(80, torch.float16, 4, 128, False, paths=("splitk",))
     assert all(b.arch == 80 and b.fits_shared_memory and b.mma_version == 2 for b in builds)
@@ -55,8 +63,11 @@ def test_compile_kernel_names_missing_arguments():
 
     jit = int8_matmul._build(False)["jit"]
     with pytest.raises(ValueError, match=r"no type or constant given for arguments \['M_BUCKET'"):
-        aot.compile_kernel(jit, {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"},
-                           {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=2)
+        aot.compile_kernel(jit, {"a_ptr": "*i8", "b_ptr": "*i8", "c_ptr": "*i32", "rs_ptr": "*fp32", "cs_ptr": "*fp32",
+                                 "bias_ptr": "*fp16", "res_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
+                                 "divisor": "fp32"},
+                           {"SCALED": False, "HAS_BIAS": False, "HAS_RESIDUAL": False, "BLOCK_M": 16, "BLOCK_N": 64,
+                            "BLOCK_K": 64}, num_warps=4, num_stages=2)
 
 
 def test_command_line_prints_one_row_per_config(capsys):
@@ -66,8 +77,10 @@ def test_command_line_prints_one_row_per_config(capsys):
 
     aot.main(["--family", "int8", "--arch", "80"])
     rows = capsys.readouterr().out.strip().splitlines()
-    assert len(rows) == len(int8_matmul._configs(triton))
+    # the int32 store and the fused epilogue
+    assert len(rows) == len(int8_matmul._configs(triton)) + len(int8_matmul._configs(triton, scaled=True))
     assert all(r.startswith("int8") and "smem" in r and "spill" in r for r in rows)
+    assert sum(r.startswith("int8-scaled") for r in rows) == len(int8_matmul._configs(triton, scaled=True))
 
 
 def test_ptxas_failure_names_the_target():
