@@ -8,7 +8,10 @@
 # 2. the static profile with this machine's Triton (main-loop instructions per weight, launches per call,
 #    registers, spills, shared memory: python3 -m lightning_quant.kernels.profile);
 # 3. the benchmark on the goal shape (benchmarks/kernels.py --session: cuBLAS fp16 vs W4A16/W8A16/int8 and
-#    the int8 layer, CUDA-graph timings for M <= 16, each goal scored on the shape it names).
+#    the int8 layer, CUDA-graph timings for M <= 16, each goal scored on the shape it names), with the
+#    prefill rows: at M = 512 and M = 4096 on 4096x14336, W4A16 g128 sym with path="gemm" (fused
+#    dequantize-GEMM) vs path="prefill" (dequantize once, then cuBLAS) vs fp16 cuBLAS -- the measurement
+#    that sets PREFILL_MIN_ROWS (lightning_quant/kernels/wq_matmul.py, an unmeasured placeholder until then).
 # Budget: under 8 minutes on one H200 (step limits 180 + 90 + 200 s). Every step writes its own file under
 # OUT_DIR with unbuffered output, and is stopped with SIGINT (pytest and Python print what they have), so a
 # step that overruns still leaves its partial results and the others' figures. A wrong kernel output is a
@@ -42,6 +45,6 @@ step "1/3 GPU tests" "${GPU_TESTS_TIMEOUT:-180}" gpu_tests.txt \
     $PY -m pytest -q -p no:cacheprovider -m gpu -rfEs tests/kernels tests/layers
 step "2/3 static profile (this machine's Triton)" "${AOT_TIMEOUT:-90}" profile.txt \
     $PY -m lightning_quant.kernels.profile
-step "3/3 benchmark (goal shape)" "${BENCH_TIMEOUT:-200}" kernels.txt \
+step "3/3 benchmark (goal shape; prefill vs gemm vs fp16 at M=512, 4096)" "${BENCH_TIMEOUT:-200}" kernels.txt \
     $PY benchmarks/kernels.py --session --runs 50
 exit $status
