@@ -8,8 +8,8 @@
 * ``qzeros`` int32 ``[G, ceil(N·b/32)]`` (:func:`~lightning_quant.packing.pack_cols`) or ``None``
   (symmetric: implicit zero ``2^(b-1)``);
 * ``perm`` int64 ``[K]`` or ``None`` — act-order: kernel column ``k`` multiplies input feature
-  ``perm[k]``. The tensor-core paths gather the input once per call, the GEMV inside the kernel;
-  the group of kernel column ``k`` is always ``k // group_size`` (contiguous groups), so scales are
+  ``perm[k]``. The fused tensor-core paths gather the input once per call, the GEMV inside the kernel,
+  and the prefill dequantization writes the weight back in input order (no gather); the group of kernel column ``k`` is always ``k // group_size`` (contiguous groups), so scales are
   never gathered by ``g_idx``.
 
 Dequantization is ``w = (q − z)·s`` in float32 (the project's one convention, see
