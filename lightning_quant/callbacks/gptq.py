@@ -26,6 +26,11 @@ class GPTQ(PostTrainingQuantization):
     ``awq=AWQConfig(...)`` runs ``method="awq+gptq"`` (AWQ scales folded first, then GPTQ)::
 
         GPTQ(QuantSpec(4, 64, symmetric=False), config=GPTQConfig(awq=AWQConfig()))
+
+    ``rotation=Rotation(kind="hadamard")`` rotates the residual stream offline first (QuaRot / SpinQuant R1,
+    :mod:`lightning_quant.methods.rotation`; float outputs unchanged)::
+
+        GPTQ(QuantSpec(4, 64, symmetric=False), rotation=Rotation(kind="hadamard", seed=0))
     """
 
     def __init__(self, spec: QuantSpec | None = None, config: GPTQConfig | None = None,

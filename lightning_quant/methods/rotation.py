@@ -15,14 +15,16 @@ The result is an ordinary model of the same architecture (same modules, same ``s
 with no online transform, exact in float (the tests compare logits in float32 and float64), which every
 method, the calibration engine and every exporter take as is.
 
-**LayerNorm** (OPT) subtracts the mean, which a rotation does not preserve. As SliceGPT (Ashkboos et al.
-2024, §3.2) the residual stream is first made zero-mean, exactly: the embeddings' rows and the residual
+**LayerNorm** (OPT) subtracts the mean, which a general rotation does not commute with. As SliceGPT (Ashkboos
+et al. 2024, §3.2) the residual stream is first made zero-mean, exactly: the embeddings' rows and the residual
 writers' outputs are centred (``E <- E C``, ``W <- C W``, ``b <- C b``, ``C = I - 11ᵀ/n``; every LayerNorm
 subtracts the mean anyway, so nothing downstream changes), and a LayerNorm without affine on a zero-mean
 stream is an RMSNorm. Where SliceGPT then swaps the LayerNorm modules for RMSNorm, here the modules stay and
-``Q`` is made mean-preserving (``Q 1 = 1``, :func:`~lightning_quant.algorithms.hadamard.mean_preserving`), so
-the rotated stream stays zero-mean. A norm whose readers have no bias (OPT's final norm before ``lm_head``)
-keeps its shift as ``β/γ`` rotated (``(β/γ) Q``) in its own bias.
+``Q`` is made mean-preserving (``Q 1 = 1``, :func:`~lightning_quant.algorithms.hadamard.mean_preserving`): it
+then commutes with the centring (``Qᵀ C Q = C``), so LayerNorm(``h Q``) = LayerNorm(``h``) ``Q`` and the rotated
+stream stays zero-mean. (That commutation alone already makes the rotation exact; the centring is what makes the
+stream zero-mean, the property SliceGPT's RMSNorm swap needs.) A norm whose readers have no bias (OPT's final
+norm before ``lm_head``) keeps its shift as ``β/γ`` rotated (``(β/γ) Q``) in its own bias.
 
 **Tied embeddings**: folding the final norm into ``lm_head`` changes it and not the embeddings, so a tied head
 is untied (its weight cloned, ``config.tie_word_embeddings = False``) with a warning.
