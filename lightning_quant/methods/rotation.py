@@ -191,8 +191,10 @@ def _check_adapters(lm: nn.Module, res: _Resolved, merge_adapters: bool) -> None
             "model.merge_and_unload().")
     if hosts:
         merge_into_base(lm, hosts, "a rotation (adapters merged)")
-        for p in hosts:
-            (res.writers if p in res.writers else next(rs for _, _, rs in res.norms if p in rs))[p] = lm.get_submodule(p)
+        for p in hosts:  # the merged base layer now sits at the host's path
+            for table in (res.embeddings, res.writers, *(rs for _, _, rs in res.norms)):
+                if p in table:
+                    table[p] = lm.get_submodule(p)
 
 
 def _untie(lm: nn.Module, res: _Resolved) -> bool:
@@ -206,7 +208,7 @@ def _untie(lm: nn.Module, res: _Resolved) -> bool:
         head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=head.weight.requires_grad)
         warnings.warn(f"{res.layout.head} was tied to {res.layout.embeddings[0]}: a rotation folds the final norm "
                       "into the head only, so the head is untied (its own weight, config.tie_word_embeddings=False; "
-                      "the checkpoint holds both tensors).", UserWarning, stacklevel=3)
+                      "the checkpoint holds both tensors).", UserWarning, stacklevel=4)
     lm.config.tie_word_embeddings = False
     if hasattr(lm, "get_expanded_tied_weights_keys"):  # transformers 5: the mapping save / load read
         lm.all_tied_weights_keys = lm.get_expanded_tied_weights_keys(all_submodels=True)
