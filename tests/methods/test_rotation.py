@@ -195,17 +195,33 @@ def test_rotation_composes_with_awq(method, config):
     assert len(result) == 14 and kl_to_reference(q, ref, HELD) < 1e-4
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors"])
-def test_rotation_plus_gptq_exports_and_reloads_with_identical_logits(tmp_path, fmt):
+def _rotated_gptq_tied_llama():
     model = perturbed(testing.tiny_llama(tie_word_embeddings=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         quantize_model(model, QuantSpec(4, 32, symmetric=False), "gptq", calibration=CALIB, rotation=Rotation())
-        ref = model(IDS).logits
+    return model
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "compressed-tensors", "awq"])
+def test_rotation_plus_gptq_exports_and_reloads_with_identical_logits(tmp_path, fmt):
+    model = _rotated_gptq_tied_llama()
+    ref = model(IDS).logits
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         export.save(model, tmp_path / "m", fmt)
         loaded = export.load(tmp_path / "m")
     assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight
     assert torch.equal(loaded(IDS).logits, ref)
+
+
+def test_rotation_plus_gptq_exports_to_onnx(tmp_path):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    model = _rotated_gptq_tied_llama()
+    ref = model(IDS).logits
+    export.save(model, tmp_path / "m", "onnx")
+    torch.testing.assert_close(export.load(tmp_path / "m")(IDS).logits, ref, rtol=0, atol=1e-5)
 
 
 # ---- peft ------------------------------------------------------------------------------------------------------
