@@ -24,7 +24,9 @@ model, checked to lie on a b-bit grid per (row, group), and evaluated like our r
 ``--methods`` also takes the issue-15 option rows of :data:`VARIANTS` (``rtn+mse``, ``gptq+orig``, ``gptq+mse``,
 ``gptq+hmse``, ``gptq+orig+mse``, ``gptq+static``): a registered method with one option of its config set
 (``QParamSearch`` weight / Hessian objective, ``group_qparams="original"``, act-order with static groups),
-and ``awq+gptq`` / ``awq+gptq+hmse`` (AWQ scales folded, then GPTQ).
+and ``awq+gptq`` / ``awq+gptq+hmse`` (AWQ scales folded, then GPTQ). The rows of :data:`ROTATED` (``rtn+rot``,
+``gptq+rot``, ``awq+gptq+rot``) run a row of :data:`VARIANTS` with ``quantize_model(..., rotation=Rotation())``:
+the residual stream rotated offline by a randomised Hadamard first (QuaRot / SpinQuant R1, docs/ptq.md#rotations).
 
 Goals (issue 5): AWQ perplexity at least as good as llm-compressor's AWQ on the same model and data;
 LLM.int8 (``--methods ...,int8``: one row, weights are always row-wise int8, threshold 6.0)
@@ -51,6 +53,7 @@ from lightning_quant.algorithms.gptq import GPTQConfig
 from lightning_quant.algorithms.rtn import RTNConfig
 from lightning_quant.data import stdlib_text, token_windows, wikitext2_path
 from lightning_quant.evaluation import evaluate_against, reference_logits
+from lightning_quant.methods.rotation import Rotation
 from lightning_quant.models import load_causal_lm, load_tokenizer
 from lightning_quant.spec import QParamSearch
 
@@ -79,10 +82,24 @@ VARIANTS = {
 }
 
 
+#: ``--methods`` rows that rotate first: name -> (the :data:`VARIANTS` row, the rotation).
+ROTATED = {
+    "rtn+rot": ("rtn", Rotation("hadamard", seed=0)),
+    "gptq+rot": ("gptq", Rotation("hadamard", seed=0)),
+    "awq+gptq+rot": ("awq+gptq", Rotation("hadamard", seed=0)),
+}
+
+
+def row_rotation(name: str) -> Rotation | None:
+    """The rotation of a ``--methods`` row (``None``: not rotated)."""
+    return ROTATED[name][1] if name in ROTATED else None
+
+
 def variant_config(name: str, gptq_base: GPTQConfig):
     """``(registered method, config)`` of a ``--methods`` row."""
+    name = ROTATED[name][0] if name in ROTATED else name
     if name not in VARIANTS:
-        raise SystemExit(f"unknown --methods entry {name!r}; use int8 or one of {sorted(VARIANTS)}.")
+        raise SystemExit(f"unknown --methods entry {name!r}; use int8 or one of {sorted([*VARIANTS, *ROTATED])}.")
     method, opts = VARIANTS[name]
     if method in ("gptq", "awq+gptq"):
         return method, dataclasses.replace(gptq_base, **opts)
@@ -219,7 +236,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma list of {list(CONFIGS)}")
     p.add_argument("--methods", default="rtn,gptq,awq,int8",
-                   help=f"comma list of {sorted(VARIANTS)} or int8 (one row)")
+                   help=f"comma list of {sorted([*VARIANTS, *ROTATED])} or int8 (one row)")
     p.add_argument("--num-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -254,7 +271,8 @@ def main() -> None:
             q = copy.deepcopy(model)
             reset_peak()
             t0 = time.perf_counter()
-            quantize_model(q, spec, registered, calibration=calib if registered != "rtn" else None, config=method_cfg)
+            quantize_model(q, spec, registered, calibration=calib if registered != "rtn" else None, config=method_cfg,
+                           rotation=row_rotation(method))
             wall = time.perf_counter() - t0
             peak = peak_mb()
             r = evaluate_against(q, ref, held)

@@ -11,11 +11,13 @@ from torch import nn
 from lightning_quant.adapters import LORA_MODES, check_lora_mode, check_supported_host, merge_into_base
 from lightning_quant.calibration.distributed import converted_groups
 from lightning_quant.methods.llm_int8 import DEFAULT_THRESHOLD, INT8_METHOD_SPEC, LLMInt8Config
-from lightning_quant.methods.registry import MethodResult, get_method, swap_in_packed
+from lightning_quant.methods.registry import Method, MethodResult, get_method, swap_in_packed
+from lightning_quant.methods.rotation import Rotation, rotate_model
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, select_targets
 
-__all__ = ["LORA_MODES", "MethodResult", "convert_to_int8", "prepare_targets", "quantize_model", "swap_in_packed"]
+__all__ = ["LORA_MODES", "MethodResult", "Rotation", "check_rotation", "convert_to_int8", "prepare_targets",
+           "quantize_model", "swap_in_packed"]
 
 
 def prepare_targets(model: nn.Module, include: Sequence[str] | None, exclude: Sequence[str] | None,
@@ -45,6 +47,7 @@ def quantize_model(
     calibration: Any = None,
     config: Any = None,
     lora: str = "merged",
+    rotation: Rotation | None = None,
 ) -> MethodResult:
     """Quantize the linear layers of ``model`` in place and swap in packed layers.
 
@@ -59,6 +62,10 @@ def quantize_model(
         calibration: a tensor of token ids ``[N, T]`` or an iterable of batches, for methods that need it.
         config: the method's own frozen config dataclass (e.g. ``GPTQConfig``), or ``None`` for defaults.
         lora: for layers wrapped by peft LoRA adapters, one of :data:`LORA_MODES` (default ``"merged"``).
+        rotation: a :class:`~lightning_quant.methods.rotation.Rotation` (QuaRot / SpinQuant R1): the residual
+            stream is rotated offline (:func:`~lightning_quant.methods.rotation.rotate_model`, float outputs
+            unchanged) before the method runs; adapters on rotated layers are merged first under
+            ``lora="merged"`` and refused under ``"separate"``. Refused by methods that cannot use it (``int8``).
 
     Returns:
         The method's :class:`~lightning_quant.methods.registry.MethodResult`: a mapping ``{module name:
@@ -79,6 +86,11 @@ def quantize_model(
         raise TypeError(f"config for method={method!r} must be a {m.config_type.__name__}, got {type(config).__name__}.")
     if m.check_spec is not None:
         m.check_spec(spec)  # before any change to the model (merging adapters)
+    if rotation is not None:
+        check_rotation(m, rotation)
+        check_lora_mode(lora)
+        select_targets(model, include, exclude)  # the filters fail before the model changes
+        rotate_model(model, rotation, merge_adapters=lora == "merged")
     targets = prepare_targets(model, include, exclude, lora, f"method={method!r}")
     for name, module in targets.items():
         spec.check_in_features(_in_features(module, name))
@@ -92,6 +104,17 @@ def quantize_model(
     for group in converted_groups(model, list(result)):  # FSDP1: one unit at a time, unwrapped first
         (m.swap or swap_in_packed)(model, result.subset(group))
     return result
+
+
+def check_rotation(method: Method, rotation: Rotation | None) -> None:
+    """Raise when ``rotation`` is not a :class:`Rotation` (or ``None``) or ``method`` refuses a rotated model."""
+    if rotation is None:
+        return
+    if not isinstance(rotation, Rotation):
+        raise TypeError(f"rotation must be a lightning_quant.methods.rotation.Rotation, e.g. Rotation(kind='hadamard', "
+                        f"seed=0), or None; got {type(rotation).__name__}.")
+    if method.refuses_rotation is not None:
+        raise ValueError(f"method={method.name!r} does not take rotation=: {method.refuses_rotation}.")
 
 
 def convert_to_int8(model: nn.Module, threshold: float = DEFAULT_THRESHOLD, *, include: Sequence[str] | None = None,

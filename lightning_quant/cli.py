@@ -1,7 +1,8 @@
 """``lightning-quant``: standalone PTQ of a saved model, and held-out perplexity.
 
     lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
-                             [--act-order] --calib FILE --num-samples 128 --seq-len 512 --out DIR
+                             [--act-order] [--rotate {hadamard,random} [--rotate-seed 0]]
+                             --calib FILE --num-samples 128 --seq-len 512 --out DIR
                              [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,gguf,int8,onnx}]
                              [--export-option KEY=VALUE ...]   # the format's options, e.g. accuracy_level=4 (onnx), float_type=q8_0 (gguf)
     lightning-quant quantize --model DIR --method int8 --out DIR    # the spec is fixed: W8 per channel
@@ -90,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="grid-search each group's clip range (QParamSearch) minimising the weight error "
                         "(rtn, gptq, awq+gptq) or the Hessian-weighted error (gptq, awq+gptq; gptq's default), "
                         "or 'none' for min-max qparams")
+    q.add_argument("--rotate", choices=("hadamard", "random"), default=None,
+                   help="rotate the residual stream offline before quantizing (QuaRot / SpinQuant R1; Rotation(kind=...)): "
+                        "a randomised Hadamard, or a random orthogonal matrix for hidden sizes no Hadamard covers "
+                        "(rtn, gptq, awq, awq+gptq)")
+    q.add_argument("--rotate-seed", type=int, default=0, help="seed of the rotation's random signs / matrix (default 0)")
     q.add_argument("--calib", help="calibration text file (methods that need calibration)")
     q.add_argument("--num-samples", type=int, default=128, help="calibration sequences")
     q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
@@ -221,6 +227,18 @@ def quantize(args: argparse.Namespace) -> Path:
         except (ValueError, TypeError) as e:
             raise SystemExit(f"error: --export-option: {e}") from None
     config = _method_config(method, args.act_order, args.qparam_search)
+    rotation = None
+    if getattr(args, "rotate", None) is not None:
+        from lightning_quant.api import check_rotation
+        from lightning_quant.methods.rotation import Rotation
+
+        try:
+            rotation = Rotation(kind=args.rotate, seed=args.rotate_seed)
+            check_rotation(method, rotation)  # before the model loads
+        except ValueError as e:
+            raise SystemExit(f"error: --rotate: {e}") from None
+    elif getattr(args, "rotate_seed", 0):
+        raise SystemExit("error: --rotate-seed needs --rotate {hadamard,random}.")
     model, tokenizer = load_causal_lm(args.model), load_tokenizer(args.model)
     calib = None
     if method.needs_calibration:
@@ -229,7 +247,7 @@ def quantize(args: argparse.Namespace) -> Path:
         calib = _windows(tokenizer, args.calib, args.seq_len, args.num_samples)
     elif args.calib:
         print(f"note: --method {args.method} uses no calibration data; --calib ignored.", file=sys.stderr)
-    weights = quantize_model(model, spec, args.method, calibration=calib, config=config)
+    weights = quantize_model(model, spec, args.method, calibration=calib, config=config, rotation=rotation)
     if args.format == FORMAT:
         export_options = {"method": args.method, "figures": _figures(weights)}
     from lightning_quant import export

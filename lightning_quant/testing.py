@@ -17,6 +17,7 @@ __all__ = [
     "tiny_gpt2",
     "tiny_llama",
     "tiny_opt",
+    "tiny_qwen2",
 ]
 
 TINY_VOCAB = 256
@@ -32,6 +33,17 @@ def tiny_llama(seed: int = 0, hidden: int = 96, layers: int = 2, head_dim: int |
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       head_dim=head_dim or hidden // 4, tie_word_embeddings=tie_word_embeddings)
     return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_qwen2(seed: int = 0, hidden: int = 96, layers: int = 2, tie_word_embeddings: bool = True) -> nn.Module:
+    """Qwen2 (biases on q/k/v, grouped-query 4 over 2 heads), tied embeddings by default as Qwen2-0.5B."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=TINY_VOCAB, hidden_size=hidden, intermediate_size=160, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=tie_word_embeddings)
+    return Qwen2ForCausalLM(cfg).eval()
 
 
 def tiny_gpt2(seed: int = 0, hidden: int = 96, layers: int = 2) -> nn.Module:

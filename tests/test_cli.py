@@ -152,3 +152,33 @@ def test_awq_gptq_and_qparam_search_flags(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--qparam-search is not an option of --method int8"):
         main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--qparam-search", "weight",
               "--out", str(tmp_path / "i")])
+
+
+def test_rotate_flag_rotates_before_quantizing(model_dir, tmp_path):
+    """--rotate hadamard --rotate-seed 3: the saved model equals quantize_model(..., rotation=Rotation(seed=3))."""
+    from transformers import AutoModelForCausalLM
+
+    from lightning_quant import Rotation
+
+    out = tmp_path / "rot"
+    assert main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--bits", "4", "--group-size", "32",
+                 "--rotate", "hadamard", "--rotate-seed", "3", "--out", str(out)]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(model_dir / "model").eval()
+    quantize_model(ref, QuantSpec(4, 32), "rtn", rotation=Rotation("hadamard", seed=3))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    loaded = load_quantized(out)
+    assert torch.equal(loaded.model.layers[0].input_layernorm.weight, torch.ones(96))
+    assert torch.equal(loaded(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_rotate_flag_refusals(model_dir, tmp_path):
+    with pytest.raises(SystemExit, match=r"error: --rotate: method='int8' does not take rotation=: LLM.int8\(\)"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--rotate", "hadamard",
+              "--out", str(tmp_path / "i")])
+    with pytest.raises(SystemExit, match=r"error: --rotate-seed needs --rotate \{hadamard,random\}"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--rotate-seed", "2",
+              "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match=r"error: --rotate: Rotation\(seed=-1\) must be a non-negative int"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--rotate", "random",
+              "--rotate-seed", "-1", "--out", str(tmp_path / "n")])
+    assert not any((tmp_path / d).exists() for d in ("i", "r", "n"))

@@ -9,6 +9,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lightning_quant.algorithms.awq import AWQConfig
 from lightning_quant.callbacks.ptq import PostTrainingQuantization
+from lightning_quant.methods.rotation import Rotation
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE
@@ -34,10 +35,11 @@ class AWQ(PostTrainingQuantization):
     def __init__(self, spec: QuantSpec | None = None, config: AWQConfig | None = None,
                  include: Sequence[str] | None = None, exclude: Sequence[str] | None = DEFAULT_EXCLUDE,
                  num_samples: int = 128, dataloader: Iterable | None = None, when: str = "fit_end",
-                 export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged") -> None:
+                 export_on_fit_end: dict | None = None, *, model: str | None = None, lora: str = "merged",
+                 rotation: Rotation | None = None) -> None:
         super().__init__(spec if spec is not None else QuantSpec(), "awq", config if config is not None else AWQConfig(),
                          include=include, exclude=exclude, num_samples=num_samples, dataloader=dataloader, when=when,
-                         export_on_fit_end=export_on_fit_end, model=model, lora=lora)
+                         export_on_fit_end=export_on_fit_end, model=model, lora=lora, rotation=rotation)
         self.summary: dict[str, dict[str, str]] = {}
 
     def quantize(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, QuantizedWeight]:

@@ -15,11 +15,12 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
 from lightning_quant.adapters import check_lora_mode
-from lightning_quant.api import quantize_model
+from lightning_quant.api import check_rotation, quantize_model
 from lightning_quant.calibration import distributed as dist
 from lightning_quant.callbacks.qat import check_strategy
 from lightning_quant.export.fit import ExportConfig, export_after_fit
 from lightning_quant.methods.registry import MethodResult, get_method
+from lightning_quant.methods.rotation import Rotation
 from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 from lightning_quant.targets import DEFAULT_EXCLUDE, check_patterns, select_targets
@@ -57,13 +58,17 @@ class PostTrainingQuantization(Callback):
         lora: what happens to peft LoRA adapters on the selected layers: ``"merged"`` (default) merges them
             into the float weight, then quantizes; ``"separate"`` quantizes the base and keeps the adapters
             in float on the packed base (see :data:`lightning_quant.adapters.LORA_MODES`).
+        rotation: a :class:`~lightning_quant.methods.rotation.Rotation` (e.g. ``Rotation(kind="hadamard")``,
+            QuaRot / SpinQuant R1): the residual stream is rotated offline before the method runs (float outputs
+            unchanged; adapters on rotated layers are merged under ``lora="merged"``, refused under
+            ``"separate"``). Not with ``int8``, and not under FSDP (the rotation rewrites every layer at once).
     """
 
     def __init__(self, spec: QuantSpec, method: str, config: Any = None, *, include: Sequence[str] | None = None,
                  exclude: Sequence[str] | None = DEFAULT_EXCLUDE, num_samples: int = 128,
                  dataloader: Iterable | None = None, when: str = "fit_end",
                  export_on_fit_end: dict | ExportConfig | None = None, model: str | None = None,
-                 lora: str = "merged") -> None:
+                 lora: str = "merged", rotation: Rotation | None = None) -> None:
         if not isinstance(spec, QuantSpec):
             raise TypeError(f"spec must be a QuantSpec, e.g. QuantSpec(bits=4, group_size=128); got {type(spec).__name__}.")
         m = get_method(method)
@@ -78,7 +83,8 @@ class PostTrainingQuantization(Callback):
         include, exclude = check_patterns(include, "include") or None, check_patterns(exclude, "exclude")
         if model is not None and (not isinstance(model, str) or not model):
             raise ValueError(f"model must be a dotted attribute path such as 'model' (or None), got {model!r}.")
-        self.model_path, self.lora = model, check_lora_mode(lora)
+        check_rotation(m, rotation)
+        self.model_path, self.lora, self.rotation = model, check_lora_mode(lora), rotation
         self.spec, self.method, self.config = spec, method, config
         self.include, self.exclude = include, exclude
         self.num_samples, self.dataloader, self.when = num_samples, dataloader, when
@@ -93,6 +99,11 @@ class PostTrainingQuantization(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy, SingleDeviceStrategy
 
+        if self.rotation is not None and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+            raise TypeError(f"{type(self).__name__}(rotation=...) does not run under {type(trainer.strategy).__name__}: "
+                            "the rotation rewrites the embeddings and every layer with one [n, n] matrix, which needs "
+                            "the whole model on one device. Use strategy='ddp', or drop rotation= (or quantize the "
+                            "saved model with quantize_model(..., rotation=...)).")
         if self.method in SHARDED_METHODS and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
             check_strategy(trainer, type(self).__name__, ("ModelParallelStrategy", "FSDPStrategy"))  # no TP
             return  # FSDP: calibrated block by block, one gathered block at a time
@@ -144,7 +155,7 @@ class PostTrainingQuantization(Callback):
         with self.sharded_scope(trainer, model):
             self.quantized_weights = quantize_model(model, self.spec, self.method, include=self.include,
                                                     exclude=self.exclude, calibration=batches, config=self.config,
-                                                    lora=self.lora)
+                                                    lora=self.lora, rotation=self.rotation)
         self.log_layers(trainer, self.quantized_weights)
         return self.quantized_weights
 

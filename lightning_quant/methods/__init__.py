@@ -16,6 +16,11 @@ _EXPORTS: dict[str, str] = {
     "MethodResult": "lightning_quant.methods.registry",
     "get_method": "lightning_quant.methods.registry",
     "register_method": "lightning_quant.methods.registry",
+    "register_rotation_layout": "lightning_quant.methods.rotation_layouts",
+    "ROTATION_LAYOUTS": "lightning_quant.methods.rotation_layouts",
+    "Rotation": "lightning_quant.methods.rotation",
+    "RotationReport": "lightning_quant.methods.rotation",
+    "rotate_model": "lightning_quant.methods.rotation",
     "swap_in_packed": "lightning_quant.methods.registry",
 }
 

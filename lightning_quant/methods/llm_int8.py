@@ -159,4 +159,7 @@ def outlier_statistics(model: nn.Module, targets: dict[str, nn.Module], batches,
 
 
 register_method("int8", _int8_method, needs_calibration=False, config_type=LLMInt8Config, swap=swap_in_int8,
-                fixed_spec=INT8_METHOD_SPEC, check_spec=check_int8_spec)
+                fixed_spec=INT8_METHOD_SPEC, check_spec=check_int8_spec,
+                refuses_rotation="LLM.int8() keeps the few outlier input features in float, and a rotation spreads "
+                                 "each outlier over every feature, leaving none to keep; use rtn, gptq, awq or "
+                                 "awq+gptq with a rotation, or int8 without one")

@@ -127,6 +127,9 @@ class Method:
     fixed_spec: QuantSpec | None = None
     #: raises for a spec the method cannot honour; run before the model is touched
     check_spec: Callable[[QuantSpec], None] | None = None
+    #: why the method cannot run on a rotated model (``quantize_model(..., rotation=...)`` raises with it);
+    #: ``None``: it can (see :mod:`lightning_quant.methods.rotation`)
+    refuses_rotation: str | None = None
 
     def __post_init__(self) -> None:
         if self.fixed_spec is not None and not isinstance(self.fixed_spec, QuantSpec):
@@ -139,8 +142,9 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, fn: MethodFn, needs_calibration: bool, config_type: type | None = None,
                     swap: SwapFn | None = None, fixed_spec: QuantSpec | None = None,
-                    check_spec: Callable[[QuantSpec], None] | None = None) -> None:
-    METHODS[name] = Method(name, fn, needs_calibration, config_type, swap, fixed_spec, check_spec)
+                    check_spec: Callable[[QuantSpec], None] | None = None,
+                    refuses_rotation: str | None = None) -> None:
+    METHODS[name] = Method(name, fn, needs_calibration, config_type, swap, fixed_spec, check_spec, refuses_rotation)
 
 
 def get_method(name: str) -> Method:

@@ -22,7 +22,8 @@ def _load(*names):
     return [getattr(ptq_quality, n) for n in names]
 
 
-check_on_grid, VARIANTS, variant_config = _load("check_on_grid", "VARIANTS", "variant_config")
+check_on_grid, VARIANTS, ROTATED, variant_config, row_rotation = _load("check_on_grid", "VARIANTS", "ROTATED",
+                                                                       "variant_config", "row_rotation")
 
 
 def test_every_method_row_builds_a_registered_method_and_config():
@@ -38,6 +39,18 @@ def test_every_method_row_builds_a_registered_method_and_config():
             assert config.true_sequential is False, name  # the command line's GPTQ base is kept
     with pytest.raises(SystemExit, match="unknown --methods entry 'gptq-mse'"):
         variant_config("gptq-mse", base)
+
+
+def test_rotated_rows_are_their_base_row_with_a_rotation():
+    from lightning_quant import Rotation
+    from lightning_quant.algorithms.gptq import GPTQConfig
+
+    base = GPTQConfig(true_sequential=False)
+    assert set(ROTATED) >= {"rtn+rot", "gptq+rot", "awq+gptq+rot"}
+    for name, (row, rotation) in ROTATED.items():
+        assert row in VARIANTS and variant_config(name, base) == variant_config(row, base), name
+        assert row_rotation(name) == rotation == Rotation("hadamard", seed=0)
+        assert row_rotation(row) is None
 
 
 @pytest.mark.parametrize("spec", [QuantSpec(4, 32), QuantSpec(4, 32, symmetric=False), QuantSpec(3, -1)], ids=str)

@@ -140,3 +140,36 @@ def test_awq_config_selects_awq_then_gptq(tmp_path):
     assert len(_packed(model)) == 14
     figures = cb.quantized_weights.figures
     assert set(figures) == set(cb.quantized_weights) and all("awq_ratio" in f and "gptq_loss" in f for f in figures.values())
+
+
+def test_rotation_option_rotates_before_gptq_at_fit_end(tmp_path):
+    """GPTQ(rotation=Rotation()): the residual stream is rotated (norm scales folded: exactly 1 afterwards, though
+    training moved them) before GPTQ runs; the model stays a usable LM with packed layers."""
+    from lightning_quant import Rotation
+
+    cb = GPTQ(SPEC, num_samples=2, rotation=Rotation(kind="hadamard", seed=1))
+    model = LM()
+    _trainer(tmp_path, cb).fit(model, datamodule=DM())
+    assert len(_packed(model)) == 14 and cb.rotation == Rotation(seed=1)
+    for layer in model.model.model.layers:
+        assert torch.equal(layer.input_layernorm.weight, torch.ones(96))
+    assert torch.isfinite(model(torch.randint(0, 256, (1, 8)))).all()
+
+
+def test_rotation_option_refusals():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lightning_quant import Rotation
+    from lightning_quant.callbacks import AWQ
+    from lightning_quant.methods.llm_int8 import INT8_METHOD_SPEC
+
+    assert AWQ(SPEC, rotation=Rotation("random")).rotation == Rotation("random")
+    with pytest.raises(ValueError, match=r"method='int8' does not take rotation=: LLM.int8\(\) keeps"):
+        PostTrainingQuantization(INT8_METHOD_SPEC, "int8", rotation=Rotation())
+    with pytest.raises(TypeError, match="rotation must be a lightning_quant.methods.rotation.Rotation"):
+        GPTQ(SPEC, rotation="hadamard")
+    with pytest.raises(TypeError, match=r"GPTQ\(rotation=...\) does not run under ModelParallelStrategy: the rotation "
+                                        r"rewrites .* Use strategy='ddp'"):
+        GPTQ(SPEC, rotation=Rotation()).setup(SimpleNamespace(strategy=ModelParallelStrategy()), LM(), "fit")
