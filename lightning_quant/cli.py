@@ -1,7 +1,7 @@
 """``lightning-quant``: standalone PTQ of a saved model, and held-out perplexity.
 
     lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
-                             [--act-order] [--rotate {hadamard,random} [--rotate-seed 0]]
+                             [--act-order | --no-act-order] [--rotate {hadamard,random} [--rotate-seed 0]]
                              --calib FILE --num-samples 128 --seq-len 512 --out DIR
                              [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,gguf,int8,onnx}]
                              [--export-option KEY=VALUE ...]   # the format's options, e.g. accuracy_level=4 (onnx), float_type=q8_0 (gguf)
@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="symmetric codes, implicit zero point" + (" (default)" if d.symmetric else ""))
     sym.add_argument("--asym", dest="sym", action="store_const", const=False,
                      help="asymmetric codes with a zero point per group" + ("" if d.symmetric else " (default)"))
-    q.add_argument("--act-order", action="store_true", help="process columns by descending Hessian diagonal (gptq)")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
+                   help="process columns by descending Hessian diagonal, with static groups (gptq, awq+gptq; "
+                        "default on: GPTQConfig's default); --no-act-order turns it off")
     q.add_argument("--qparam-search", choices=("none", "weight", "hessian"), default=None,
                    help="grid-search each group's clip range (QParamSearch) minimising the weight error "
                         "(rtn, gptq, awq+gptq) or the Hessian-weighted error (gptq, awq+gptq; gptq's default), "
@@ -129,7 +131,7 @@ def _windows(tokenizer, path: str, seq_len: int, n: int | None):
     return windows
 
 
-def _method_config(method, act_order: bool, qparam_search: str | None = None):
+def _method_config(method, act_order: bool | None, qparam_search: str | None = None):
     """The method's config from the method flags; a flag the method's config lacks exits naming it."""
     from lightning_quant.spec import QParamSearch
 
@@ -137,14 +139,12 @@ def _method_config(method, act_order: bool, qparam_search: str | None = None):
     opts = {}
     for flag, field, value in (("--act-order", "act_order", act_order),
                                ("--qparam-search", "qparam_search", qparam_search)):
-        if value and field not in fields:
+        if value is not None and field not in fields:
             raise SystemExit(f"error: {flag} is not an option of --method {method.name}.")
         if value == "none":
             opts[field] = None
-        elif value:
+        elif value is not None:
             opts[field] = QParamSearch(objective=value) if field == "qparam_search" else value
-    if "act_order" in fields:
-        opts.setdefault("act_order", False)
     if not opts:
         return None
     try:

@@ -127,7 +127,7 @@ def test_config_and_input_validation():
     with pytest.raises(ValueError, match="block_size=0 must be an int >= 1"):
         GPTQConfig(block_size=0)
     with pytest.raises(ValueError, match="static_groups=True only applies with act_order=True"):
-        GPTQConfig(static_groups=True)
+        GPTQConfig(act_order=False, static_groups=True)
     with pytest.raises(TypeError, match="act_order must be True or False"):
         GPTQConfig(act_order=1)
     with pytest.raises(ValueError, match=r"need weight \[out, in\] and hessian \[in, in\]"):
@@ -136,3 +136,15 @@ def test_config_and_input_validation():
         gptq_quantize(torch.randn(4, 8), torch.full((8, 8), float("nan")), QuantSpec(4, 8), name="w")
     with pytest.raises(ValueError, match="larger than the layer's in_features"):
         gptq_quantize(torch.randn(4, 8), torch.eye(8), QuantSpec(4, 16))
+
+
+def test_default_is_act_order_with_static_groups():
+    """The measured default (docs/benchmarks.md, issue 15): act-order with static groups, so no g_idx."""
+    cfg = GPTQConfig()
+    assert cfg.act_order is True and cfg.static_groups is True
+    assert GPTQConfig(act_order=False).static_groups is False
+    assert GPTQConfig(act_order=True, static_groups=False).static_groups is False
+    w = torch.randn(16, 128)
+    x = torch.randn(256, 128) * torch.linspace(0.1, 3.0, 128)  # distinct diag H: a real permutation
+    res = gptq_quantize(w, 2 * x.T @ x / 256, QuantSpec(4, 32), cfg)
+    assert res.qweight.perm is not None and res.qweight.g_idx is None and res.qweight.has_trivial_groups

@@ -27,7 +27,7 @@ def test_gptq_equals_paper_reference_on_real_activations(tiny_model, spec, group
     """The lazy-batch float32 solver == a dense float64 Algorithm 1 on the same Hessians, sym and asym
     (the asymmetric path was suspected in issue 15; it matches like the symmetric one)."""
     for name, w, h in _layers(tiny_model):
-        ours = gptq_quantize(w, h, spec, GPTQConfig(group_qparams=group_qparams, qparam_search=None), name=name)
+        ours = gptq_quantize(w, h, spec, GPTQConfig(group_qparams=group_qparams, qparam_search=None, act_order=False), name=name)
         ref = reference_gptq(w, h, spec.bits, spec.group_size, spec.symmetric, qparams=group_qparams).float()
         assert ours.loss == pytest.approx(output_error(w, ref, h), rel=2e-3), name
         same = (ours.dequantized == ref).float().mean().item()
@@ -76,10 +76,10 @@ def test_each_option_lowers_layer_output_error(tiny_model, spec):
 
     rtn = total(lambda w, h, n: rtn_quantize(w, spec, name=n).dequantize())
     rtn_mse = total(lambda w, h, n: rtn_quantize(w, spec, name=n, search=QParamSearch()).dequantize())
-    gptq = total(lambda w, h, n: gptq_quantize(w, h, spec, GPTQConfig(qparam_search=None), n).dequantized)
-    g_mse = total(lambda w, h, n: gptq_quantize(w, h, spec, GPTQConfig(qparam_search=QParamSearch()), n).dequantized)
+    gptq = total(lambda w, h, n: gptq_quantize(w, h, spec, GPTQConfig(qparam_search=None, act_order=False), n).dequantized)
+    g_mse = total(lambda w, h, n: gptq_quantize(w, h, spec, GPTQConfig(qparam_search=QParamSearch(), act_order=False), n).dequantized)
     g_hess = total(lambda w, h, n: gptq_quantize(
-        w, h, spec, GPTQConfig(qparam_search=QParamSearch(objective="hessian")), n).dequantized)
+        w, h, spec, GPTQConfig(qparam_search=QParamSearch(objective="hessian"), act_order=False), n).dequantized)
     assert rtn_mse <= rtn
     assert g_mse <= gptq and g_hess <= gptq
     assert gptq < rtn
@@ -118,3 +118,4 @@ def test_invalid_searches_and_combinations_raise():
         GPTQConfig(group_qparams="first")
     with pytest.raises(TypeError, match="GPTQConfig.qparam_search must be"):
         GPTQConfig(qparam_search="mse")
+
