@@ -249,7 +249,7 @@ def quantize(args: argparse.Namespace) -> Path:
         print(f"note: --method {args.method} uses no calibration data; --calib ignored.", file=sys.stderr)
     weights = quantize_model(model, spec, args.method, calibration=calib, config=config, rotation=rotation)
     if args.format == FORMAT:
-        export_options = {"method": args.method, "figures": _figures(weights)}
+        export_options = {"method": args.method, "figures": weights.float_figures()}
     from lightning_quant import export
 
     try:
@@ -258,12 +258,6 @@ def quantize(args: argparse.Namespace) -> Path:
         raise SystemExit(f"error: --format {args.format}: {e}") from None
     print(f"quantized {len(weights)} layers with {args.method} ({spec}) -> {out}")
     return out
-
-
-def _figures(result) -> dict[str, dict[str, float]]:
-    """``{layer: {figure: float}}``: the method's float figures (``gptq_loss``, ...; bool flags are not recorded)."""
-    return {name: {k: float(v) for k, v in figs.items() if not isinstance(v, bool)}
-            for name, figs in result.figures.items()}
 
 
 def save_quantized(model: nn.Module, method: str, out: str | Path, tokenizer=None,

@@ -88,10 +88,13 @@ class MethodResult(Mapping[str, QuantizedWeight], Generic[LayerData]):
         return MethodResult({**self.weights, **other.weights}, {**self.layers, **other.layers},
                             {**self.figures, **other.figures})
 
+    def float_figures(self) -> dict[str, dict[str, float]]:
+        """``{layer: {figure: float}}``: the numeric figures as floats (bool flags such as ``gptq_fallback`` are not)."""
+        return {n: {k: float(v) for k, v in figs.items() if not isinstance(v, bool)} for n, figs in self.figures.items()}
+
     def log_figures(self, prefix: str) -> dict[str, float]:
-        """``{"<prefix>/<layer>/<figure>": value}`` of the float figures (bool flags are not metrics)."""
-        return {f"{prefix}/{n}/{k}": float(v) for n, figs in self.figures.items() for k, v in figs.items()
-                if not isinstance(v, bool)}
+        """``{"<prefix>/<layer>/<figure>": value}`` of :meth:`float_figures`, for the loggers."""
+        return {f"{prefix}/{n}/{k}": v for n, figs in self.float_figures().items() for k, v in figs.items()}
 
 
 MethodFn = Callable[[nn.Module, dict[str, nn.Module], QuantSpec, Any, Any], MethodResult]

@@ -67,3 +67,8 @@ def test_the_swap_receives_the_whole_result(tiny_llama):
     finally:
         METHODS.pop("with-data")
     assert seen == {n: len(n) for n in result} and len(seen) == 2
+
+
+def test_float_figures_drop_bool_flags():
+    r = MethodResult(_weights("a"), figures={"a": {"loss": 2, "fallback": True}})
+    assert r.float_figures() == {"a": {"loss": 2.0}} and isinstance(r.float_figures()["a"]["loss"], float)
