@@ -83,11 +83,6 @@ class MethodResult(Mapping[str, QuantizedWeight], Generic[LayerData]):
         return MethodResult({n: self.weights[n] for n in keep}, {n: self.layers[n] for n in keep if n in self.layers},
                             {n: self.figures[n] for n in keep if n in self.figures})
 
-    def merged(self, other: MethodResult) -> MethodResult:
-        """This result and ``other``'s layers together (``other`` wins for a name in both)."""
-        return MethodResult({**self.weights, **other.weights}, {**self.layers, **other.layers},
-                            {**self.figures, **other.figures})
-
     def float_figures(self) -> dict[str, dict[str, float]]:
         """``{layer: {figure: float}}``: the numeric figures as floats (bool flags such as ``gptq_fallback`` are not)."""
         return {n: {k: float(v) for k, v in figs.items() if not isinstance(v, bool)} for n, figs in self.figures.items()}

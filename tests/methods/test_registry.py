@@ -23,8 +23,6 @@ def test_result_reads_as_a_mapping_of_weights_and_keeps_layers_and_figures_apart
     sub = r.subset(["b"])
     assert list(sub) == ["b"] and sub.layers == {} and sub.figures == {"b": {"loss": 2.0}}
     assert r.log_figures("gptq") == {"gptq/a/loss": 1.5, "gptq/b/loss": 2.0}  # bool flags are not metrics
-    both = sub.merged(MethodResult(_weights("c"), figures={"c": {"loss": 3.0}}))
-    assert list(both) == ["b", "c"] and both.figures["c"] == {"loss": 3.0}
     with pytest.raises(dataclasses.FrozenInstanceError):
         r.weights = {}
 
