@@ -50,15 +50,21 @@ def load_triton():
     return triton, tl
 
 
-def build_kernels(module_globals: dict, kernel, interpret: bool, tuned: dict[str, tuple]) -> dict:
+def build_kernels(module_globals: dict, kernel, interpret: bool, tuned: dict[str, tuple], helpers: tuple = ()) -> dict:
     """``{"jit": triton.jit(kernel), name: autotuned jit, ...}`` for one kernel family, built on first use.
 
     ``module_globals`` (the kernel module's ``globals()``) receives ``tl``, which the kernel body reads when
-    it compiles. ``tuned`` maps a name to ``(configs(triton) -> list, autotune keyword arguments)``; the
-    interpreter cannot benchmark, so ``interpret`` returns the plain jit only (callers pass a fixed config).
+    it compiles, and each of ``helpers`` (plain functions the kernel calls, e.g.
+    :func:`lightning_quant.kernels._packed.packed_step`) jitted under its own name; the helper's own module
+    receives ``tl`` too. ``tuned`` maps a name to ``(configs(triton) -> list, autotune keyword arguments)``;
+    the interpreter cannot benchmark, so ``interpret`` returns the plain jit only (callers pass a fixed
+    config).
     """
     triton, tl = load_triton()
     module_globals["tl"] = tl
+    for helper in helpers:
+        helper.__globals__["tl"] = tl
+        module_globals[helper.__name__] = triton.jit(helper)
     jit = triton.jit(kernel)
     if interpret:
         return {"jit": jit}

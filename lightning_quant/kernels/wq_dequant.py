@@ -20,12 +20,9 @@ The kernel (operands as :mod:`lightning_quant.kernels.wq_matmul`: ``qweight`` in
   and multiplies ``x`` as it is (no input gather);
 * dequantizes with magic numbers, no integer-to-float conversion instruction, bit for bit the
   reference :func:`~lightning_quant.kernels.wq_matmul.dequantize_packed` (``(q − z)·s`` in float32,
-  then ``.to(dtype)``). float16 weight from float16 scales (``HALF = 1``, two codes per 32-bit op):
-  ``q | 0x6400`` read as float16 is ``1024 + q``, minus ``1024 + z`` is the exact ``q − z``, and the
-  float16 product with ``s`` rounds once the exact value ``(q − z)·s`` (at most 8 + 11 significant
-  bits, so also exact in the reference's float32 before its one rounding to float16). Otherwise
-  ``q | 0x4B000000`` read as float32 is ``2^23 + q``, minus ``2^23 + z``, times ``s`` in float32,
-  cast to ``dtype``: the reference's own operations;
+  then ``.to(dtype)``): the step (word load, scales, zeros, unpacking) is
+  :func:`lightning_quant.kernels._packed.packed_step`, shared with the decode GEMV; float16 weight
+  from float16 scales (``HALF = 1``) is its float16 tile, any other its float32 value cast once;
 * one program owns ``BLOCK_N`` outputs and a ``K / SPLIT_K`` slice of rows (``SPLIT_K`` programs
   along ``K``, each writing its own rows: no reduction), one ``[BLOCK_K·b/32, BLOCK_N]`` word load per
   step; a step lies inside one group when ``BLOCK_K`` divides the group size (one scale row), else
@@ -44,12 +41,13 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_quant.kernels import _runtime
+from lightning_quant.kernels import _packed, _runtime
 
 __all__ = ["dequant_configs", "dequant_constants", "dequantize_packed_triton", "prune_dequant"]
 
 _PER_CHANNEL_GROUP = 1 << 30
 tl = None  # triton.language, bound on the first kernel build (lazy import)
+packed_step = None  # _packed.packed_step jitted, bound on the first kernel build
 
 
 def _wq_dequant_kernel(qw_ptr, s_ptr, z_ptr, p_ptr, out_ptr, N, K, stride_zg,
@@ -58,53 +56,13 @@ def _wq_dequant_kernel(qw_ptr, s_ptr, z_ptr, p_ptr, out_ptr, N, K, stride_zg,
     """Rows of ``W^T [K, N]`` for outputs tile ``program_id(0)`` and ``K`` slice ``program_id(1)``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    PER: tl.constexpr = 32 // BITS
-    QMASK: tl.constexpr = (1 << BITS) - 1
-    WR: tl.constexpr = BLOCK_K // PER  # word rows per step
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, WR)
-    offs_j = tl.arange(0, PER)
-    shifts = (offs_j * BITS)[None, :, None]  # [1, PER, 1]: code j of a word sits at bits [j·b, (j+1)·b)
-    zsh = ((offs_n % PER) * BITS)[None, None, :]
-    n_words = tl.cdiv(K, PER)
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps per program
     k_begin = pid_k * steps * BLOCK_K
     for step in range(steps):
-        k0 = k_begin + step * BLOCK_K
-        rows = k0 // PER + offs_r  # [WR]
-        words = tl.load(qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
-                        mask=(rows < n_words)[:, None] & mask_n[None, :], other=0)  # [WR, BLOCK_N]
-        offs_k = k0 + offs_r[:, None] * PER + offs_j[None, :]  # [WR, PER]: kernel column of each code
-        mask_k = offs_k < K
-        if GROUP_SIZE % BLOCK_K == 0:  # the step lies in one group: one scale (and zero) row
-            g_off = (k0 // GROUP_SIZE + offs_n * 0)[None, None, :]
-            s_mask = (mask_n & ((offs_n * 0 + k0) < K))[None, None, :]  # tensor-shaped for the interpreter
-        else:  # groups smaller than or straddling the step: a scale per element
-            g_off = (offs_k // GROUP_SIZE)[:, :, None]
-            s_mask = mask_k[:, :, None] & mask_n[None, None, :]
-        s = tl.load(s_ptr + g_off * N + offs_n[None, None, :], mask=s_mask, other=0.0)
-        if ASYM:
-            zw = tl.load(z_ptr + g_off * stride_zg + (offs_n // PER)[None, None, :], mask=s_mask, other=0)
-            z = (zw >> zsh) & QMASK
-        else:
-            z = tl.full((1, 1, 1), 1 << (BITS - 1), tl.int32)
-        if HALF == 1:  # float16 magic: 1024 + q exactly, minus 1024 + z, one rounding in the float16 multiply
-            # two codes per 32-bit op: code j in the low half, code j + PER/2 in the high half
-            PER2: tl.constexpr = PER // 2
-            pair = (words[:, None, :] >> (tl.arange(0, PER2) * BITS)[None, :, None]) & (QMASK | (QMASK << 16))
-            pair = pair | 0x64006400  # [WR, PER/2, BLOCK_N]
-            lo = pair.to(tl.int16).to(tl.float16, bitcast=True)
-            hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-            q4 = tl.permute(tl.join(lo, hi), (0, 3, 1, 2))  # [WR, 2, PER/2, BLOCK_N]: k = r·PER + half·PER/2 + j
-            qh = tl.reshape(q4, (WR, PER, BLOCK_N))
-            zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            w = (qh - zh) * s  # (q − z) exact in float16; the product's one rounding = the reference's cast
-        else:  # float32 magic: 2^23 + q exactly, minus 2^23 + z; (q − z)·s in float32, as the reference
-            codes = (words[:, None, :] >> shifts) & QMASK  # [WR, PER, BLOCK_N]
-            qf = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)
-            w = (qf - zf) * s.to(tl.float32)
+        w, offs_k, mask_k = packed_step(qw_ptr, s_ptr, z_ptr, k_begin + step * BLOCK_K, offs_n, mask_n, N, K,
+                                        stride_zg, BITS, ASYM, GROUP_SIZE, HALF, BLOCK_N, BLOCK_K)
         if HAS_PERM:  # kernel column k is input feature perm[k]: write its row there
             dst = tl.load(p_ptr + offs_k, mask=mask_k, other=0)
         else:
@@ -143,7 +101,8 @@ def dequant_constants(bits: int, asym: bool, has_perm: bool, group_size: int, dt
 @functools.cache
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_dequant_kernel, interpret, {"tuned": (dequant_configs, {
-        "key": ["N", "K", "BITS", "GROUP_SIZE"], "prune_configs_by": {"early_config_prune": prune_dequant}})})
+        "key": ["N", "K", "BITS", "GROUP_SIZE"], "prune_configs_by": {"early_config_prune": prune_dequant}})},
+                                  helpers=(_packed.packed_step,))
 
 
 def dequantize_packed_triton(qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None, bits: int,
@@ -165,14 +124,5 @@ def dequantize_packed_triton(qweight: Tensor, scales: Tensor, qzeros: Tensor | N
     args = (qweight, scales, qweight if qzeros is None else qzeros, qweight if perm is None else perm, out, n, k,
             0 if qzeros is None else qzeros.shape[1])
     with _runtime.on_device(qweight):
-        if config is not None or "tuned" not in kernels:
-            if config is None:
-                raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_N': .., 'BLOCK_K': .., 'SPLIT_K': ..} "
-                                 "for the prefill dequantization.")
-            cfg = {"SPLIT_K": 1, **config}
-            if cfg["BLOCK_K"] % (32 // bits):
-                raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must be a multiple of 32/bits = {32 // bits} (whole words).")
-            _runtime.launch(kernels["jit"], (-(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"]), *args, **const, **cfg)
-        else:
-            _runtime.launch(kernels["tuned"], lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"]), *args, **const)
+        _packed.launch_packed(kernels, n, bits, args, const, config, "the prefill dequantization")
     return out.t()

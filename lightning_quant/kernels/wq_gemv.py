@@ -11,15 +11,12 @@ work per weight. Here:
   load is one 128-byte line per word row), unpacks them in registers as ``[word row, code, N]``
   without a reshape, multiplies by the activations broadcast over ``N`` and sums the code axes in
   registers: the ``K`` reduction needs no shared memory;
-* **magic-number dequantization**, no integer-to-float conversion instruction. float16 activations
-  and scales: ``q | 0x6400`` is the float16 ``1024 + q`` (exact for 8-bit codes too: the exponent
-  makes the spacing 1), minus ``1024 + z`` (same trick on the zero code) is the exact integer
-  ``q − z``, times ``s`` one correctly rounded float16 product: bit for bit the reference's
-  ``((q − z)·s in float32).to(float16)``, because ``(q − z)·s`` (at most 8 + 11 significant bits) is
-  exact in float32 before its one rounding. Other dtypes (bfloat16, float32, mixed): ``q | 0x4B000000``
-  is the float32 ``2^23 + q``, minus ``2^23 + z``, times ``s`` in float32, cast to the activation
-  dtype — the reference's own operations. (A bfloat16 ``q | 0x4300`` trick works on the GPU too, but
-  Triton's CPU interpreter cannot bitcast to bfloat16, and the tests must run it.);
+* **magic-number dequantization**, no integer-to-float conversion instruction: the word load, scales,
+  zeros and unpacking are :func:`lightning_quant.kernels._packed.packed_step`, shared with the prefill
+  dequantization. float16 activations and scales multiply its float16 tile, bit for bit the reference;
+  other dtypes (bfloat16, float32, mixed) round its exact float32 ``(q − z)·s`` once to the activation
+  dtype, as the reference does. (A bfloat16 ``q | 0x4300`` trick works on the GPU too, but Triton's CPU
+  interpreter cannot bitcast to bfloat16, and the tests must run it.);
 * **act-order** gathers the activations inside the kernel (``x[m, perm[k]]``): no ``index_select``;
 * **one launch**: with ``SPLIT_K = 1`` the program adds the bias, casts and stores. With
   ``SPLIT_K > 1`` the programs of one output tile ``atomic_add`` (``sem="relaxed"``) float32
@@ -40,7 +37,7 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_quant.kernels import _runtime
+from lightning_quant.kernels import _packed, _runtime
 
 __all__ = ["GEMV_MAX_ROWS", "gemv_configs", "gemv_constants", "prune_gemv", "wq_gemv"]
 
@@ -49,6 +46,7 @@ GEMV_MAX_ROWS = 8
 _PER_CHANNEL_GROUP = 1 << 30
 _HALF_CODE = {torch.float16: 1}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
+packed_step = None  # _packed.packed_step jitted, bound on the first kernel build
 
 
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_zg,
@@ -58,55 +56,19 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
     """Outputs ``[M, BLOCK_N]`` of tile ``program_id(0)`` over the ``K`` slice ``program_id(1)``."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    PER: tl.constexpr = 32 // BITS
-    QMASK: tl.constexpr = (1 << BITS) - 1
-    WR: tl.constexpr = BLOCK_K // PER  # word rows per step
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    offs_r = tl.arange(0, WR)
-    offs_j = tl.arange(0, PER)
     offs_m = tl.arange(0, BLOCK_M)
-    shifts = (offs_j * BITS)[None, :, None]  # [1, PER, 1]: code j of a word sits at bits [j·b, (j+1)·b)
-    n_words = tl.cdiv(K, PER)
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps per split
     k_begin = pid_k * steps * BLOCK_K
-    zsh = ((offs_n % PER) * BITS)[None, None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(steps):
-        k0 = k_begin + step * BLOCK_K
-        rows = k0 // PER + offs_r  # [WR]
-        words = tl.load(qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
-                        mask=(rows < n_words)[:, None] & mask_n[None, :], other=0)  # [WR, BLOCK_N]
-        offs_k = k0 + offs_r[:, None] * PER + offs_j[None, :]  # [WR, PER]
-        mask_k = offs_k < K
-        if GROUP_SIZE % BLOCK_K == 0:  # the step lies in one group: one scale (and zero) row
-            g_off = (k0 // GROUP_SIZE + offs_n * 0)[None, None, :]
-            s_mask = (mask_n & ((offs_n * 0 + k0) < K))[None, None, :]  # tensor-shaped for the interpreter
-        else:  # groups smaller than or straddling the step: a scale per element
-            g_off = (offs_k // GROUP_SIZE)[:, :, None]
-            s_mask = mask_k[:, :, None] & mask_n[None, None, :]
-        s = tl.load(s_ptr + g_off * N + offs_n[None, None, :], mask=s_mask, other=0.0)
-        if ASYM:
-            zw = tl.load(z_ptr + g_off * stride_zg + (offs_n // PER)[None, None, :], mask=s_mask, other=0)
-            z = (zw >> zsh) & QMASK
-        else:
-            z = tl.full((1, 1, 1), 1 << (BITS - 1), tl.int32)
-        if HALF == 1:  # float16 magic number: 1024 + q exactly, minus 1024 + z, one rounding in the multiply
-            # two codes per 32-bit op: code j in the low half, code j + PER/2 in the high half
-            PER2: tl.constexpr = PER // 2
-            pair = (words[:, None, :] >> (tl.arange(0, PER2) * BITS)[None, :, None]) & (QMASK | (QMASK << 16))
-            pair = pair | 0x64006400  # [WR, PER/2, BLOCK_N]
-            lo = pair.to(tl.int16).to(tl.float16, bitcast=True)
-            hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-            q4 = tl.permute(tl.join(lo, hi), (0, 3, 1, 2))  # [WR, 2, PER/2, BLOCK_N]: k = r·PER + half·PER/2 + j
-            qh = tl.reshape(q4, (WR, PER, BLOCK_N))
-            zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-            w = ((qh - zh) * s.to(tl.float16)).to(tl.float32)
-        else:  # float32 magic number: 2^23 + q exactly, minus 2^23 + z; the reference's cast to x's dtype
-            codes = (words[:, None, :] >> shifts) & QMASK  # [WR, PER, BLOCK_N]
-            qf = (codes | 0x4B000000).to(tl.float32, bitcast=True)
-            zf = (z | 0x4B000000).to(tl.float32, bitcast=True)
-            w = ((qf - zf) * s.to(tl.float32)).to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+        w, offs_k, mask_k = packed_step(qw_ptr, s_ptr, z_ptr, k_begin + step * BLOCK_K, offs_n, mask_n, N, K,
+                                        stride_zg, BITS, ASYM, GROUP_SIZE, HALF, BLOCK_N, BLOCK_K)
+        if HALF == 1:  # the float16 product is the reference's rounding
+            w = w.to(tl.float32)
+        else:  # the exact float32 (q − z)·s, rounded once to x's dtype as the reference
+            w = w.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
         if HAS_PERM:
             src = tl.load(p_ptr + offs_k, mask=mask_k, other=0)
         else:
@@ -173,7 +135,7 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 @functools.cache
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
-        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})})
+        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step,))
 
 
 _WORKSPACES: dict = {}
@@ -216,13 +178,5 @@ def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, p
     args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
             x if perm is None else perm, out, ws, cnt, m, n, k, 0 if qzeros is None else qzeros.shape[1])
     with _runtime.on_device(x):
-        if config is not None or "tuned" not in kernels:
-            if config is None:
-                raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_N': .., 'BLOCK_K': .., 'SPLIT_K': ..}.")
-            cfg = {"SPLIT_K": 1, **config}
-            if cfg["BLOCK_K"] % (32 // bits):
-                raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must be a multiple of 32/bits = {32 // bits} (whole words).")
-            _runtime.launch(kernels["jit"], (-(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"]), *args, **const, **cfg)
-        else:
-            _runtime.launch(kernels["tuned"], lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"]), *args, **const)
+        _packed.launch_packed(kernels, n, bits, args, const, config, "the decode GEMV")
     return out

@@ -43,6 +43,7 @@ def test_report_files_and_wandb_offline_run(tmp_path):
     assert 0.1 < summary["quant/size_ratio"] < 1
     hist = read_history(offline_run_dir(tmp_path))
     merged = {k: v for row in hist for k, v in row.items()}
+    assert "quant/bits_per_weight" in merged, sorted(merged)
     assert merged["quant/bits_per_weight"] == pytest.approx(summary["quant/bits_per_weight"])
     assert merged["quant/ppl_before"] == pytest.approx(summary["quant/ppl_before"])
     assert merged["quant/layers.nrows"] == 14 and merged["quant/layers._type"] == "table-file"

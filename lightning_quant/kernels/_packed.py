@@ -1,0 +1,89 @@
+"""What the two packed-weight kernels without ``tl.dot`` share: one unpacking step, and their launcher.
+
+:mod:`lightning_quant.kernels.wq_gemv` (decode) and :mod:`lightning_quant.kernels.wq_dequant`
+(prefill scratch buffer) walk ``qweight`` (int32 ``[ceil(K·b/32), N]``) the same way: per step one
+``[BLOCK_K·b/32, BLOCK_N]`` word load, the step's scales and zero codes, and magic-number
+dequantization into a ``[word row, code, N]`` tile. :func:`packed_step` is that step; the kernels
+call it as a Triton function (inlined when they compile, so the compiled code is that of one kernel),
+bound into their module by :func:`lightning_quant.kernels._runtime.build_kernels` (``helpers=``).
+
+Dequantization, bit for bit the reference ``((q − z)·s in float32).to(dtype)``:
+
+* ``HALF = 1`` (float16 scales): ``q | 0x6400`` read as float16 is ``1024 + q`` (exact for 8-bit
+  codes too: the exponent makes the spacing 1), minus ``1024 + z`` is the exact integer ``q − z``,
+  and the float16 product with ``s`` rounds once the exact ``(q − z)·s`` (at most 8 + 11 significant
+  bits, so also exact in the reference's float32 before its one rounding to float16). Two codes per
+  32-bit op: code ``j`` in the low half, code ``j + PER/2`` in the high half. The tile is float16.
+* otherwise ``q | 0x4B000000`` read as float32 is ``2^23 + q``, minus ``2^23 + z``, times ``s`` in
+  float32: the reference's own float32 value, which the caller casts (one rounding). The tile is
+  float32.
+"""
+
+from __future__ import annotations
+
+from lightning_quant.kernels import _runtime
+
+__all__ = ["launch_packed", "packed_step"]
+
+tl = None  # triton.language, bound by _runtime.build_kernels on the first kernel build (lazy import)
+
+
+def packed_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
+                GROUP_SIZE: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``(w [WR, PER, BLOCK_N], offs_k [WR, PER], mask_k)`` for kernel columns ``k0 .. k0 + BLOCK_K``:
+    ``w[r, j, n]`` is the dequantized weight of kernel column ``k0 + r·PER + j`` and output ``offs_n[n]``
+    (zero where masked), ``PER = 32 / BITS`` codes per word."""
+    PER: tl.constexpr = 32 // BITS
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    WR: tl.constexpr = BLOCK_K // PER  # word rows per step
+    offs_r = tl.arange(0, WR)
+    offs_j = tl.arange(0, PER)
+    rows = k0 // PER + offs_r  # [WR]
+    words = tl.load(qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :],
+                    mask=(rows < tl.cdiv(K, PER))[:, None] & mask_n[None, :], other=0)  # [WR, BLOCK_N]
+    offs_k = k0 + offs_r[:, None] * PER + offs_j[None, :]  # [WR, PER]: kernel column of each code
+    mask_k = offs_k < K
+    if GROUP_SIZE % BLOCK_K == 0:  # the step lies in one group: one scale (and zero) row
+        g_off = (k0 // GROUP_SIZE + offs_n * 0)[None, None, :]
+        s_mask = (mask_n & ((offs_n * 0 + k0) < K))[None, None, :]  # tensor-shaped for the interpreter
+    else:  # groups smaller than or straddling the step: a scale per element
+        g_off = (offs_k // GROUP_SIZE)[:, :, None]
+        s_mask = mask_k[:, :, None] & mask_n[None, None, :]
+    s = tl.load(s_ptr + g_off * N + offs_n[None, None, :], mask=s_mask, other=0.0)
+    if ASYM:  # zero codes packed along N: output n's code sits at bits (n mod PER)·b of word n / PER
+        zw = tl.load(z_ptr + g_off * stride_zg + (offs_n // PER)[None, None, :], mask=s_mask, other=0)
+        z = (zw >> ((offs_n % PER) * BITS)[None, None, :]) & QMASK
+    else:
+        z = tl.full((1, 1, 1), 1 << (BITS - 1), tl.int32)
+    if HALF == 1:
+        PER2: tl.constexpr = PER // 2
+        pair = (words[:, None, :] >> (tl.arange(0, PER2) * BITS)[None, :, None]) & (QMASK | (QMASK << 16))
+        pair = pair | 0x64006400  # [WR, PER/2, BLOCK_N]
+        lo = pair.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        q4 = tl.permute(tl.join(lo, hi), (0, 3, 1, 2))  # [WR, 2, PER/2, BLOCK_N]: k = r·PER + half·PER/2 + j
+        qh = tl.reshape(q4, (WR, PER, BLOCK_N))
+        zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        w = (qh - zh) * s.to(tl.float16)  # (q − z) exact in float16; the product's one rounding = the reference's
+    else:
+        codes = (words[:, None, :] >> (offs_j * BITS)[None, :, None]) & QMASK  # [WR, PER, BLOCK_N]
+        qf = (codes | 0x4B000000).to(tl.float32, bitcast=True)
+        zf = (z | 0x4B000000).to(tl.float32, bitcast=True)
+        w = (qf - zf) * s.to(tl.float32)
+    return w, offs_k, mask_k
+
+
+def launch_packed(kernels: dict, n: int, bits: int, args: tuple, const: dict, config: dict | None, what: str) -> None:
+    """Launch a family built with ``(BLOCK_N, BLOCK_K, SPLIT_K)`` configs on the grid
+    ``(ceil(n / BLOCK_N), SPLIT_K)``: ``config`` when given (required under ``TRITON_INTERPRET=1``, where
+    nothing is autotuned; ``SPLIT_K`` defaults to 1), else the autotuned kernel. ``what`` names the call
+    in the error."""
+    if config is None and "tuned" in kernels:
+        _runtime.launch(kernels["tuned"], lambda meta: (-(-n // meta["BLOCK_N"]), meta["SPLIT_K"]), *args, **const)
+        return
+    if config is None:
+        raise ValueError(f"Under TRITON_INTERPRET=1 pass config={{'BLOCK_N': .., 'BLOCK_K': .., 'SPLIT_K': ..}} for {what}.")
+    cfg = {"SPLIT_K": 1, **config}
+    if cfg["BLOCK_K"] % (32 // bits):
+        raise ValueError(f"BLOCK_K={cfg['BLOCK_K']} must be a multiple of 32/bits = {32 // bits} (whole words).")
+    _runtime.launch(kernels["jit"], (-(-n // cfg["BLOCK_N"]), cfg["SPLIT_K"]), *args, **const, **cfg)
