@@ -22,10 +22,11 @@ model, checked to lie on a b-bit grid per (row, group), and evaluated like our r
 ``llmc-awq``). The wall-time ratio llm-compressor / ours is printed per config.
 
 ``--methods`` also takes the issue-15 option rows of :data:`VARIANTS` (``rtn+mse``, ``gptq+orig``, ``gptq+mse``,
-``gptq+hmse``, ``gptq+orig+mse``, ``gptq+static``): a registered method with one option of its config set
-(``QParamSearch`` weight / Hessian objective, ``group_qparams="original"``, act-order with static groups),
+``gptq+hmse``, ``gptq+orig+mse``, ``gptq+static``, ``gptaq``, ``gptaq+static``): a registered method with one
+option of its config set (``QParamSearch`` weight / Hessian objective, ``group_qparams="original"``, act-order
+with static groups, the experimental GPTAQ),
 and ``awq+gptq`` / ``awq+gptq+hmse`` (AWQ scales folded, then GPTQ). The rows of :data:`ROTATED` (``rtn+rot``,
-``gptq+rot``, ``awq+gptq+rot``) run a row of :data:`VARIANTS` with ``quantize_model(..., rotation=Rotation())``:
+``gptq+rot``, ``gptq+static+rot``, ``awq+gptq+rot``) run a row of :data:`VARIANTS` with ``quantize_model(..., rotation=Rotation())``:
 the residual stream rotated offline by a randomised Hadamard first (QuaRot / SpinQuant R1, docs/ptq.md#rotations).
 
 Goals (issue 5): AWQ perplexity at least as good as llm-compressor's AWQ on the same model and data;
@@ -76,6 +77,8 @@ VARIANTS = {
     "gptq+hmse": ("gptq", {"qparam_search": QParamSearch(objective="hessian")}),
     "gptq+orig+mse": ("gptq", {"group_qparams": "original", "qparam_search": QParamSearch()}),
     "gptq+static": ("gptq", {"act_order": True, "static_groups": True}),
+    "gptaq": ("gptq", {"gptaq": True}),
+    "gptaq+static": ("gptq", {"gptaq": True, "act_order": True, "static_groups": True}),
     "awq": ("awq", None),
     "awq+gptq": ("awq+gptq", {"awq": AWQConfig()}),
     "awq+gptq+hmse": ("awq+gptq", {"awq": AWQConfig(), "qparam_search": QParamSearch(objective="hessian")}),
@@ -86,6 +89,7 @@ VARIANTS = {
 ROTATED = {
     "rtn+rot": ("rtn", Rotation("hadamard", seed=0)),
     "gptq+rot": ("gptq", Rotation("hadamard", seed=0)),
+    "gptq+static+rot": ("gptq+static", Rotation("hadamard", seed=0)),
     "awq+gptq+rot": ("awq+gptq", Rotation("hadamard", seed=0)),
 }
 

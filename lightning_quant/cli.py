@@ -1,7 +1,7 @@
 """``lightning-quant``: standalone PTQ of a saved model, and held-out perplexity.
 
     lightning-quant quantize --model DIR --method {rtn,gptq,...} [--bits 4] [--group-size 128] [--sym | --asym]
-                             [--act-order | --no-act-order] [--rotate {hadamard,random} [--rotate-seed 0]]
+                             [--act-order | --no-act-order] [--gptaq] [--rotate {hadamard,random} [--rotate-seed 0]]
                              --calib FILE --num-samples 128 --seq-len 512 --out DIR
                              [--format {lightning-quant,gptq,gptq_v2,awq,compressed-tensors,gguf,int8,onnx}]
                              [--export-option KEY=VALUE ...]   # the format's options, e.g. accuracy_level=4 (onnx), float_type=q8_0 (gguf)
@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=None,
                    help="process columns by descending Hessian diagonal, with static groups (gptq, awq+gptq; "
                         "default on: GPTQConfig's default); --no-act-order turns it off")
+    q.add_argument("--gptaq", action="store_const", const=True, default=None,
+                   help="experimental: GPTAQ, fit the float model's layer outputs from the quantized model's inputs "
+                        "(GPTQConfig(gptaq=True); gptq, awq+gptq)")
     q.add_argument("--qparam-search", choices=("none", "weight", "hessian"), default=None,
                    help="grid-search each group's clip range (QParamSearch) minimising the weight error "
                         "(rtn, gptq, awq+gptq) or the Hessian-weighted error (gptq, awq+gptq; gptq's default), "
@@ -131,14 +134,14 @@ def _windows(tokenizer, path: str, seq_len: int, n: int | None):
     return windows
 
 
-def _method_config(method, act_order: bool | None, qparam_search: str | None = None):
+def _method_config(method, act_order: bool | None, qparam_search: str | None = None, gptaq: bool | None = None):
     """The method's config from the method flags; a flag the method's config lacks exits naming it."""
     from lightning_quant.spec import QParamSearch
 
     fields = set() if method.config_type is None else {f.name for f in dataclasses.fields(method.config_type)}
     opts = {}
     for flag, field, value in (("--act-order", "act_order", act_order),
-                               ("--qparam-search", "qparam_search", qparam_search)):
+                               ("--qparam-search", "qparam_search", qparam_search), ("--gptaq", "gptaq", gptaq)):
         if value is not None and field not in fields:
             raise SystemExit(f"error: {flag} is not an option of --method {method.name}.")
         if value == "none":
@@ -226,7 +229,7 @@ def quantize(args: argparse.Namespace) -> Path:
             format_options(get_format(args.format), export_options)  # fail before quantizing, not after
         except (ValueError, TypeError) as e:
             raise SystemExit(f"error: --export-option: {e}") from None
-    config = _method_config(method, args.act_order, args.qparam_search)
+    config = _method_config(method, args.act_order, args.qparam_search, args.gptaq)
     rotation = None
     if getattr(args, "rotate", None) is not None:
         from lightning_quant.api import check_rotation

@@ -149,9 +149,30 @@ def test_awq_gptq_and_qparam_search_flags(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit, match="use objective='weight', or method='gptq'/'awq'"):
         main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--qparam-search", "hessian",
               "--out", str(tmp_path / "r")])
+    with pytest.raises(SystemExit, match="--gptaq is not an option of --method rtn"):
+        main(["quantize", "--model", str(model_dir / "model"), "--method", "rtn", "--gptaq", "--out", str(tmp_path / "g")])
     with pytest.raises(SystemExit, match="--qparam-search is not an option of --method int8"):
         main(["quantize", "--model", str(model_dir / "model"), "--method", "int8", "--qparam-search", "weight",
               "--out", str(tmp_path / "i")])
+
+
+def test_gptaq_flag_equals_the_config(model_dir, tmp_path):
+    """--gptaq: the saved model equals quantize_model(..., config=GPTQConfig(gptaq=True)) on the same data
+    (and differs from plain GPTQ's)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "gptaq"
+    assert main(["quantize", "--model", str(model_dir / "model"), "--method", "gptq", "--bits", "4", "--group-size",
+                 "32", "--gptaq", "--calib", str(model_dir / "calib.txt"), "--num-samples", "2", "--seq-len", "64",
+                 "--out", str(out)]) == 0
+    tok = AutoTokenizer.from_pretrained(model_dir / "model")
+    calib = token_windows(tok((model_dir / "calib.txt").read_text(), return_tensors="pt").input_ids, 64, 2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = load_quantized(out)(input_ids=ids).logits
+    for cfg, same in ((GPTQConfig(gptaq=True), True), (GPTQConfig(), False)):
+        ref = AutoModelForCausalLM.from_pretrained(model_dir / "model").eval()
+        quantize_model(ref, QuantSpec(4, 32), "gptq", calibration=calib, config=cfg)
+        assert torch.equal(ref(input_ids=ids).logits, logits) is same, cfg
 
 
 def test_rotate_flag_rotates_before_quantizing(model_dir, tmp_path):

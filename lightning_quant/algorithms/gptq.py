@@ -73,6 +73,12 @@ class GPTQConfig(CalibrationOptions):
             for min-max qparams. Default :data:`DEFAULT_QPARAM_SEARCH`, the Hessian-weighted search: on
             SmolLM2 W4 g64 it lowers GPTQ's KL to the float model by 50 % (sym) and 36 % (asym) for
             1.5-1.7x the time (docs/benchmarks.md, issue 15).
+        gptaq: **experimental** GPTAQ ("asymmetric calibration", Li et al. 2025): each layer matches the
+            *float* model's outputs from the quantized model's inputs, ``min ||W X_f − Q X||`` instead of GPTQ's
+            ``min ||W X − Q X||``. The calibration carries a second, float stream of hidden states (one more
+            set alive and one more block forward per block) and a cross term ``2 Σ (x_f − x) x^T / n`` per
+            Hessian; the solver quantizes the least-squares target ``W + W G H^-1`` (see
+            :func:`gptq_quantize`). Default False.
         awq: only for ``method="awq+gptq"``: the :class:`~lightning_quant.algorithms.awq.AWQConfig` of the AWQ
             scale search run first (``None`` there means ``AWQConfig()``); ``method="gptq"`` rejects it.
 
@@ -88,6 +94,7 @@ class GPTQConfig(CalibrationOptions):
     true_sequential: bool = True
     group_qparams: Literal["updated", "original"] = "updated"
     qparam_search: QParamSearch | None = DEFAULT_QPARAM_SEARCH
+    gptaq: bool = False
     awq: object | None = None  # AWQConfig (typed loosely: awq.py imports this module)
 
     def __post_init__(self) -> None:
@@ -101,7 +108,7 @@ class GPTQConfig(CalibrationOptions):
             low = 0 if name == "damp_retries" else 1
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"GPTQConfig.{name}={v!r} must be an int >= {low}.")
-        for name in ("act_order", "static_groups", "true_sequential"):
+        for name in ("act_order", "static_groups", "true_sequential", "gptaq"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
         if self.group_qparams not in GROUP_QPARAMS:
@@ -119,6 +126,11 @@ class GPTQConfig(CalibrationOptions):
                                  "explicit input scales cannot be kept; use AWQConfig(unfoldable='unscaled').")
         if self.static_groups and not self.act_order:
             raise ValueError("GPTQConfig.static_groups=True only applies with act_order=True; set act_order=True or drop it.")
+
+
+    def runner_kwargs(self) -> dict:
+        """The block runner's options, with the float stream GPTAQ needs."""
+        return {**super().runner_kwargs(), "float_stream": self.gptaq}
 
 
 @dataclass
@@ -253,13 +265,38 @@ def _fallback(weight: Tensor, hessian: Tensor, spec: QuantSpec, cfg: GPTQConfig,
     return GPTQResult(qw, dq, output_error(weight, dq, hessian), float("nan"), fallback=True)
 
 
+def _float_target(w: Tensor, h: Tensor, cross: Tensor, cfg: GPTQConfig, name: str) -> Tensor:
+    """GPTAQ's least-squares target ``W + W G H_d^-1`` (float64 solve, ``H_d`` dampened with the first
+    damping of the schedule that factorises); ``w`` and ``h`` as the sweep receives them (dead inputs done)."""
+    if tuple(cross.shape) != tuple(h.shape):
+        raise ValueError(f"{name}: the GPTAQ cross term must be [in, in] = {tuple(h.shape)}, got {tuple(cross.shape)}.")
+    P.check_finite(cross, f"GPTAQ cross term of {name}")
+    h64 = h.double()
+    for damp in _damp_schedule(cfg):
+        hd = h64.clone()
+        hd.diagonal().add_(damp * float(h64.diagonal().mean()))
+        lower, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            wg = w.double() @ cross.to(w.device, torch.float64)  # [out, in]
+            shift = torch.cholesky_solve(wg.t(), lower).t()  # (W G) H_d^-1, H_d symmetric
+            return (w.double() + shift).float()
+    return w  # no damping factorises: the sweep falls back to RTN on the weight itself
+
+
 def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQConfig | None = None,
-                  name: str = "weight") -> GPTQResult:
+                  name: str = "weight", cross: Tensor | None = None) -> GPTQResult:
     """GPTQ-quantize ``weight [out, in]`` given ``hessian [in, in]`` (``2 X^T X / n``).
 
     Returns a :class:`GPTQResult`; its ``qweight.dequantize()`` equals ``dequantized`` exactly. With
     ``act_order`` the ``QuantizedWeight`` carries ``perm`` (processing order) and, without static
     groups, ``g_idx`` (group of each original column).
+
+    ``cross`` (GPTAQ, ``2 Σ (x_f − x) x^T / n`` with ``x_f`` the float model's inputs and ``x`` those the
+    Hessian is built from) changes the objective to ``Σ ||W x_f − Q x||²``. That equals
+    ``Σ ||(W* − Q) x||²`` plus a constant for its least-squares minimiser ``W* = W + W G H^-1`` (``G`` the
+    cross term; ``H`` dampened as the sweep's), so the sweep runs unchanged on ``W*``: qparams, error
+    feedback and ``loss`` (then ``tr((W* − Q) H (W* − Q)^T)/2``, the error above the best float fit) all
+    refer to it. ``cross = 0`` gives GPTQ's result exactly.
     """
     cfg = config or GPTQConfig()
     if weight.dim() != 2 or tuple(hessian.shape) != (weight.shape[1], weight.shape[1]):
@@ -274,6 +311,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
     dead = h.diagonal() == 0
     h.diagonal()[dead] = 1.0
     w[:, dead] = 0.0
+    if cross is not None:
+        w = _float_target(w, h, cross, cfg, name)
     n_groups = spec.num_groups(in_f)
     scales = torch.empty(out_f, n_groups, dtype=torch.float32, device=w.device)
     zeros = torch.empty(out_f, n_groups, dtype=torch.float32, device=w.device)

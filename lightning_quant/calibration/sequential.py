@@ -17,6 +17,7 @@ counts them.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,12 +60,14 @@ class BlockContext:
         index / name: block index and qualified prefix (``"model.layers.3"``).
         block: the block module (on ``device``). inputs: its :class:`BlockInput` list.
         ledger: the run's :class:`ActivationLedger`.
+        float_inputs: with ``run_sequential(float_stream=True)``, what the *float* model feeds this block
+            (every earlier block run with its original weights), batch for batch beside ``inputs``; else ``None``.
     """
 
     def __init__(self, index: int, name: str, block: nn.Module, inputs: list[BlockInput],
-                 device: torch.device, ledger: ActivationLedger) -> None:
+                 device: torch.device, ledger: ActivationLedger, float_inputs: list[BlockInput] | None = None) -> None:
         self.index, self.name, self.block, self.inputs = index, name, block, inputs
-        self.device, self.ledger = device, ledger
+        self.device, self.ledger, self.float_inputs = device, ledger, float_inputs
         self.current: BlockInput | None = None
         self._saved: dict[nn.Module, Tensor] = {}
 
@@ -98,9 +101,10 @@ class BlockContext:
         outputs.clear()
 
     @torch.no_grad()
-    def propagate(self) -> None:
-        """Replace every input by the block's output (called by the engine after ``process_block``)."""
-        for inp in self.inputs:
+    def propagate(self, float_stream: bool = False) -> None:
+        """Replace every input by the block's output (called by the engine after ``process_block``, and with
+        ``float_stream`` for :attr:`float_inputs` once the original weights are back)."""
+        for inp in self.float_inputs if float_stream else self.inputs:
             y = self._run(inp).detach()
             _check_finite(y, f"at the output of block {self.name}")
             self.ledger.add(y)
@@ -139,9 +143,13 @@ class BlockContext:
                 h.remove()
 
     @torch.no_grad()
-    def capture_inputs(self, modules: dict[str, nn.Module], fn: InputHook) -> None:
+    def capture_inputs(self, modules: dict[str, nn.Module], fn: InputHook, of_float_model: bool = False) -> None:
         """Run the block on every input calling ``fn(name, module, x)`` with each module's input
         ``[tokens, in]`` (padding removed), without computing what follows the last of them.
+
+        With ``of_float_model`` it runs what the float model computes instead: the block with its original
+        weights (those changed by :meth:`set_weight` are swapped back for the run) on :attr:`float_inputs`;
+        calls come in the same order as for ``inputs``, batch for batch.
 
         The first input runs the whole block and records the calls. If each module ran exactly
         once, later inputs stop as soon as the last one has its input (capturing q/k/v skips the
@@ -159,18 +167,36 @@ class BlockContext:
                     raise _InputsCaptured
             return pre
 
+        if of_float_model and self.float_inputs is None:
+            raise ValueError("capture_inputs(of_float_model=True) needs the float stream: call "
+                             "run_sequential(..., float_stream=True).")
         handles = [mod.register_forward_pre_hook(make(n)) for n, mod in modules.items()]
         try:
-            for i, inp in enumerate(self.inputs):
-                try:
-                    self._run(inp)
-                except _InputsCaptured:
-                    pass
-                if i == 0 and sorted(calls) == sorted(modules):  # each module once per forward
-                    stop_after.append(calls[-1])
+            with self._original_weights() if of_float_model else contextlib.nullcontext():
+                for i, inp in enumerate(self.float_inputs if of_float_model else self.inputs):
+                    try:
+                        self._run(inp)
+                    except _InputsCaptured:
+                        pass
+                    if i == 0 and sorted(calls) == sorted(modules):  # each module once per forward
+                        stop_after.append(calls[-1])
         finally:
             for h in handles:
                 h.remove()
+
+    @contextmanager
+    def _original_weights(self) -> Iterator[None]:
+        """The weights changed by :meth:`set_weight` (``restore=True``) swapped back to their originals while active."""
+        current = {m: m.weight.detach().clone() for m in self._saved}
+        with torch.no_grad():
+            for m, w in self._saved.items():
+                m.weight.copy_(w)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for m, w in current.items():
+                    m.weight.copy_(w)
 
     @torch.no_grad()
     def sequential_groups(self, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -273,6 +299,7 @@ def run_sequential(
     device: torch.device | str | None = None,
     progress: bool = False,
     batch_size: int = 8,
+    float_stream: bool = False,
 ) -> CalibrationReport:
     """Calibrate ``model`` block by block (see the module docstring).
 
@@ -286,6 +313,9 @@ def run_sequential(
         device: compute device for the block being processed (default: where block 0 lives).
         progress: show a rich progress bar of blocks done (off by default, as in ``CalibrationOptions``).
         batch_size: rows per batch when ``calibration`` is a single tensor.
+        float_stream: also carry what the *float* model feeds each block (:attr:`BlockContext.float_inputs`,
+            propagated with the original weights after each block is restored): one more set of hidden
+            states alive and one more block forward per block. GPTAQ's cross term needs it.
     """
     blocks: BlockList = find_blocks(model, block_path)
     batches = to_batches(calibration, batch_size)
@@ -301,17 +331,25 @@ def run_sequential(
         reshard_all(units)  # FSDP2: the capture forward stopped inside; keep only shards from here on
         for inp in inputs:
             _check_finite(inp.hidden, "at the input of the first block")
+        float_inputs = None
+        if float_stream:
+            float_inputs = [BlockInput(i.hidden.clone(), i.args, i.kwargs, i.token_mask) for i in inputs]
+            for inp in float_inputs:
+                ledger.add(inp.hidden)
         set_bytes = ledger.live_bytes
         bar = _progress(len(blocks), progress)
         for i, block in enumerate(blocks.blocks):
             home = _module_device(block)
             block.to(dev)
-            ctx = BlockContext(i, blocks.name(i), runnable(block), inputs, dev, ledger)  # FSDP1: the inner module
+            ctx = BlockContext(i, blocks.name(i), runnable(block), inputs, dev, ledger, float_inputs)  # FSDP1: inner module
             unit = owning_unit(units, blocks.name(i))
             with block_gathered(None if unit is None else units[unit]):  # FSDP2: this block's full weights only
                 try:
                     process_block(ctx)
                     ctx.propagate()
+                    if float_inputs is not None:
+                        ctx.restore_weights()
+                        ctx.propagate(float_stream=True)
                 finally:
                     ctx.restore_weights()
                     block.to(home)

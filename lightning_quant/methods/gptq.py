@@ -8,6 +8,10 @@ dequantized weights into the block so later groups and blocks see the quantizati
 model's weights are restored afterwards; swapping in packed layers is the caller's job
 (:func:`lightning_quant.quantize_model`).
 
+With ``GPTQConfig(gptaq=True)`` (experimental) the runner also carries the float model's hidden states;
+each group's layers are first run on them with their original weights, and every Hessian gets GPTAQ's
+cross term from the paired float / quantized inputs of the same tokens.
+
 The :class:`~lightning_quant.methods.registry.MethodResult` carries, per layer, the figures ``gptq_loss``
 (``tr(D H D^T)/2``), ``gptq_damp`` and ``gptq_fallback``.
 """
@@ -36,17 +40,38 @@ def _quantize_group(ctx: BlockContext, readers: list[list[str]], lin: dict[str, 
                     cfg: GPTQConfig, out: dict[str, QuantizedWeight], figures: dict[str, dict]) -> None:
     """Solve the layers of ``readers`` (lists of names fed the same input) after one forward that
     accumulates one Hessian per list (hooked on its first layer; the block stops after the last)."""
-    acc = {g[0]: HessianAccumulator(linear_weight(lin[g[0]]).shape[1], ctx.device, ", ".join(g)) for g in readers}
-    ctx.capture_inputs({n: lin[n] for n in acc}, lambda n, m, x: acc[n].add(x))
-    hessians = {}
+    acc = {g[0]: HessianAccumulator(linear_weight(lin[g[0]]).shape[1], ctx.device, ", ".join(g), cross=cfg.gptaq)
+           for g in readers}
+    hooked = {n: lin[n] for n in acc}
+    if cfg.gptaq:  # the float model's inputs of these layers, batch for batch, paired with the quantized model's
+        floats: dict[str, list[Tensor]] = {n: [] for n in acc}
+        ctx.capture_inputs(hooked, lambda n, m, x: floats[n].append(x.detach().clone()), of_float_model=True)
+        for rows in floats.values():
+            for x in rows:
+                ctx.ledger.add(x)
+        calls = dict.fromkeys(acc, 0)
+
+        def add(n: str, m: nn.Module, x: Tensor) -> None:
+            acc[n].add(x, floats[n][calls[n]])
+            calls[n] += 1
+
+        ctx.capture_inputs(hooked, add)
+        for rows in floats.values():
+            for x in rows:
+                ctx.ledger.remove(x)
+        del floats
+    else:
+        ctx.capture_inputs(hooked, lambda n, m, x: acc[n].add(x))
+    hessians, crosses = {}, {}
     for group in readers:
         acc[group[0]].all_reduce()
         hessians.update(dict.fromkeys(group, acc[group[0]].hessian()))
+        crosses.update(dict.fromkeys(group, acc[group[0]].cross_term() if cfg.gptaq else None))
     world, me = dist.world_size(), dist.rank()
     for j, n in enumerate(hessians, start=len(out)):  # DDP / FSDP: the k-th layer solved overall is solved by
         owner = j % world                              # rank k % world (alternating across groups), then broadcast
         w = linear_weight(lin[n])
-        res = gptq_quantize(w, hessians[n], spec, cfg, name=n) if owner == me else None
+        res = gptq_quantize(w, hessians[n], spec, cfg, name=n, cross=crosses[n]) if owner == me else None
         res = _broadcast_result(res, owner, w, spec) if world > 1 else res
         figures[n] = {"gptq_loss": res.loss, "gptq_damp": res.damp, "gptq_fallback": res.fallback}
         out[n] = res.qweight.to("cpu")

@@ -63,6 +63,44 @@ def test_set_weight_propagates_then_restores(tiny_model):
         torch.testing.assert_close(hidden1["x"], ref[0])
 
 
+def test_float_stream_carries_the_float_models_hidden_states(tiny_model):
+    """With float_stream=True every block's float_inputs are the float model's hidden states, although each
+    processed block ran on (and propagated) zeroed weights; capture_inputs(of_float_model=True) sees the
+    original weights, and the quantized stream is the modified model's as without the float stream."""
+    targets = select_linears(tiny_model)
+    ids = torch.cat(testing.random_token_batches(2, 16, 2))
+    ref = tiny_model(input_ids=ids, output_hidden_states=True).hidden_states
+    seen = {"float": {}, "quant": {}, "plain": {}, "rows": {}, "float rows": {}}
+
+    def capture_last(ctx, key, of_float_model):  # the block's last linear: after every zeroed one
+        name, mod = list(ctx.linears(targets).items())[-1]
+        rows = []
+        ctx.capture_inputs({name: mod}, lambda n, m, x: rows.append(x), of_float_model=of_float_model)
+        seen[key][ctx.index] = torch.cat(rows)
+
+    def zero(ctx, key):
+        for mod in ctx.linears(targets).values():
+            ctx.set_weight(mod, torch.zeros_like(linear_weight(mod)))
+        seen[key][ctx.index] = torch.cat([i.hidden for i in ctx.inputs])
+
+    def zero_then_look(ctx):
+        zero(ctx, "quant")
+        seen["float"][ctx.index] = torch.cat([i.hidden for i in ctx.float_inputs])
+        capture_last(ctx, "float rows", True)
+
+    run_sequential(tiny_model, ids, lambda ctx: capture_last(ctx, "rows", False), batch_size=2)  # float model
+    run_sequential(tiny_model, ids, lambda ctx: zero(ctx, "plain"), batch_size=2)
+    rep = run_sequential(tiny_model, ids, zero_then_look, batch_size=2, float_stream=True)
+    assert rep.activation_bytes == 2 * ids.numel() * 96 * 4  # both streams counted
+    for i in range(2):
+        torch.testing.assert_close(seen["float"][i], ref[i], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(seen["quant"][i], seen["plain"][i], rtol=0, atol=0)
+        torch.testing.assert_close(seen["float rows"][i], seen["rows"][i], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(seen["quant"][1], ref[1])
+    with pytest.raises(ValueError, match=r"needs the float stream: call run_sequential\(\.\.\., float_stream=True\)"):
+        run_sequential(tiny_model, ids, lambda ctx: ctx.capture_inputs({}, print, of_float_model=True))
+
+
 def test_padding_is_removed_from_linear_inputs():
     model = testing.tiny_llama()
     ids = torch.randint(0, 256, (2, 8))
@@ -122,8 +160,9 @@ def test_calibration_options_shared_by_method_configs():
     from lightning_quant.algorithms.gptq import GPTQConfig
 
     for cls in (GPTQConfig, AWQConfig):
+        extra = {"float_stream": False} if cls is GPTQConfig else {}  # GPTQ's own: the float stream of GPTAQ
         assert cls(batch_size=3, block_path="model.layers").runner_kwargs() == {
-            "block_path": "model.layers", "device": None, "progress": False, "batch_size": 3}
+            "block_path": "model.layers", "device": None, "progress": False, "batch_size": 3, **extra}
         with pytest.raises(ValueError, match=rf"{cls.__name__}.batch_size=0 must be an int >= 1"):
             cls(batch_size=0)
         with pytest.raises(TypeError, match=rf"{cls.__name__}.progress must be True or False"):
