@@ -77,8 +77,11 @@ class GPTQConfig(CalibrationOptions):
             *float* model's outputs from the quantized model's inputs, ``min ||W X_f − Q X||`` instead of GPTQ's
             ``min ||W X − Q X||``. The calibration carries a second, float stream of hidden states (one more
             set alive and one more block forward per block) and a cross term ``2 Σ (x_f − x) x^T / n`` per
-            Hessian; the solver quantizes the least-squares target ``W + W G H^-1`` (see
+            Hessian; the solver quantizes the target ``W + α W G H^-1`` (``α = 1``: the least-squares fit, see
             :func:`gptq_quantize`). Default False.
+        gptaq_alpha: ``α``, the share of the least-squares correction applied, in ``(0, 1]``. Default 0.25,
+            the GPTAQ authors' own setting: the full fit (``α = 1``) lowers every layer's calibration error but
+            on SmolLM2 W4 g64 it wrecks the model (ppl 115 vs 32; docs/benchmarks.md, issue 15).
         awq: only for ``method="awq+gptq"``: the :class:`~lightning_quant.algorithms.awq.AWQConfig` of the AWQ
             scale search run first (``None`` there means ``AWQConfig()``); ``method="gptq"`` rejects it.
 
@@ -95,6 +98,7 @@ class GPTQConfig(CalibrationOptions):
     group_qparams: Literal["updated", "original"] = "updated"
     qparam_search: QParamSearch | None = DEFAULT_QPARAM_SEARCH
     gptaq: bool = False
+    gptaq_alpha: float = 0.25
     awq: object | None = None  # AWQConfig (typed loosely: awq.py imports this module)
 
     def __post_init__(self) -> None:
@@ -111,6 +115,9 @@ class GPTQConfig(CalibrationOptions):
         for name in ("act_order", "static_groups", "true_sequential", "gptaq"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"GPTQConfig.{name} must be True or False, got {getattr(self, name)!r}.")
+        if isinstance(self.gptaq_alpha, bool) or not isinstance(self.gptaq_alpha, (int, float)) \
+                or not 0.0 < self.gptaq_alpha <= 1.0:
+            raise ValueError(f"GPTQConfig.gptaq_alpha={self.gptaq_alpha!r} must be in (0, 1]; 0.25 is GPTAQ's default.")
         if self.group_qparams not in GROUP_QPARAMS:
             raise ValueError(f"GPTQConfig.group_qparams={self.group_qparams!r} is not supported; use one of {GROUP_QPARAMS}.")
         if self.qparam_search is not None and not isinstance(self.qparam_search, QParamSearch):
@@ -266,7 +273,7 @@ def _fallback(weight: Tensor, hessian: Tensor, spec: QuantSpec, cfg: GPTQConfig,
 
 
 def _float_target(w: Tensor, h: Tensor, cross: Tensor, cfg: GPTQConfig, name: str) -> Tensor:
-    """GPTAQ's least-squares target ``W + W G H_d^-1`` (float64 solve, ``H_d`` dampened with the first
+    """GPTAQ's target ``W + α W G H_d^-1`` (``α = cfg.gptaq_alpha``; float64 solve, ``H_d`` dampened with the first
     damping of the schedule that factorises); ``w`` and ``h`` as the sweep receives them (dead inputs done)."""
     if tuple(cross.shape) != tuple(h.shape):
         raise ValueError(f"{name}: the GPTAQ cross term must be [in, in] = {tuple(h.shape)}, got {tuple(cross.shape)}.")
@@ -279,7 +286,7 @@ def _float_target(w: Tensor, h: Tensor, cross: Tensor, cfg: GPTQConfig, name: st
         if int(info) == 0:
             wg = w.double() @ cross.to(w.device, torch.float64)  # [out, in]
             shift = torch.cholesky_solve(wg.t(), lower).t()  # (W G) H_d^-1, H_d symmetric
-            return (w.double() + shift).float()
+            return (w.double() + cfg.gptaq_alpha * shift).float()
     return w  # no damping factorises: the sweep falls back to RTN on the weight itself
 
 
@@ -294,9 +301,10 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, spec: QuantSpec, config: GPTQ
     ``cross`` (GPTAQ, ``2 Σ (x_f − x) x^T / n`` with ``x_f`` the float model's inputs and ``x`` those the
     Hessian is built from) changes the objective to ``Σ ||W x_f − Q x||²``. That equals
     ``Σ ||(W* − Q) x||²`` plus a constant for its least-squares minimiser ``W* = W + W G H^-1`` (``G`` the
-    cross term; ``H`` dampened as the sweep's), so the sweep runs unchanged on ``W*``: qparams, error
-    feedback and ``loss`` (then ``tr((W* − Q) H (W* − Q)^T)/2``, the error above the best float fit) all
-    refer to it. ``cross = 0`` gives GPTQ's result exactly.
+    cross term; ``H`` dampened as the sweep's), so the sweep runs unchanged on a target: ``W*`` itself with
+    ``config.gptaq_alpha = 1``, else ``W + α (W* − W)`` (the default ``α = 0.25`` shrinks the correction, as
+    the GPTAQ authors do). Qparams, error feedback and ``loss`` (then ``tr((T − Q) H (T − Q)^T)/2`` for the
+    target ``T``) all refer to the target. ``cross = 0`` gives GPTQ's result exactly.
     """
     cfg = config or GPTQConfig()
     if weight.dim() != 2 or tuple(hessian.shape) != (weight.shape[1], weight.shape[1]):
