@@ -15,9 +15,10 @@ events, median of ``--runs`` runs after warm-up, L2 flushed before every run) ``
 * ``int8-layer``: the whole ``Int8OutlierLinear`` forward (threshold 6: outlier detection, activation
   quantization, the int8 GEMM with the rescale, outlier product, bias and cast in its epilogue) on
   float16 input,
-* ``w4g128-sym:gemm`` / ``w4g128-sym:prefill`` (at M in ``PATH_ROWS`` of the grid): the fused
-  dequantize-GEMM forced against dequantize-once-then-cuBLAS — the rows that measure the crossover
-  ``PREFILL_MIN_ROWS`` (``lightning_quant.kernels.wq_matmul``, a placeholder until they run),
+* ``w4g128-sym:<path>`` (at M in ``PATH_ROWS`` of the grid): two launch paths forced against each other —
+  split-K vs the tiled GEMM at 64 rows (the crossover ``DECODE_MAX_ROWS``), the fused dequantize-GEMM vs
+  dequantize-once-then-cuBLAS from 256 (``PREFILL_MIN_ROWS``); both constants of
+  ``lightning_quant.kernels.wq_matmul`` are placeholders until these rows run,
 
 and prints, per row, the time, the speed-up over fp16 (``fp16 time / time``), the fraction of the
 memory-bandwidth roofline reached (``bytes moved / peak bandwidth / time``; bytes = packed weight +
@@ -49,8 +50,10 @@ GOALS = {1: 3.3, 16: 3.0, 64: 2.5, 4096: 0.9}
 GOAL_SHAPE = (4096, 14336)  # (K, N) the goals name
 INT8_LAYER_ROWS = 512
 GRAPH_MAX_ROWS = 16  # rows timed from a CUDA graph as well
-#: rows at which W4 g128 sym is also timed with each large-M path forced (gemm vs prefill)
-PATH_ROWS = (256, 512, 4096)
+#: rows at which W4 g128 sym is also timed with two paths forced: split-K vs the tiled GEMM at 64 rows
+#: (sets ``DECODE_MAX_ROWS``), the GEMM vs dequantize-then-cuBLAS from 256 (sets ``PREFILL_MIN_ROWS``)
+PATH_ROWS = {64: ("splitk", "gemm"), 256: ("gemm", "prefill"), 512: ("gemm", "prefill"), 4096: ("gemm", "prefill")}
+_PATH_CONSTANT = {"splitk": "DECODE_MAX_ROWS", "prefill": "PREFILL_MIN_ROWS"}
 PATH_METHOD = "w4g128-sym"
 #: name -> (spec, act_order); None = not a weight-only method
 METHODS = {
@@ -185,7 +188,7 @@ def _fixed_rows(k, n, m, x, x8, w16, w8, layer8, measure, graph) -> list[dict]:
 
 
 def bench_shape(k: int, n: int, rows: list[int], measure, device: str, peak_bw: float | None,
-                methods: dict = METHODS, graph=None, path_rows: tuple[int, ...] = PATH_ROWS) -> list[dict]:
+                methods: dict = METHODS, graph=None, path_rows: dict = PATH_ROWS) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     w = (torch.randn(n, k, generator=gen) * 0.02).to(device)
     ops = {name: _packed(w, spec, ao, gen) for name, (spec, ao) in methods.items()}
@@ -207,8 +210,8 @@ def bench_shape(k: int, n: int, rows: list[int], measure, device: str, peak_bw: 
             exact = x.float() @ op["w"].float().t()
             bound = 2.0**-9 * (x.float().abs() @ op["w"].float().abs().t()) + 1e-3
             rows_out.append(_row(name, m, fn, exact, bound, _bytes(op) + act_bytes, measure, graph))
-            if name == PATH_METHOD and m in path_rows:  # the large-M paths forced: the prefill crossover
-                for path in ("gemm", "prefill"):
+            if name == PATH_METHOD and m in path_rows:  # two paths forced: a crossover
+                for path in path_rows[m]:
                     def forced(op=op, kw=kw, x=x, path=path):
                         return wq_linear(x, op["qweight"], op["scales"], op["qzeros"], path=path, **kw)
 
@@ -248,12 +251,12 @@ def _goals(results: list[dict]) -> list[str]:
         else:
             out.append(f"M={m} {k}x{n}: W4A16 g128 sym {r['speedup']:.2f}x vs fp16, goal >= {goal}x: "
                        f"{'PASS' if r['speedup'] >= goal else 'FAIL'}")
-    for m in PATH_ROWS:
-        gemm, pre = at.get((m, f"{PATH_METHOD}:gemm")), at.get((m, f"{PATH_METHOD}:prefill"))
-        if gemm is not None and pre is not None and gemm["ms"] and pre["ms"]:
-            faster = "prefill" if pre["ms"] < gemm["ms"] else "gemm"
-            out.append(f"M={m} {k}x{n}: W4A16 g128 sym prefill {pre['speedup']:.2f}x, gemm {gemm['speedup']:.2f}x vs "
-                       f"fp16 -> {faster} is faster (PREFILL_MIN_ROWS is set from these rows)")
+    for m, (a, b) in PATH_ROWS.items():
+        ra, rb = at.get((m, f"{PATH_METHOD}:{a}")), at.get((m, f"{PATH_METHOD}:{b}"))
+        if ra is not None and rb is not None and ra["ms"] and rb["ms"]:
+            faster = a if ra["ms"] < rb["ms"] else b
+            out.append(f"M={m} {k}x{n}: W4A16 g128 sym {a} {ra['speedup']:.2f}x, {b} {rb['speedup']:.2f}x vs "
+                       f"fp16 -> {faster} is faster ({_PATH_CONSTANT.get(a, _PATH_CONSTANT.get(b))} is set from these rows)")
     r = at.get((INT8_LAYER_ROWS, "int8-layer"))
     if r is not None:
         got = r["status"] if r["speedup"] is None else f"{r['speedup']:.2f}x vs fp16"
@@ -272,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--peak-bw-gbs", type=float, default=None, help="HBM bandwidth; default from the GPU name")
     args = ap.parse_args(argv)
     if args.cpu_smoke:
-        results = bench_shape(256, 384, [1, 17], _timer("cpu", 3, 0), "cpu", None, path_rows=(17,))
+        results = bench_shape(256, 384, [1, 17], _timer("cpu", 3, 0), "cpu", None, path_rows={17: ("splitk", "gemm")})
         print("CPU SMOKE RUN — reference path, wall clock; these are NOT kernel measurements.")
         print(_table(results))
         return 0 if all(r["status"] == "ok" for r in results) else 1

@@ -20,8 +20,18 @@ import os
 import torch
 from torch import Tensor
 
-__all__ = ["FORCE_REFERENCE_ENV", "check_device", "force_reference_from_env", "interpreting", "launch", "load_triton",
-           "on_device", "recording_launches", "reference_forced"]
+__all__ = [
+    "FORCE_REFERENCE_ENV",
+    "check_device",
+    "force_reference_from_env",
+    "interpreting",
+    "launch",
+    "load_triton",
+    "on_device",
+    "recording_launches",
+    "reference_forced",
+    "split_workspace",
+]
 
 FORCE_REFERENCE_ENV = "LIGHTNING_QUANT_FORCE_REFERENCE"
 _TRUE = {"1", "true", "yes", "on"}
@@ -111,3 +121,21 @@ def recording_launches():
         yield _RECORDER
     finally:
         _RECORDER = previous
+
+
+_WORKSPACES: dict = {}
+
+
+def split_workspace(device: torch.device, numel: int, tiles: int) -> tuple[Tensor, Tensor]:
+    """The zeroed float32 partial-sum buffer (``>= numel`` elements, flat) and int32 tile arrival counters
+    (``>= tiles``) of ``device``'s current stream, for the split-K kernels (decode GEMV, tensor-core
+    split-K): created or grown once, left zeroed by every call (the last split of a tile resets its rows
+    and its counter), so no memset per call."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), stream)
+    ws, cnt = _WORKSPACES.get(key, (None, None))
+    if ws is None or ws.numel() < numel or cnt.numel() < tiles:
+        ws = torch.zeros(max(numel, 0 if ws is None else ws.numel()), dtype=torch.float32, device=device)
+        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
+        _WORKSPACES[key] = (ws, cnt)
+    return ws, cnt

@@ -170,8 +170,10 @@ def main_loop_instructions(sass: str) -> dict[str, int] | None:
 
 
 def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,
-              symmetric: bool = False, bias: bool = True, paths: tuple[str, ...] = ("gemm", "splitk")) -> list[KernelBuild]:
-    """Every autotune config of :mod:`~lightning_quant.kernels.wq_matmul` that the group-size pre-filter keeps."""
+              symmetric: bool = False, bias: bool = True, paths: tuple[str, ...] = ("gemm", "splitk"),
+              act_order: bool = False) -> list[KernelBuild]:
+    """Every autotune config of :mod:`~lightning_quant.kernels.wq_matmul` that the group-size pre-filter keeps
+    (split-K: every row tile; ``act_order`` gathers the input in the split-K kernel)."""
     from lightning_quant.kernels import wq_matmul as wq
 
     triton, _ = _runtime.load_triton()
@@ -180,12 +182,13 @@ def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4,
     builds = []
     for path in paths:
         configs = wq._gemm_configs(triton) if path == "gemm" else wq._splitk_configs(triton)
-        atomic = path == "splitk"
+        split = path == "splitk"
         sig = {"x_ptr": f"*{t}", "qw_ptr": "*i32", "s_ptr": f"*{t}", "z_ptr": "*i32", "b_ptr": f"*{t}",
-               "out_ptr": "*fp32" if atomic else f"*{t}", "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32",
-               "stride_zg": "i32"}
-        launch = wq.kernel_constants(bits, not symmetric, bias, group_size, dtype, atomic)  # as wq_linear_triton
-        for cfg in wq.prune_by_group(configs, {"GROUP_SIZE": launch["GROUP_SIZE"]}):
+               "p_ptr": "*i64" if split and act_order else f"*{t}", "out_ptr": f"*{t}",
+               "ws_ptr": "*fp32" if split else f"*{t}", "cnt_ptr": "*i32" if split else f"*{t}",
+               "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_zg": "i32"}
+        launch = wq.kernel_constants(bits, not symmetric, bias, group_size, dtype, split and act_order)  # as wq_linear_triton
+        for cfg in wq.prune_by_group(configs, {"GROUP_SIZE": launch["GROUP_SIZE"]}):  # every row tile
             const = {**launch, **cfg.kwargs}
             builds.append(compile_kernel(jit, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                          arch=arch, aligned=("N", "K", "stride_zg"), name=f"wq-{path}"))

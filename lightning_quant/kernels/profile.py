@@ -41,7 +41,7 @@ GOALS = {"gemv": 0.10, "splitk": None, "gemm": 0.15, "prefill": None, "int8": No
 GOAL_K, GOAL_N = 4096, 14336
 #: ``(family, M)`` rows of the profile: decode, mid-size, the fused GEMM at prefill sizes, the prefill path
 #: (dequantize, then cuBLAS: the dequantization kernel's figures); the int8 layer at M = 512.
-ROWS = (("gemv", 1), ("splitk", 16), ("gemm", 64), ("gemm", 4096), ("prefill", 4096), ("int8", 512))
+ROWS = (("gemv", 1), ("splitk", 16), ("splitk", 64), ("gemm", 128), ("gemm", 4096), ("prefill", 4096), ("int8", 512))
 _ALLOC = {"empty", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh"}
 
 
@@ -151,11 +151,16 @@ def _family_builds(family: str, arch: int) -> list:
 
 def profile_lines(arch: int = 90, rows=ROWS) -> list[ProfileLine]:
     """One :class:`ProfileLine` per ``(family, M)`` of ``rows`` at the goal shape."""
-    lines, cache = [], {}
+    from lightning_quant.kernels.wq_matmul import splitk_row_tile
+
+    lines, builds, cache = [], {}, {}
     for family, m in rows:
-        if family not in cache:
-            cache[family] = _best(_family_builds(family, arch))
-        b = cache[family]
+        if family not in builds:
+            builds[family] = _family_builds(family, arch)
+        tile = splitk_row_tile(m) if family == "splitk" else None  # the row tile the autotuner keeps for M
+        if (family, tile) not in cache:
+            cache[family, tile] = _best([b for b in builds[family] if tile is None or b.constants["BLOCK_M"] == tile])
+        b = cache[family, tile]
         launched = int8_layer_launches(m) if family == "int8" else wq_launches(m, path=family)
         c = b.constants
         cfg = "x".join(str(c[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K") if k in c)

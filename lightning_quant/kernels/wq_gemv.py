@@ -24,10 +24,11 @@ work per weight. Here:
   last to arrive adds the bias, casts, stores, and zeroes the workspace rows and the counter for the
   next call. No memset or cast kernel per call; offsets into ``qweight`` are int64.
 
-The workspace (``[GEMV_MAX_ROWS, N]`` float32 plus one int32 counter per tile, grown on demand) is
-created once per device and stream with ``torch.zeros``; calls on one stream are ordered, so they
-never share it concurrently. It is allocated outside any CUDA-graph capture on the first call
-(warm up before capturing).
+The workspace (:func:`lightning_quant.kernels._runtime.split_workspace`: ``GEMV_MAX_ROWS · N`` float32
+plus one int32 counter per tile, shared with the tensor-core split-K path, grown on demand) is created
+once per device and stream with ``torch.zeros``; calls on one stream are ordered, so they never share
+it concurrently. It is allocated outside any CUDA-graph capture on the first call (warm up before
+capturing).
 """
 
 from __future__ import annotations
@@ -138,22 +139,6 @@ def _build(interpret: bool):
         "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step,))
 
 
-_WORKSPACES: dict = {}
-
-
-def _workspace(device: torch.device, n: int, tiles: int) -> tuple[Tensor, Tensor]:
-    """The zeroed float32 ``[GEMV_MAX_ROWS, >= n]`` partial-sum buffer and int32 tile counters of
-    ``device``'s current stream (created or grown once; the kernel leaves them zeroed)."""
-    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), stream)
-    ws, cnt = _WORKSPACES.get(key, (None, None))
-    if ws is None or ws.shape[1] < n or cnt.numel() < tiles:
-        ws = torch.zeros(GEMV_MAX_ROWS, max(n, 0 if ws is None else ws.shape[1]), dtype=torch.float32, device=device)
-        cnt = torch.zeros(max(tiles, 0 if cnt is None else cnt.numel()), dtype=torch.int32, device=device)
-        _WORKSPACES[key] = (ws, cnt)
-    return ws, cnt
-
-
 def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
             bias: Tensor | None, bits: int, group_size: int, config: dict | None = None) -> Tensor:
     """Launch the GEMV for ``x [M, K]`` with ``M <= GEMV_MAX_ROWS``; inputs as
@@ -174,7 +159,7 @@ def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, p
     const = gemv_constants(bits, qzeros is not None, bias is not None, perm is not None, group_size, x.dtype,
                            scales.dtype, m)
     min_block = 32 if config is None else config["BLOCK_N"]  # smallest tile: most counters
-    ws, cnt = _workspace(x.device, n, -(-n // min_block))
+    ws, cnt = _runtime.split_workspace(x.device, GEMV_MAX_ROWS * n, -(-n // min_block))
     args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
             x if perm is None else perm, out, ws, cnt, m, n, k, 0 if qzeros is None else qzeros.shape[1])
     with _runtime.on_device(x):

@@ -23,10 +23,15 @@ Four launch paths, dispatched by rows (:func:`select_path`):
 
 * ``"gemv"`` (decode, ``M <= 8``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
   launch per call (act-order gather, bias and cast inside the kernel);
-* ``"splitk"`` (``8 < M <= 16``): this kernel with ``BLOCK_M = 16`` and the ``K`` loop split over
-  ``SPLIT_K`` programs that ``atomic_add`` (relaxed) float32 partials into a zeroed buffer, then a
-  cast — three launches (four with act-order: the input gather);
-* ``"gemm"`` (``16 < M < PREFILL_MIN_ROWS``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program;
+* ``"splitk"`` (``8 < M <= DECODE_MAX_ROWS = 64``): this kernel with one row tile for all rows
+  (``BLOCK_M`` 16, 32 or 64 by the row bucket, so the weight streams once) and the ``K`` loop split over
+  ``SPLIT_K`` programs, enough for the SMs that ``N / BLOCK_N`` tiles leave idle. The splits
+  ``atomic_add`` (relaxed) float32 partials into the persistent workspace of
+  :func:`~lightning_quant.kernels._runtime.split_workspace` and the tile's last split (arrival counter)
+  adds the bias, casts, stores and re-zeroes it, as the GEMV does; act-order is gathered in the kernel
+  (``x[m, perm[k]]``) — **one launch per call**. The 64-row bound is unmeasured (no GPU read yet);
+* ``"gemm"`` (``64 < M < PREFILL_MIN_ROWS``): 2-D tiles over ``(M, N)``, the full ``K`` loop per program
+  (act-order: one input gather per call);
 * ``"prefill"`` (``M >= PREFILL_MIN_ROWS``): :mod:`lightning_quant.kernels.wq_dequant` writes the weight
   once in the activation dtype (bit for bit :func:`dequantize_packed`, act-order rows already in the
   input order), then ``F.linear`` (cuBLAS) with the bias — two launches. The crossover
@@ -63,8 +68,10 @@ __all__ = [
     "KERNEL_DTYPES",
     "PATHS",
     "PREFILL_MIN_ROWS",
+    "SPLITK_ROW_TILES",
     "dequantize_packed",
     "select_path",
+    "splitk_row_tile",
     "wq_linear",
     "wq_linear_reference",
     "wq_linear_triton",
@@ -76,8 +83,10 @@ KERNEL_BITS = (2, 4, 8)
 #: cuBLAS, honouring ``torch.backends.cuda.matmul.allow_tf32``): without tensor cores the kernel's
 #: float32 build runs on FMA units and spills registers (``python -m lightning_quant.kernels.aot --dtype float32``).
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)
-#: Inputs with more rows than the GEMV takes and at most this many take the tensor-core split-K path.
-DECODE_MAX_ROWS = 16
+#: Inputs with more rows than the GEMV takes and at most this many take the tensor-core split-K path
+#: (issue 14: at M = 64 on 14336 x 4096 the tiled GEMM launches 32-112 programs for 132 SMs). **Unmeasured**
+#: on a GPU, like :data:`PREFILL_MIN_ROWS`.
+DECODE_MAX_ROWS = 64
 #: Inputs with at least this many rows take the prefill path (dequantize once, then cuBLAS) under
 #: ``path="auto"``. **Unmeasured**: 1024 is a placeholder, not a crossover read off a GPU; the GPU session
 #: (``benchmarks/kernels.py --session``: ``gemm`` vs ``prefill`` at M = 512 and 4096) is where it gets set.
@@ -126,11 +135,12 @@ def wq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tens
 # ---- Triton kernel (built lazily) -----------------------------------------------------------
 
 
-def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, stride_zg,
-               BITS: tl.constexpr, ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-               PRECISION: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET, stride_zg,
+               BITS: tl.constexpr, ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
+               GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile over the ``K`` range of split ``program_id(2)``."""
+    """One ``[BLOCK_M, BLOCK_N]`` output tile over the ``K`` range of split ``program_id(2)``; ``HAS_PERM``
+    gathers ``x[m, perm[k]]`` in the kernel (split-K path), else ``x`` comes in kernel order."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -149,7 +159,11 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
         k0 = pid_k * k_span + kk
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        a = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if HAS_PERM:  # act-order: kernel column k reads input feature perm[k]
+            src = tl.load(p_ptr + offs_k, mask=mask_k, other=0)
+        else:
+            src = offs_k
+        a = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * K + src[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         # each packed word is loaded once and unpacked in registers: [BLOCK_K/PER, BLOCK_N] words ->
         # [BLOCK_K/PER, PER, BLOCK_N] codes -> [BLOCK_K, BLOCK_N] (row r·PER + j = code j of word row r)
         offs_w = k0 // PER + tl.arange(0, WORD_ROWS)
@@ -191,15 +205,24 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, out_ptr, M, N, K, M_BUCKET, s
             w = (q - z) * s
         w = w.to(x_ptr.dtype.element_ty)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
-    if HAS_BIAS:
-        bias = tl.load(b_ptr + offs_n, mask=mask_n & ((offs_n * 0 + pid_k) == 0), other=0.0).to(tl.float32)
-        acc = acc + bias[None, :]
-    out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M·N may reach 2^31
+    out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M·N may reach 2^31
     mask_out = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(out_ptrs, acc, mask=mask_out, sem="relaxed")  # sums commute: no fences
-    else:
-        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    else:  # the GEMV's epilogue: relaxed partial sums, the tile's last split finishes and resets
+        tl.atomic_add(ws_ptr + out_off, acc, mask=mask_out, sem="relaxed")  # sums commute: no fences
+        tl.debug_barrier()  # every thread's partial is issued before this program's arrival
+        tile = pid_m * tl.num_programs(1) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptr + out_off, mask=mask_out, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask_out)
+            tl.store(ws_ptr + out_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
 
 def _gemm_configs(triton):
@@ -210,30 +233,48 @@ def _gemm_configs(triton):
             for m, n, k, w, s in shapes]
 
 
+#: ``BLOCK_M`` of the split-K configs, one per row bucket (``M`` rounded up to a power of two, at least 16).
+SPLITK_ROW_TILES = (16, 32, 64)
+
+
 def _splitk_configs(triton):
+    """Per row tile: ``(BLOCK_N, BLOCK_K, SPLIT_K, warps, stages)``; one ``BLOCK_M`` covers all rows of a
+    call (the weight is streamed once), ``SPLIT_K`` fills the SMs that ``N / BLOCK_N`` tiles leave idle."""
     c = triton.Config
-    shapes = [(64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 4, 4, 3), (32, 256, 8, 4, 3),
-              (128, 256, 2, 8, 3), (64, 128, 8, 4, 4), (256, 128, 1, 8, 3), (32, 128, 16, 4, 3)]
-    return [c({"BLOCK_M": 16, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-            for n, k, sk, w, s in shapes]
+    shapes = {16: [(64, 128, 4, 4, 3), (128, 128, 2, 4, 3), (64, 256, 4, 4, 3), (32, 256, 8, 4, 3),
+                   (128, 256, 2, 8, 3), (64, 128, 8, 4, 4), (256, 128, 1, 8, 3), (32, 128, 16, 4, 3)],
+              32: [(64, 128, 4, 4, 3), (128, 64, 4, 4, 3), (128, 128, 2, 8, 3), (64, 128, 8, 4, 3)],
+              64: [(64, 64, 4, 4, 3), (128, 64, 4, 4, 3), (128, 64, 2, 8, 3), (64, 128, 4, 4, 3)]}
+    return [c({"BLOCK_M": bm, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=s)
+            for bm in SPLITK_ROW_TILES for n, k, sk, w, s in shapes[bm]]
 
 
 def prune_by_group(configs: list, named_args: dict, **kwargs) -> list:
     """Autotune pre-filter: keep the configs whose ``BLOCK_K`` and the group size divide one another
     (one scale row per K block, or whole groups broadcast inside it: no per-element scale gather),
-    unless none does (groups like 48 straddle every K block)."""
+    unless none does (groups like 48 straddle every K block); split-K configs (``SPLIT_K > 1`` among
+    them) keep the row tile of the call's row bucket ``M_BUCKET``."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
     aligned = [c for c in configs if group is not None
-               and (group % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group == 0)]
-    return aligned or list(configs)
+               and (group % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group == 0)] or list(configs)
+    bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET"))
+    if bucket is None or not any(c.kwargs["SPLIT_K"] > 1 for c in configs):
+        return aligned
+    return [c for c in aligned if c.kwargs["BLOCK_M"] == splitk_row_tile(bucket)] or aligned
+
+
+def splitk_row_tile(rows: int) -> int:
+    """The split-K ``BLOCK_M`` for ``rows`` (their power-of-two bucket, within :data:`SPLITK_ROW_TILES`)."""
+    return min(max(triton_next_pow2(rows), SPLITK_ROW_TILES[0]), SPLITK_ROW_TILES[-1])
 
 
 def kernel_constants(bits: int, asym: bool, has_bias: bool, group_size: int, dtype: torch.dtype,
-                     atomic: bool) -> dict:
-    """The kernel's constexpr arguments besides the block sizes (one specialisation per distinct dict)."""
-    return {"BITS": bits, "ASYM": asym, "HAS_BIAS": has_bias,
+                     has_perm: bool) -> dict:
+    """The kernel's constexpr arguments besides the block sizes (one specialisation per distinct dict);
+    ``has_perm``: act-order gathered in the kernel (the split-K path)."""
+    return {"BITS": bits, "ASYM": asym, "HAS_BIAS": has_bias, "HAS_PERM": has_perm,
             "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
-            "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "ATOMIC": atomic}
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
 
 
 @functools.cache
@@ -243,7 +284,7 @@ def _build(interpret: bool):
     prune = {"early_config_prune": prune_by_group}
     return _runtime.build_kernels(globals(), _wq_kernel, interpret, {
         "gemm": (_gemm_configs, {"key": key, "prune_configs_by": prune}),
-        "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune, "reset_to_zero": ["out_ptr"]}),
+        "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune}),  # the kernel re-zeroes its workspace
     })
 
 
@@ -268,23 +309,30 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
             return x.new_empty(0, n)
         w = dequantize_packed_triton(qweight, scales, qzeros, perm, bits, group_size, k, x.dtype, config)  # [N, K]
         return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
-    if perm is not None:
-        x = x.index_select(1, perm)  # one gather of the input per call: kernel order
+    split = path == "splitk"
+    if perm is not None and not split:
+        x = x.index_select(1, perm)  # the tiled GEMM: one gather of the input per call, kernel order
     x = x.contiguous()
-    atomic = path == "splitk"
-    out = torch.zeros(m, n, dtype=torch.float32, device=x.device) if atomic else x.new_empty(m, n)
+    out = x.new_empty(m, n)
     if m == 0:
-        return out.to(x.dtype)
+        return out
     kernels = _build(_runtime.interpreting())
-    const = kernel_constants(bits, qzeros is not None, bias is not None, group_size, x.dtype, atomic)
-    args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias, out, m, n, k,
-            min(triton_next_pow2(m), 4096), 0 if qzeros is None else qzeros.shape[1])
+    const = kernel_constants(bits, qzeros is not None, bias is not None, group_size, x.dtype, split and perm is not None)
+    # split-K: one launch (workspace, arrival counters, bias and cast in the kernel); at most one counter
+    # per (16-row, 32-column) tile, the smallest of any config
+    ws, cnt = _runtime.split_workspace(x.device, _cdiv(m, 16) * 16 * n, _cdiv(m, 16) * _cdiv(n, 32)) if split \
+        else (out, out)
+    args = (x, qweight, scales, qweight if qzeros is None else qzeros, x if bias is None else bias,
+            x if perm is None or not split else perm, out, ws, cnt, m, n, k, min(triton_next_pow2(m), 4096),
+            0 if qzeros is None else qzeros.shape[1])
     if config is not None or "gemm" not in kernels:
         if config is None:
             raise ValueError("Under TRITON_INTERPRET=1 pass config={'BLOCK_M':..,'BLOCK_N':..,'BLOCK_K':..,'SPLIT_K':..}.")
-        if not atomic and config.get("SPLIT_K", 1) != 1:
+        if not split and config.get("SPLIT_K", 1) != 1:
             raise ValueError("path='gemm' needs SPLIT_K=1; use path='splitk' to split K.")
         config = {"SPLIT_K": 1, **config}
+        if split and (config["BLOCK_M"] < 16 or config["BLOCK_N"] < 32):
+            raise ValueError("path='splitk' needs BLOCK_M >= 16 and BLOCK_N >= 32 (the workspace's tile counters).")
         grid = (_cdiv(m, config["BLOCK_M"]), _cdiv(n, config["BLOCK_N"]), config["SPLIT_K"])
         with _runtime.on_device(x):
             _runtime.launch(kernels["jit"], grid, *args, **const, **config)
@@ -294,7 +342,7 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
 
         with _runtime.on_device(x):
             _runtime.launch(kernels[path], grid, *args, **const)
-    return out.to(x.dtype) if atomic else out
+    return out
 
 
 def select_path(rows: int) -> str:
@@ -388,7 +436,7 @@ def wq_linear(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None 
               force_reference: bool | None = None, path: str = "auto") -> Tensor:
     """``x [..., K] -> [..., N]`` through packed weights (layouts in the module docstring).
 
-    Triton on CUDA (``path="auto"``: the GEMV for ``<= 8`` rows, split-K for ``<= 16``, the tiled GEMM
+    Triton on CUDA (``path="auto"``: the GEMV for ``<= 8`` rows, split-K for ``<= 64``, the tiled GEMM
     below :data:`PREFILL_MIN_ROWS`, dequantize-then-cuBLAS from there; see :func:`select_path`), the
     reference on CPU; ``force_reference=True`` or ``LIGHTNING_QUANT_FORCE_REFERENCE=1`` forces the
     reference. Differentiable in ``x`` (LoRA on a packed base needs that).

@@ -12,6 +12,7 @@ import torch
 from lightning_quant import QuantSpec
 from lightning_quant.kernels import _runtime
 from lightning_quant.kernels import int8_matmul as i8
+from lightning_quant.kernels._runtime import _WORKSPACES
 from lightning_quant.kernels.int8_matmul import (
     int8_matmul_reference,
     int8_matmul_scaled_reference,
@@ -20,7 +21,7 @@ from lightning_quant.kernels.int8_matmul import (
     int8_outlier_matmul,
 )
 from lightning_quant.kernels.wq_dequant import dequantize_packed_triton
-from lightning_quant.kernels.wq_gemv import _WORKSPACES, GEMV_MAX_ROWS
+from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS
 from lightning_quant.kernels.wq_matmul import dequantize_packed, wq_linear_reference, wq_linear_triton
 from tests.kernels._cases import magnitude_bound, packed_operands
 
@@ -162,18 +163,37 @@ def test_prefill_path_is_dequantize_then_linear():
     assert y.dtype == torch.float16 and torch.equal(y, torch.nn.functional.linear(x, w, bias.half()))
 
 
-def test_gemv_workspace_is_left_zeroed_and_calls_repeat():
-    """Split GEMV calls leave the persistent workspace and arrival counters zeroed (the last split
-    resets them), so a second call gives the same bits."""
+@pytest.mark.parametrize("path,cfg,m", [("gemv", {"BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 4}, 3),
+                                        ("splitk", {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 4}, 19)])
+def test_split_workspace_is_left_zeroed_and_calls_repeat(path, cfg, m):
+    """Split GEMV and split-K calls leave the shared persistent workspace and arrival counters zeroed (the
+    last split of each tile resets them), so a second call, or the other path's, gives the same bits."""
     spec = QuantSpec(4, 32, symmetric=False)
     _, qweight, scales, qzeros, perm = packed_operands(72, 96, spec, act_order=True)
-    x, bias = torch.randn(3, 96), torch.randn(72)
-    cfg = {"BLOCK_N": 32, "BLOCK_K": 16, "SPLIT_K": 4}
-    first = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "gemv", cfg)
-    second = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "gemv", cfg)
+    x, bias = torch.randn(m, 96), torch.randn(72)
+    first = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, path, cfg)
+    second = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, path, cfg)
     assert torch.equal(first, second)
     ws, cnt = _WORKSPACES[("cpu", 0)]
     assert not ws.any() and not cnt.any()
+    ref = wq_linear_reference(x, qweight, scales, qzeros, perm, bias, 4, 32)
+    assert (first - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+def test_split_k_row_tiles_and_bad_config():
+    """Row tiles of 32 and 64 (the split-K configs for 17..64 rows) match the reference; a tile smaller
+    than the workspace's counters allow is refused."""
+    spec = QuantSpec(4, 32, symmetric=False)
+    qw, qweight, scales, qzeros, perm = packed_operands(72, 96, spec, act_order=True)
+    for m, bm in ((33, 32), (50, 64)):
+        x, bias = torch.randn(m, 96), torch.randn(72)
+        cfg = {"BLOCK_M": bm, "BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 3}
+        y = wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "splitk", cfg)
+        ref = wq_linear_reference(x, qweight, scales, qzeros, perm, bias, 4, 32)
+        assert ((y - ref).abs() <= 1e-6 * (magnitude_bound(x, qw.dequantize()) + bias.abs())).all()
+    with pytest.raises(ValueError, match="path='splitk' needs BLOCK_M >= 16 and BLOCK_N >= 32"):
+        wq_linear_triton(x, qweight, scales, qzeros, perm, bias, 4, 32, "splitk",
+                         {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "SPLIT_K": 2})
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 64, 40), (3, 96, 72), (17, 80, 56)])

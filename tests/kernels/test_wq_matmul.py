@@ -88,7 +88,7 @@ def test_select_path_by_rows():
     """Decode GEMV, split-K, the fused GEMM, then dequantize-once + cuBLAS from ``PREFILL_MIN_ROWS`` on."""
     from lightning_quant.kernels.wq_matmul import PREFILL_MIN_ROWS, select_path
 
-    assert [select_path(m) for m in (1, 8, 9, 16, 17, PREFILL_MIN_ROWS - 1)] == ["gemv"] * 2 + ["splitk"] * 2 + ["gemm"] * 2
+    assert [select_path(m) for m in (1, 8, 9, 16, 64, 65, PREFILL_MIN_ROWS - 1)] == ["gemv"] * 2 + ["splitk"] * 3 + ["gemm"] * 2
     assert select_path(PREFILL_MIN_ROWS) == select_path(16384) == "prefill"
 
 
