@@ -31,7 +31,7 @@ import torch
 from lightning_quant.kernels import _runtime
 
 __all__ = ["SHARED_MEMORY_LIMIT", "KernelBuild", "compile_kernel", "dequant_builds", "disassemble", "gemv_builds",
-           "int8_builds", "main_loop_instructions", "wq_builds"]
+           "int8_builds", "main_loop_instructions", "rowquant_builds", "wq_builds"]
 
 #: Largest dynamic shared memory one block may use, bytes, by compute capability (CUDA guide, table 21).
 SHARED_MEMORY_LIMIT = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
@@ -249,6 +249,18 @@ def int8_builds(arch: int = 90, scaled: bool = False, out_dtype: torch.dtype = t
                            fp_fusion=not scaled) for cfg in i8._configs(triton, scaled)]
 
 
+def rowquant_builds(arch: int = 90, dtype: torch.dtype = torch.float16, block_k: int = 1024) -> list[KernelBuild]:
+    """The LLM.int8 activation-quantization kernel (:func:`~lightning_quant.kernels.int8_matmul.quantize_rows`)
+    with a column mask, as launched (``BLOCK_K`` 1024, 4 warps, no FMA contraction)."""
+    from lightning_quant.kernels import int8_matmul as i8
+
+    jit = i8._build_rowquant(False)["jit"]
+    sig = {"x_ptr": f"*{_TRITON_DTYPE[dtype]}", "m_ptr": "*i8", "q_ptr": "*i8", "a_ptr": "*fp32", "K": "i32",
+           "tiny": "fp32"}
+    return [compile_kernel(jit, sig, {"HAS_MASK": True, "BLOCK_K": block_k}, num_warps=4, num_stages=3, arch=arch,
+                           aligned=("K",), name="int8-rowquant", fp_fusion=False)]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Compile every autotune config for a CUDA target; print resources.")
     p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
@@ -266,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.family in ("all", "dequant"):
         builds += dequant_builds(args.arch, getattr(torch, args.dtype), args.bits, args.group_size, args.symmetric)
     if args.family in ("all", "int8"):
-        builds += int8_builds(args.arch) + int8_builds(args.arch, scaled=True)
+        builds += int8_builds(args.arch) + int8_builds(args.arch, scaled=True) + rowquant_builds(args.arch)
     for b in builds:
         print(b.describe() + ("" if b.fits_shared_memory else "  EXCEEDS SHARED MEMORY"))
 

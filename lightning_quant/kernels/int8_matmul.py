@@ -13,6 +13,9 @@ integer arithmetic (LLM.int8(), Dettmers et al. 2022, eq. 1 before the outer-pro
   (see its docstring for the numerics); :func:`int8_matmul_scaled_reference` is its CPU path.
 * :func:`int8_outlier_matmul` — LLM.int8's mixed-precision decomposition around ``int8_matmul_scaled`` (the
   forward of ``Int8OutlierLinear``), with a static-width outlier path (no host sync).
+* :func:`quantize_rows` (op ``lightning_quant::int8_quantize_rows``) — LLM.int8's per-token absmax
+  activation quantization with the outlier columns zeroed, one kernel on CUDA (two passes over each row:
+  its absmax, then its codes), :func:`quantize_rows_reference` on CPU, bit for bit the same;
 * :func:`int8_matmul_triton` / :func:`int8_matmul_scaled_triton` — the kernel launchers (CUDA, or CPU
   tensors under ``TRITON_INTERPRET=1``): ``[BLOCK_M, BLOCK_N]`` tiles, ``tl.dot`` on int8 operands with an
   int32 accumulator (the tensor cores' IMMA path), autotuned over a small config set keyed by a
@@ -26,11 +29,12 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_quant.algorithms.llm_int8 import absmax_quantize_rows, outlier_columns
+from lightning_quant.algorithms.llm_int8 import _TINY, absmax_quantize_rows, outlier_columns
 from lightning_quant.kernels import _runtime
 
 __all__ = ["MAX_OUTLIER_COLUMNS", "int8_matmul", "int8_matmul_reference", "int8_matmul_scaled",
-           "int8_matmul_scaled_reference", "int8_matmul_scaled_triton", "int8_matmul_triton", "int8_outlier_matmul"]
+           "int8_matmul_scaled_reference", "int8_matmul_scaled_triton", "int8_matmul_triton", "int8_outlier_matmul",
+           "quantize_rows", "quantize_rows_reference", "quantize_rows_triton"]
 
 #: Width of the float outlier path of :func:`int8_outlier_matmul` (static, so no host sync decides it);
 #: the paper reports at most a few dozen outlier feature dimensions per layer up to 13B parameters.
@@ -164,6 +168,99 @@ def int8_matmul_scaled_triton(a: Tensor, b: Tensor, row_scale: Tensor, col_scale
     return _launch(a, b, out, epilogue, const, config)
 
 
+def _rowquant_kernel(x_ptr, m_ptr, q_ptr, a_ptr, K, tiny, HAS_MASK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Row ``program_id(0)`` of ``x [M, K]``: its absmax over the columns not masked, then its int8 codes."""
+    row = tl.program_id(0).to(tl.int64)
+    absmax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # pass 1: the row's absmax (masked columns read as 0)
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ok = offs < K
+        if HAS_MASK:
+            ok = ok & (tl.load(m_ptr + offs, mask=offs < K, other=1) == 0)
+        x = tl.load(x_ptr + row * K + offs, mask=ok, other=0.0).to(tl.float32)
+        absmax = tl.maximum(absmax, tl.abs(x))
+    amax = tl.max(absmax, axis=0)
+    denom = tl.maximum(amax, tiny)  # the reference's clamp_min(_TINY)
+    for k0 in range(0, K, BLOCK_K):  # pass 2: round(x · 127 / absmax), clamped to ±127
+        offs = k0 + tl.arange(0, BLOCK_K)
+        ok = offs < K
+        keep = ok
+        if HAS_MASK:
+            keep = ok & (tl.load(m_ptr + offs, mask=ok, other=1) == 0)
+        x = tl.load(x_ptr + row * K + offs, mask=keep, other=0.0).to(tl.float32)
+        v = tl.math.div_rn(x * 127.0, denom)  # IEEE, as torch's division
+        r = (v + 12582912.0) - 12582912.0  # round half to even (|v| <= 127 << 2^22), as torch.round
+        r = tl.minimum(tl.maximum(r, -127.0), 127.0)
+        tl.store(q_ptr + row * K + offs, r.to(tl.int8), mask=ok)
+    tl.store(a_ptr + row, amax)
+
+
+@functools.cache
+def _build_rowquant(interpret: bool):
+    return _runtime.build_kernels(globals(), _rowquant_kernel, interpret, {})
+
+
+def quantize_rows_triton(x: Tensor, masked: Tensor | None = None, block_k: int = 1024) -> tuple[Tensor, Tensor]:
+    """Launch the row-quantization kernel (CUDA, or CPU tensors under ``TRITON_INTERPRET=1``): the values of
+    :func:`quantize_rows_reference` in one launch, one program per row."""
+    _check_rows(x, masked)
+    x = x.contiguous()
+    m, k = x.shape
+    codes = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    absmax = torch.empty(m, dtype=torch.float32, device=x.device)
+    if m == 0:
+        return codes, absmax
+    jit = _build_rowquant(_runtime.interpreting())["jit"]
+    mask = x if masked is None else masked.to(torch.int8).contiguous()
+    with _runtime.on_device(x):  # no FMA contraction: x·127 rounds before the division, as the reference
+        _runtime.launch(jit, (m,), x, mask, codes, absmax, k, _TINY, HAS_MASK=masked is not None,
+                        BLOCK_K=min(block_k, 1 << max(k - 1, 0).bit_length()), enable_fp_fusion=False)
+    return codes, absmax
+
+
+def quantize_rows_reference(x: Tensor, masked: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """LLM.int8's activation quantization: :func:`~lightning_quant.algorithms.llm_int8.absmax_quantize_rows`
+    of ``x`` in float32 with the columns of ``masked [K]`` (the outlier path's) set to 0."""
+    xf = x.float()
+    return absmax_quantize_rows(xf if masked is None else xf.masked_fill(masked, 0.0))
+
+
+def _check_rows(x: Tensor, masked: Tensor | None) -> None:
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"quantize_rows takes a float [M, K] input, got {x.dtype} {tuple(x.shape)}.")
+    if masked is not None and (masked.dtype != torch.bool or tuple(masked.shape) != (x.shape[1],)):
+        raise ValueError(f"masked must be a bool [K] = ({x.shape[1]},) column mask, got {masked.dtype} "
+                         f"{tuple(masked.shape)}.")
+    _runtime.check_device(x, masked)
+
+
+@torch.library.custom_op("lightning_quant::int8_quantize_rows", mutates_args=())
+def _quantize_rows_op(x: Tensor, masked: Tensor | None) -> tuple[Tensor, Tensor]:
+    if x.device.type == "cuda":
+        return quantize_rows_triton(x, masked)
+    return quantize_rows_reference(x, masked)
+
+
+@_quantize_rows_op.register_fake
+def _(x, masked):
+    return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
+
+
+def quantize_rows(x: Tensor, masked: Tensor | None = None, force_reference: bool | None = None) -> tuple[Tensor, Tensor]:
+    """``(codes int8 [M, K], absmax float32 [M])`` of ``x [M, K]`` with the ``masked`` columns zeroed: one
+    kernel on CUDA (``lightning_quant::int8_quantize_rows``), :func:`quantize_rows_reference` on CPU.
+
+    Numerics: the kernel computes the reference's float32 operations in its order — ``|x|`` max (exact),
+    ``x·127`` then an IEEE division by ``max(absmax, tiny)``, round half to even, clamp to ±127 — so the
+    codes are bit for bit the reference's (tested under ``TRITON_INTERPRET=1``; on the GPU torch's tensor
+    division is IEEE too).
+    """
+    _check_rows(x, masked)
+    if _runtime.reference_forced(force_reference):
+        return quantize_rows_reference(x, masked)
+    return _quantize_rows_op(x, masked)
+
+
 @torch.library.custom_op("lightning_quant::int8_matmul", mutates_args=())
 def _int8_matmul_op(a: Tensor, b: Tensor) -> Tensor:
     if a.device.type == "cuda":
@@ -279,9 +376,6 @@ def int8_outlier_matmul(x: Tensor, codes: Tensor, scb: Tensor, threshold: float,
         x_o = xf.index_select(1, idx) * valid  # [M, width]
         w_o = codes.index_select(1, idx).float() * (scb.float() / 127.0).unsqueeze(1)  # [out, width]
         residual = x_o @ w_o.t()  # [M, out] float32
-        x_rest = xf.masked_fill(kept, 0.0)
-    else:
-        x_rest = xf
-    a_codes, a_absmax = absmax_quantize_rows(x_rest)  # [M, in] int8, [M]
+    a_codes, a_absmax = quantize_rows(x, kept if width else None)  # [M, in] int8, [M]: one kernel on CUDA
     y = int8_matmul_scaled(a_codes, codes, a_absmax, scb, bias, out_dtype, residual, scale_divisor=127.0)
     return y, outliers

@@ -289,3 +289,23 @@ def test_empty_batches():
     e = int8_matmul_scaled_triton(torch.zeros(0, 64, dtype=torch.int8), torch.zeros(5, 64, dtype=torch.int8),
                                   torch.ones(0), torch.ones(5), out_dtype=torch.float16)
     assert e.shape == (0, 5) and e.dtype == torch.float16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_row_quantization_kernel_is_the_reference(dtype, masked):
+    """LLM.int8's activation quantization kernel: bit for bit the reference's codes and absmax (ties to even,
+    an all-zero row, masked outlier columns, K not a multiple of the block)."""
+    from lightning_quant.kernels.int8_matmul import quantize_rows_reference, quantize_rows_triton
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 100, generator=g) * 3
+    x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, -126.5])
+    x[1] = 0.0
+    x = x.to(dtype)
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[[0, 7, 50, 99]] = True
+    m = mask if masked else None
+    codes, absmax = quantize_rows_triton(x, m, block_k=32)
+    ref_codes, ref_absmax = quantize_rows_reference(x, m)
+    assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)

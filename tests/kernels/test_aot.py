@@ -53,6 +53,11 @@ def test_int8_scaled_epilogue_configs_compile_for_sm90_without_spills(out_dtype)
     assert any(b.mma_version == 3 for b in builds)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_int8_row_quantization_kernel_compiles_for_sm90_without_spills(dtype):
+    _check(aot.rowquant_builds(90, dtype))
+
+
 def test_a100_builds_fit_its_shared_memory():
     builds = aot.wq_builds(80, torch.float16, 4, 128, False, paths=("splitk",))
     assert all(b.arch == 80 and b.fits_shared_memory and b.mma_version == 2 for b in builds)
@@ -77,8 +82,9 @@ def test_command_line_prints_one_row_per_config(capsys):
 
     aot.main(["--family", "int8", "--arch", "80"])
     rows = capsys.readouterr().out.strip().splitlines()
-    # the int32 store and the fused epilogue
-    assert len(rows) == len(int8_matmul._configs(triton)) + len(int8_matmul._configs(triton, scaled=True))
+    # the int32 store, the fused epilogue and the activation-quantization kernel
+    assert len(rows) == len(int8_matmul._configs(triton)) + len(int8_matmul._configs(triton, scaled=True)) + 1
+    assert sum(r.startswith("int8-rowquant") for r in rows) == 1
     assert all(r.startswith("int8") and "smem" in r and "spill" in r for r in rows)
     assert sum(r.startswith("int8-scaled") for r in rows) == len(int8_matmul._configs(triton, scaled=True))
 

@@ -168,3 +168,46 @@ def test_cuda_kernel_is_exact(m):
     assert torch.equal(int8_matmul_triton(a, b, config), int8_matmul_reference(a, b))
     if m == 77:
         assert torch.equal(int8_matmul(a, b), int8_matmul_reference(a, b))
+
+
+def _rows_with_ties(m=5, k=100, dtype=torch.float32):
+    """Rows whose absmax is 127 (so ``x·127/absmax = x``) holding exact .5 ties, an all-zero row, and random rows."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(m, k, generator=g) * 3
+    x[0, :8] = torch.tensor([127.0, 2.5, 3.5, -2.5, -0.5, 0.5, 1.5, -126.5])
+    x[1] = 0.0
+    return x.to(dtype)
+
+
+def test_quantize_rows_reference_op_and_bad_inputs():
+    from lightning_quant.kernels.int8_matmul import quantize_rows, quantize_rows_reference
+
+    x = _rows_with_ties()
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[[0, 7, 50]] = True
+    for m in (None, mask):
+        codes, absmax = quantize_rows(x, m)  # CPU: the op runs the reference
+        ref_codes, ref_absmax = absmax_quantize_rows(x if m is None else x.masked_fill(m, 0.0))
+        assert torch.equal(codes, ref_codes) and torch.equal(absmax, ref_absmax)
+        assert torch.equal(quantize_rows_reference(x, m)[0], ref_codes)
+    assert quantize_rows(x)[0][0, :7].tolist() == [127, 2, 4, -2, 0, 0, 2]  # round half to even
+    assert not quantize_rows(x)[0][1].any() and quantize_rows(x)[1][1] == 0
+    with pytest.raises(ValueError, match=r"takes a float \[M, K\] input"):
+        quantize_rows(torch.zeros(3, 4, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"masked must be a bool \[K\] = \(100,\) column mask"):
+        quantize_rows(x, torch.zeros(99, dtype=torch.bool))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels compile for GPUs)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)
+def test_cuda_quantize_rows_is_the_reference(dtype):
+    from lightning_quant.kernels.int8_matmul import quantize_rows, quantize_rows_reference
+
+    x = _rows_with_ties(77, 4096, dtype).cuda()
+    mask = torch.zeros(4096, dtype=torch.bool, device="cuda")
+    mask[[5, 900, 4095]] = True
+    for m in (None, mask):
+        codes, absmax = quantize_rows(x, m)
+        ref_codes, ref_absmax = quantize_rows_reference(x.cpu(), None if m is None else m.cpu())
+        assert torch.equal(codes.cpu(), ref_codes) and torch.equal(absmax.cpu(), ref_absmax)
