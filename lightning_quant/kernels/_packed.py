@@ -1,4 +1,5 @@
-"""What the two packed-weight kernels without ``tl.dot`` share: one unpacking step, and their launcher.
+"""What the packed-weight kernels share: the unpacking step and launcher of the two without ``tl.dot``,
+and the split-K epilogue of the GEMV and the tensor-core split-K path.
 
 :mod:`lightning_quant.kernels.wq_gemv` (decode) and :mod:`lightning_quant.kernels.wq_dequant`
 (prefill scratch buffer) walk ``qweight`` (int32 ``[ceil(K·b/32), N]``) the same way: per step one
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["launch_packed", "packed_step"]
+__all__ = ["launch_packed", "packed_step", "split_epilogue"]
 
 tl = None  # triton.language, bound by _runtime.build_kernels on the first kernel build (lazy import)
 
@@ -71,6 +72,32 @@ def packed_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS:
         zf = (z | 0x4B000000).to(tl.float32, bitcast=True)
         w = (qf - zf) * s.to(tl.float32)
     return w, offs_k, mask_k
+
+
+def split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out, tile,
+                   HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr):
+    """Store the float32 tile ``acc [BLOCK_M, BLOCK_N]`` (+ bias, cast to ``out_ptr``'s dtype) at ``out_off``.
+
+    ``SPLIT_K = 1``: directly. Otherwise the ``SPLIT_K`` programs of output tile ``tile`` add their partials
+    (relaxed atomics: sums commute) into the zeroed float32 workspace ``ws_ptr`` and bump the tile's
+    arrival counter (acq_rel); the last to arrive reads the sum, adds the bias, casts, stores, and zeroes
+    the workspace rows and the counter for the next call (:func:`~lightning_quant.kernels._runtime.split_workspace`).
+    """
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
+    else:
+        tl.atomic_add(ws_ptr + out_off, acc, mask=mask_out, sem="relaxed")
+        tl.debug_barrier()  # every thread's partial is issued before this program's arrival
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:  # last split of this tile: finish and reset
+            total = tl.load(ws_ptr + out_off, mask=mask_out, other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask_out)
+            tl.store(ws_ptr + out_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
+            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
 
 
 def launch_packed(kernels: dict, n: int, bits: int, args: tuple, const: dict, config: dict | None, what: str) -> None:

@@ -48,6 +48,7 @@ _PER_CHANNEL_GROUP = 1 << 30
 _HALF_CODE = {torch.float16: 1}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 packed_step = None  # _packed.packed_step jitted, bound on the first kernel build
+split_epilogue = None  # _packed.split_epilogue jitted, likewise
 
 
 def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, stride_zg,
@@ -82,21 +83,8 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
             acc += tl.where(offs_m[:, None] == mi, part[None, :], 0.0)
     mask_out = (offs_m < M)[:, None] & mask_n[None, :]
     out_off = offs_m[:, None] * N + offs_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
-    else:
-        tl.atomic_add(ws_ptr + out_off, acc, mask=mask_out, sem="relaxed")
-        tl.debug_barrier()  # every thread's partial is issued before this program's arrival
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:  # last split of this tile: finish and reset for the next call
-            total = tl.load(ws_ptr + out_off, mask=mask_out, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask_out)
-            tl.store(ws_ptr + out_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+    split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out, pid_n, HAS_BIAS,
+                   BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 def gemv_configs(triton) -> list:
@@ -136,7 +124,7 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 @functools.cache
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
-        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step,))
+        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step, _packed.split_epilogue))
 
 
 def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,

@@ -57,7 +57,7 @@ from torch import Tensor
 
 from lightning_quant import packing
 from lightning_quant import primitives as P
-from lightning_quant.kernels import _runtime
+from lightning_quant.kernels import _packed, _runtime
 from lightning_quant.kernels.wq_dequant import dequantize_packed_triton
 from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS, wq_gemv
 from lightning_quant.spec import QuantSpec
@@ -96,6 +96,7 @@ PATHS = ("auto", "gemv", "splitk", "gemm", "prefill")
 _PER_CHANNEL_GROUP = 1 << 30  # "one group": k // 2^30 == 0 for every column, aligned with any BLOCK_K
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 tl = None  # triton.language, bound on the first kernel build (lazy import)
+split_epilogue = None  # _packed.split_epilogue jitted, bound on the first kernel build
 
 
 # ---- reference ----------------------------------------------------------------------------
@@ -207,22 +208,9 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_p
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M·N may reach 2^31
     mask_out = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask_out)
-    else:  # the GEMV's epilogue: relaxed partial sums, the tile's last split finishes and resets
-        tl.atomic_add(ws_ptr + out_off, acc, mask=mask_out, sem="relaxed")  # sums commute: no fences
-        tl.debug_barrier()  # every thread's partial is issued before this program's arrival
-        tile = pid_m * tl.num_programs(1) + pid_n
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT_K - 1:
-            total = tl.load(ws_ptr + out_off, mask=mask_out, other=0.0, cache_modifier=".cg")
-            if HAS_BIAS:
-                total += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask_out)
-            tl.store(ws_ptr + out_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
-            tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+    # SPLIT_K > 1: the GEMV's epilogue (workspace, arrival counter per (row, column) tile)
+    split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out,
+                   pid_m * tl.num_programs(1) + pid_n, HAS_BIAS, BLOCK_M, BLOCK_N, SPLIT_K)
 
 
 def _gemm_configs(triton):
@@ -285,7 +273,7 @@ def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_kernel, interpret, {
         "gemm": (_gemm_configs, {"key": key, "prune_configs_by": prune}),
         "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune}),  # the kernel re-zeroes its workspace
-    })
+    }, helpers=(_packed.split_epilogue,))
 
 
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
