@@ -74,7 +74,7 @@ def _wq_dequant_kernel(qw_ptr, s_ptr, z_ptr, p_ptr, out_ptr, N, K, stride_zg,
 def dequant_configs(triton) -> list:
     """``(BLOCK_N, BLOCK_K, SPLIT_K, warps)``; ``BLOCK_N = 128·warps`` gives each thread 4 consecutive
     words per word row (one 16-byte load) and 4 consecutive outputs per written row."""
-    shapes = [(512, 32, 16, 4), (512, 64, 8, 4), (256, 32, 32, 2), (1024, 32, 16, 8), (512, 16, 32, 4),
+    shapes = [(512, 32, 16, 4), (512, 32, 8, 4), (256, 32, 32, 2), (1024, 32, 16, 8), (512, 16, 32, 4),
               (256, 16, 64, 2)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=3)
             for n, k, sk, w in shapes]

@@ -91,7 +91,7 @@ def gemv_configs(triton) -> list:
     """``(BLOCK_N, BLOCK_K, SPLIT_K, warps)``: ``BLOCK_N = 128·warps`` keeps each warp on its own
     128 outputs (4 words per thread, one 16-byte load per word row) so the ``K`` sums stay in-thread."""
     shapes = [(128, 64, 1, 1), (128, 64, 4, 1), (128, 32, 8, 1), (256, 64, 1, 2), (256, 64, 4, 2),
-              (512, 64, 4, 4), (128, 16, 8, 1), (256, 16, 8, 2), (128, 8, 8, 1), (256, 8, 16, 2)]
+              (512, 32, 8, 4), (128, 16, 8, 1), (256, 16, 8, 2), (128, 8, 8, 1), (256, 8, 16, 2)]
     return [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": sk}, num_warps=w, num_stages=3)
             for n, k, sk, w in shapes]
 
