@@ -25,6 +25,7 @@ from lightning_quant.quantized import QuantizedWeight
 from lightning_quant.spec import QuantSpec
 
 __all__ = [
+    "ABSMAX_FLOOR",
     "DEFAULT_THRESHOLD",
     "INT8_ROWWISE",
     "absmax_quantize_rows",
@@ -39,7 +40,9 @@ __all__ = [
 INT8_ROWWISE = QuantSpec(bits=8, group_size=-1, symmetric=True, scale_dtype="float32")
 #: Lightning's and the paper's outlier threshold (bitsandbytes' own default is 0.0).
 DEFAULT_THRESHOLD = 6.0
-_TINY = torch.finfo(torch.float32).tiny
+#: Floor of the absmax divisor of :func:`absmax_quantize_rows` (an all-zero row divides by it, giving codes 0);
+#: the activation-quantization kernel uses the same value.
+ABSMAX_FLOOR = torch.finfo(torch.float32).tiny
 
 
 def check_threshold(threshold: float) -> float:
@@ -60,7 +63,7 @@ def absmax_quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """
     xf = x.detach().float()
     absmax = xf.abs().amax(dim=1)  # [R]
-    codes = torch.round(xf * 127.0 / absmax.clamp_min(_TINY).unsqueeze(1)).clamp_(-127, 127)
+    codes = torch.round(xf * 127.0 / absmax.clamp_min(ABSMAX_FLOOR).unsqueeze(1)).clamp_(-127, 127)
     return codes.to(torch.int8), absmax
 
 

@@ -17,9 +17,8 @@ counts them.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -172,7 +171,7 @@ class BlockContext:
                              "run_sequential(..., float_stream=True).")
         handles = [mod.register_forward_pre_hook(make(n)) for n, mod in modules.items()]
         try:
-            with self._original_weights() if of_float_model else contextlib.nullcontext():
+            with self._original_weights() if of_float_model else nullcontext():
                 for i, inp in enumerate(self.float_inputs if of_float_model else self.inputs):
                     try:
                         self._run(inp)

@@ -29,7 +29,7 @@ import functools
 import torch
 from torch import Tensor
 
-from lightning_quant.algorithms.llm_int8 import _TINY, absmax_quantize_rows, outlier_columns
+from lightning_quant.algorithms.llm_int8 import ABSMAX_FLOOR, absmax_quantize_rows, outlier_columns
 from lightning_quant.kernels import _runtime
 
 __all__ = ["MAX_OUTLIER_COLUMNS", "int8_matmul", "int8_matmul_reference", "int8_matmul_scaled",
@@ -180,7 +180,7 @@ def _rowquant_kernel(x_ptr, m_ptr, q_ptr, a_ptr, K, tiny, HAS_MASK: tl.constexpr
         x = tl.load(x_ptr + row * K + offs, mask=ok, other=0.0).to(tl.float32)
         absmax = tl.maximum(absmax, tl.abs(x))
     amax = tl.max(absmax, axis=0)
-    denom = tl.maximum(amax, tiny)  # the reference's clamp_min(_TINY)
+    denom = tl.maximum(amax, tiny)  # the reference's clamp_min(ABSMAX_FLOOR)
     for k0 in range(0, K, BLOCK_K):  # pass 2: round(x · 127 / absmax), clamped to ±127
         offs = k0 + tl.arange(0, BLOCK_K)
         ok = offs < K
@@ -213,7 +213,7 @@ def quantize_rows_triton(x: Tensor, masked: Tensor | None = None, block_k: int =
     jit = _build_rowquant(_runtime.interpreting())["jit"]
     mask = x if masked is None else masked.to(torch.int8).contiguous()
     with _runtime.on_device(x):  # no FMA contraction: x·127 rounds before the division, as the reference
-        _runtime.launch(jit, (m,), x, mask, codes, absmax, k, _TINY, HAS_MASK=masked is not None,
+        _runtime.launch(jit, (m,), x, mask, codes, absmax, k, ABSMAX_FLOOR, HAS_MASK=masked is not None,
                         BLOCK_K=min(block_k, 1 << max(k - 1, 0).bit_length()), enable_fp_fusion=False)
     return codes, absmax
 
