@@ -18,15 +18,26 @@ Dequantization, bit for bit the reference ``((q − z)·s in float32).to(dtype)`
 * otherwise ``q | 0x4B000000`` read as float32 is ``2^23 + q``, minus ``2^23 + z``, times ``s`` in
   float32: the reference's own float32 value, which the caller casts (one rounding). The tile is
   float32.
+
+**Packed half2 arithmetic** (the GEMV's float16 path, :func:`half2_code_fma`): the same 32-bit op's
+result *is* a pair of float16 values (``1024 + q_j``, ``1024 + q_{j+PER/2}``). :func:`as_half2` reinterprets
+an int32 tensor as float16 ``[..., 2]`` (low half first); compiled, that is one ``mov.b32`` the
+assembler removes, so the float16 subtract, scale and multiply-add that follow stay ``HADD2`` /
+``HMUL2`` / ``HFMA2`` on whole registers (two weights an instruction). Built from two scalar halves
+instead, LLVM's vectoriser leaves the products scalar. Triton's CPU interpreter runs no PTX, so there
+:func:`as_half2` splits the bits with plain Triton (``INTERPRETED``, bound by
+:func:`~lightning_quant.kernels._runtime.build_kernels`): the same values, element by element.
 """
 
 from __future__ import annotations
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["launch_packed", "packed_step", "split_epilogue"]
+__all__ = ["as_half2", "half2_code_fma", "half2_scale_zero", "launch_packed", "packed_step", "pick_column",
+           "split_epilogue"]
 
 tl = None  # triton.language, bound by _runtime.build_kernels on the first kernel build (lazy import)
+INTERPRETED = None  # tl.constexpr(TRITON_INTERPRET), bound by _runtime.build_kernels likewise
 
 
 def packed_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
@@ -72,6 +83,66 @@ def packed_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS:
         zf = (z | 0x4B000000).to(tl.float32, bitcast=True)
         w = (qf - zf) * s.to(tl.float32)
     return w, offs_k, mask_k
+
+
+def as_half2(bits32):
+    """int32 ``[...]`` -> float16 ``[..., 2]``: the low and the high half of each word, reinterpreted
+    (``mov.b32`` compiled: no instruction survives; split with Triton ops under the interpreter)."""
+    if INTERPRETED:
+        lo = bits32.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (bits32 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.join(lo, hi)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(bits32, bits32)], dtype=tl.float16,
+                                     is_pure=True, pack=2)
+
+
+def _half_of(t, bit: tl.constexpr):
+    """``t [R, C]`` -> ``[R, C / 2]``: the columns whose index has bit 0 equal to ``bit`` (an in-thread split)."""
+    even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+    if bit == 0:
+        out = even
+    else:
+        out = odd
+    return out
+
+
+def pick_column(t, j: tl.constexpr, COLS: tl.constexpr):
+    """Column ``j`` (``[R]``) of ``t [R, COLS]`` (``COLS`` 2, 4 or 8, held in-thread): halving splits."""
+    t = _half_of(t, j % 2)
+    if COLS >= 4:
+        t = _half_of(t, (j // 2) % 2)
+    if COLS >= 8:
+        t = _half_of(t, (j // 4) % 2)
+    return tl.reshape(t, (t.shape[0],))
+
+
+def half2_code_fma(acc, words, zbits, s, xbits, j: tl.constexpr, BITS: tl.constexpr):
+    """``acc + x·w`` in float16 pairs, ``acc [R, BLOCK_N, 2]``: the weights of code pair ``j`` of ``words``
+    (``[R, BLOCK_N]`` int32; codes ``j`` and ``j + PER/2``) are ``(1024 + q) − (1024 + z)`` (exact) times ``s``
+    (one rounding, the reference's weight), ``zbits``/``s`` as :func:`half2_scale_zero` gives them; ``xbits``
+    (``[R]`` int32) holds the two activations of those columns, low half first. Per word pair: one shift,
+    one ``LOP3``, ``HADD2``, ``HMUL2``, ``HFMA2``."""
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    q = as_half2(((words >> (j * BITS)) & (QMASK | (QMASK << 16))) | 0x64006400)
+    return acc + as_half2(xbits)[:, None, :] * ((q - as_half2(zbits)) * s)
+
+
+def half2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
+                     GROUP_SIZE: tl.constexpr):
+    """``(zbits, s)`` of kernel column ``k0``'s group for outputs ``offs_n`` (``[1, BLOCK_N]``): the int32 bits
+    of the float16 pair ``(1024 + z, 1024 + z)`` and the float16 pair ``(s, s)`` ``[1, BLOCK_N, 2]``, the
+    operands of :func:`half2_code_fma`."""
+    PER: tl.constexpr = 32 // BITS
+    QMASK: tl.constexpr = (1 << BITS) - 1
+    g_off = (k0 // GROUP_SIZE + offs_n * 0)[None, :]
+    s_mask = (mask_n & ((offs_n * 0 + k0) < K))[None, :]
+    s = tl.load(s_ptr + g_off * N + offs_n[None, :], mask=s_mask, other=0.0)  # [1, BLOCK_N]
+    if ASYM:
+        zw = tl.load(z_ptr + g_off * stride_zg + (offs_n // PER)[None, :], mask=s_mask, other=0)
+        z = (zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK
+    else:
+        z = tl.full((1, 1), 1 << (BITS - 1), tl.int32)
+    return (z | 0x6400) * 0x10001, as_half2((s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001)
 
 
 def split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out, tile,

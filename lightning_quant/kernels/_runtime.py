@@ -72,9 +72,12 @@ def build_kernels(module_globals: dict, kernel, interpret: bool, tuned: dict[str
     """
     triton, tl = load_triton()
     module_globals["tl"] = tl
-    for helper in helpers:
-        helper.__globals__["tl"] = tl
-        module_globals[helper.__name__] = triton.jit(helper)
+    for helper in helpers:  # jitted once; bound in the kernel's module and in its own (helpers calling helpers)
+        fn = getattr(helper, "fn", helper)
+        fn.__globals__["tl"] = tl
+        fn.__globals__["INTERPRETED"] = tl.constexpr(interpret)
+        jitted = helper if fn is not helper else triton.jit(helper)
+        module_globals[fn.__name__] = fn.__globals__[fn.__name__] = jitted
     jit = triton.jit(kernel)
     if interpret:
         return {"jit": jit}

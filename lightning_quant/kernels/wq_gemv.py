@@ -13,10 +13,21 @@ work per weight. Here:
   registers: the ``K`` reduction needs no shared memory;
 * **magic-number dequantization**, no integer-to-float conversion instruction: the word load, scales,
   zeros and unpacking are :func:`lightning_quant.kernels._packed.packed_step`, shared with the prefill
-  dequantization. float16 activations and scales multiply its float16 tile, bit for bit the reference;
-  other dtypes (bfloat16, float32, mixed) round its exact float32 ``(q − z)·s`` once to the activation
-  dtype, as the reference does. (A bfloat16 ``q | 0x4300`` trick works on the GPU too, but Triton's CPU
-  interpreter cannot bitcast to bfloat16, and the tests must run it.);
+  dequantization. Other dtypes (bfloat16, float32, mixed) round its exact float32 ``(q − z)·s`` once to
+  the activation dtype, as the reference does, and multiply-add in float32. (A bfloat16 ``q | 0x4300``
+  trick works on the GPU too, but Triton's CPU interpreter cannot bitcast to bfloat16, and the tests
+  must run it.);
+* **float16 activations and scales, one scale row per step** (``GROUP_SIZE % BLOCK_K == 0``: every
+  autotuned config for g32 and up) take **packed half2 arithmetic**
+  (:func:`lightning_quant.kernels._packed.half2_code_fma`): each 32-bit unpacking op yields two
+  weights as one float16 pair, and the subtract, scale and product with the activation pair stay
+  two-wide (``HADD2``/``HMUL2``/``HFMA2``), with no float16-to-float32 conversion per weight. The
+  weights are the reference's, bit for bit; the ``PER/2`` products of one word's half are summed in
+  float16 and each word's two partials added to the float32 accumulator. Rounding: the products and
+  sums of one half of a word add at most ``2·(PER/2)·2^-11·Σ|x·w|`` over those ``PER/2`` terms (first
+  order; ``PER/2`` = 4 for W4) beyond the float32 accumulation; plus the final cast. A float16 partial
+  overflows only where ``PER/2`` products of one word reach 65504, where the float16 output itself
+  would. Other group sizes (16, 48) take the float32 multiply-add path;
 * **act-order** gathers the activations inside the kernel (``x[m, perm[k]]``): no ``index_select``;
 * **one launch**: with ``SPLIT_K = 1`` the program adds the bias, casts and stores. With
   ``SPLIT_K > 1`` the programs of one output tile ``atomic_add`` (``sem="relaxed"``) float32
@@ -48,6 +59,11 @@ _PER_CHANNEL_GROUP = 1 << 30
 _HALF_CODE = {torch.float16: 1}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 packed_step = None  # _packed.packed_step jitted, bound on the first kernel build
+half2_scale_zero = None
+pick_column = None
+half2_code_fma = None
+_half_of = None
+as_half2 = None
 split_epilogue = None  # _packed.split_epilogue jitted, likewise
 
 
@@ -64,23 +80,55 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps per split
     k_begin = pid_k * steps * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for step in range(steps):
-        w, offs_k, mask_k = packed_step(qw_ptr, s_ptr, z_ptr, k_begin + step * BLOCK_K, offs_n, mask_n, N, K,
-                                        stride_zg, BITS, ASYM, GROUP_SIZE, HALF, BLOCK_N, BLOCK_K)
-        if HALF == 1:  # the float16 product is the reference's rounding
-            w = w.to(tl.float32)
-        else:  # the exact float32 (q − z)·s, rounded once to x's dtype as the reference
-            w = w.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
-        if HAS_PERM:
-            src = tl.load(p_ptr + offs_k, mask=mask_k, other=0)
-        else:
-            src = offs_k
-        for mi in tl.static_range(BLOCK_M):  # unrolled: each row reuses the dequantized tile
-            row_ok = (offs_k * 0 + mi) < M  # tensor-shaped: M == 1 arrives as a constant
-            a = tl.load(x_ptr + mi * K + src, mask=mask_k & row_ok, other=0.0).to(tl.float32)  # [WR, PER]
-            # [WR, PER, 1] x [WR, PER, BLOCK_N] -> sums over the code axes (in-thread) -> [BLOCK_N]
-            part = tl.sum(tl.sum(a[:, :, None] * w, axis=1), axis=0)
-            acc += tl.where(offs_m[:, None] == mi, part[None, :], 0.0)
+    if HALF == 1 and GROUP_SIZE % BLOCK_K == 0:  # float16, one scale row per step: packed half2 arithmetic
+        PER: tl.constexpr = 32 // BITS
+        PER2: tl.constexpr = 16 // BITS
+        QMASK: tl.constexpr = (1 << BITS) - 1
+        WR: tl.constexpr = BLOCK_K // PER
+        rows = k_begin // PER + tl.arange(0, WR)  # [WR] word rows of the first step
+        w_ptrs = qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]  # advanced by WR rows per step
+        ka = k_begin + tl.arange(0, WR)[:, None] * PER + tl.arange(0, PER2)[None, :]  # [WR, PER2]: low halves' columns
+        xb_ptr = x_ptr.to(tl.pointer_type(tl.int16))
+        for step in range(steps):
+            k0 = k_begin + step * BLOCK_K
+            words = tl.load(w_ptrs, mask=(rows < tl.cdiv(K, PER))[:, None] & mask_n[None, :], other=0)
+            zh_bits, sh = half2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE)
+            if HAS_PERM:
+                sa = tl.load(p_ptr + ka, mask=ka < K, other=0)
+                sb = tl.load(p_ptr + ka + PER2, mask=ka + PER2 < K, other=0)
+            else:
+                sa = ka
+                sb = ka + PER2
+            for mi in tl.static_range(BLOCK_M):
+                row_ok = (ka * 0 + mi) < M  # tensor-shaped: M == 1 arrives as a constant
+                xa = tl.load(xb_ptr + mi * K + sa, mask=(ka < K) & row_ok, other=0).to(tl.int32)
+                xc = tl.load(xb_ptr + mi * K + sb, mask=(ka + PER2 < K) & row_ok, other=0).to(tl.int32)
+                xp = (xa & 0xFFFF) | (xc << 16)  # [WR, PER2]: x[k_j] | x[k_j + PER2] << 16
+                part = tl.zeros((WR, BLOCK_N, 2), dtype=tl.float16)
+                for j in tl.static_range(PER2):
+                    part = half2_code_fma(part, words, zh_bits, sh, pick_column(xp, j, PER2), j, BITS)
+                acc += tl.where(offs_m[:, None] == mi, tl.sum(tl.sum(part.to(tl.float32), axis=2), axis=0)[None, :], 0.0)
+            w_ptrs += WR * N
+            rows += WR
+            ka += BLOCK_K
+    else:
+        for step in range(steps):
+            w, offs_k, mask_k = packed_step(qw_ptr, s_ptr, z_ptr, k_begin + step * BLOCK_K, offs_n, mask_n, N, K,
+                                            stride_zg, BITS, ASYM, GROUP_SIZE, HALF, BLOCK_N, BLOCK_K)
+            if HALF == 1:  # the float16 product is the reference's rounding
+                w = w.to(tl.float32)
+            else:  # the exact float32 (q − z)·s, rounded once to x's dtype as the reference
+                w = w.to(x_ptr.dtype.element_ty, fp_downcast_rounding="rtne").to(tl.float32)
+            if HAS_PERM:
+                src = tl.load(p_ptr + offs_k, mask=mask_k, other=0)
+            else:
+                src = offs_k
+            for mi in tl.static_range(BLOCK_M):  # unrolled: each row reuses the dequantized tile
+                row_ok = (offs_k * 0 + mi) < M  # tensor-shaped: M == 1 arrives as a constant
+                a = tl.load(x_ptr + mi * K + src, mask=mask_k & row_ok, other=0.0).to(tl.float32)  # [WR, PER]
+                # [WR, PER, 1] x [WR, PER, BLOCK_N] -> sums over the code axes (in-thread) -> [BLOCK_N]
+                part = tl.sum(tl.sum(a[:, :, None] * w, axis=1), axis=0)
+                acc += tl.where(offs_m[:, None] == mi, part[None, :], 0.0)
     mask_out = (offs_m < M)[:, None] & mask_n[None, :]
     out_off = offs_m[:, None] * N + offs_n[None, :]
     split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out, pid_n, HAS_BIAS,
@@ -124,7 +172,7 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 @functools.cache
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
-        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step, _packed.split_epilogue))
+        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step, _packed.as_half2, _packed.half2_scale_zero, _packed._half_of, _packed.pick_column, _packed.half2_code_fma, _packed.split_epilogue))
 
 
 def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
