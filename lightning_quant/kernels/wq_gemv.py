@@ -83,7 +83,6 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
     if HALF == 1 and GROUP_SIZE % BLOCK_K == 0:  # float16, one scale row per step: packed half2 arithmetic
         PER: tl.constexpr = 32 // BITS
         PER2: tl.constexpr = 16 // BITS
-        QMASK: tl.constexpr = (1 << BITS) - 1
         WR: tl.constexpr = BLOCK_K // PER
         rows = k_begin // PER + tl.arange(0, WR)  # [WR] word rows of the first step
         w_ptrs = qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]  # advanced by WR rows per step
