@@ -79,6 +79,27 @@ def test_wq_kernel_half_precision(path):
     assert ((y.float() - exact).abs() <= 2.0**-10 * magnitude_bound(x, qw.dequantize())).all()
 
 
+@pytest.mark.parametrize("bits,sym,act_order", [(2, True, False), (4, False, True), (8, False, False)])
+def test_gemv_half2_rounding_bound(bits, sym, act_order):
+    """The float16 GEMV's packed half2 path (one scale row per step) against the exact product of the
+    reference's float16 weights: float16 products and sums over the ``PER/2`` codes of one word half
+    add at most ``2·(PER/2)·2^-11`` of those terms' ``Σ|x·w|``, float32 accumulation and the final cast
+    ``2^-11·|y|`` (the docstring of :mod:`lightning_quant.kernels.wq_gemv`); activations of magnitude
+    up to 8 keep every product normal."""
+    spec = QuantSpec(bits, 64, sym, scale_dtype="float16")
+    k, n, m = 256, 40, 3
+    _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
+    x = (torch.randn(m, k) * 3).clamp(-8, 8).half()
+    y = wq_linear_triton(x, qweight, scales, qzeros, perm, None, bits, 64, "gemv",
+                         {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2})
+    w = dequantize_packed(qweight, scales, qzeros, bits, 64, k, torch.float16, perm).double()
+    exact = x.double() @ w.t()
+    half_terms = 16 // bits  # PER/2
+    bound = 2 * half_terms * 2.0**-11 * (x.double().abs() @ w.abs().t()) + 2.0**-11 * exact.abs() + 2.0**-24
+    err = (y.double() - exact).abs()
+    assert y.dtype == torch.float16 and (err <= bound).all(), (err / bound).max()
+
+
 # (bits, group_size, symmetric, act_order, BLOCK_K): one scale row per step (g32/g64/per channel with
 # BLOCK_K 32) and a scale per element (g16 and g48 with BLOCK_K 32), in both half dtypes
 MAGIC_CASES = [(4, 32, False, True, 32), (4, 16, True, False, 32), (8, -1, False, False, 32), (2, 64, True, False, 32),
