@@ -19,22 +19,23 @@ Dequantization, bit for bit the reference ``((q − z)·s in float32).to(dtype)`
   float32: the reference's own float32 value, which the caller casts (one rounding). The tile is
   float32.
 
-**Packed half2 arithmetic** (the GEMV's float16 path, :func:`half2_code_fma`): the same 32-bit op's
-result *is* a pair of float16 values (``1024 + q_j``, ``1024 + q_{j+PER/2}``). :func:`as_half2` reinterprets
-an int32 tensor as float16 ``[..., 2]`` (low half first); compiled, that is one ``mov.b32`` the
-assembler removes, so the float16 subtract, scale and multiply-add that follow stay ``HADD2`` /
-``HMUL2`` / ``HFMA2`` on whole registers (two weights an instruction). Built from two scalar halves
-instead, LLVM's vectoriser leaves the products scalar. Triton's CPU interpreter runs no PTX, so there
-:func:`as_half2` splits the bits with plain Triton (``INTERPRETED``, bound by
-:func:`~lightning_quant.kernels._runtime.build_kernels`): the same values, element by element.
+**Packed half2 arithmetic** (the GEMV's float16 path): the same 32-bit op's result *is* a pair of
+float16 values. The ``f16x2_*`` helpers keep such pairs as int32 bits and compute on them in inline PTX
+(``lop3.b32``, ``fma.rn.f16x2``, ``mul.rn.f16x2``, ``add.rn.f16x2``: one ``LOP3`` / ``HFMA2`` / ``HMUL2`` /
+``HADD2`` each, two weights an instruction). Written as Triton float16 ops instead, the compiler splits
+the pairs (Triton 3.6 re-packs them with ``PRMT``s; LLVM leaves products scalar when operands are
+broadcast) and splits ``(w & mask) | magic`` into two ops. Triton's CPU interpreter runs no PTX, so there
+(``INTERPRETED``, bound by :func:`~lightning_quant.kernels._runtime.build_kernels`) the helpers split the
+halves, compute in float64 (exact for one product and one sum of float16 values) and round once to
+float16: the same values as ``.rn`` on the GPU.
 """
 
 from __future__ import annotations
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["as_half2", "half2_code_fma", "half2_scale_zero", "launch_packed", "packed_step", "pick_column",
-           "split_epilogue"]
+__all__ = ["f16x2_add", "f16x2_dequant", "f16x2_fma", "f16x2_scale_zero", "f16x2_sum_rows", "f16x2_to_f32",
+           "f16x2_weights", "launch_packed", "packed_step", "pick_column", "split_epilogue"]
 
 tl = None  # triton.language, bound by _runtime.build_kernels on the first kernel build (lazy import)
 INTERPRETED = None  # tl.constexpr(TRITON_INTERPRET), bound by _runtime.build_kernels likewise
@@ -85,20 +86,80 @@ def packed_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS:
     return w, offs_k, mask_k
 
 
-def as_half2(bits32):
-    """int32 ``[...]`` -> float16 ``[..., 2]``: the low and the high half of each word, reinterpreted
-    (``mov.b32`` compiled: no instruction survives; split with Triton ops under the interpreter)."""
+def _f16x2_halves(bits):
+    """Interpreter only: int32 float16-pair bits -> ``(low, high)`` as float64 (exact)."""
+    lo = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+    hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+    return lo, hi
+
+
+def _f16x2_bits(lo, hi):
+    """Interpreter only: two float64 tensors, each rounded once to float16 -> their int32 pair bits."""
+    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+    return lo16 | (hi16 << 16)
+
+
+def f16x2_dequant(w, mask, mul, neg_base, s):
+    """``(((w & mask) | 0x64006400)·mul + neg_base)·s`` on float16 pairs held as int32 bits (the operands of
+    :func:`f16x2_weights`): the ``LOP3`` makes the magic pair, the fused multiply-add is exact, the product
+    rounds once to float16. Compiled: ``LOP3``, ``HFMA2``, ``HMUL2`` (in inline PTX, so that no compiler
+    splits the ``LOP3``); the interpreter computes in float64 and rounds the same way."""
     if INTERPRETED:
-        lo = bits32.to(tl.int16).to(tl.float16, bitcast=True)
-        hi = (bits32 >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-        return tl.join(lo, hi)
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(bits32, bits32)], dtype=tl.float16,
-                                     is_pure=True, pack=2)
+        t0, t1 = _f16x2_halves((w & mask) | 0x64006400)
+        m0, m1 = _f16x2_halves(mul)
+        n0, n1 = _f16x2_halves(neg_base)
+        s0, s1 = _f16x2_halves(s)
+        return _f16x2_bits((t0 * m0 + n0) * s0, (t1 * m1 + n1) * s1)
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; fma.rn.f16x2 t, t, $4, $5; mul.rn.f16x2 $0, t, $6; }",
+        "=r,r,r,r,r,r,r", [w, mask, tl.full(w.shape, 0x64006400, tl.int32), mul, neg_base, s], dtype=tl.int32,
+        is_pure=True, pack=1)
+
+
+def f16x2_fma(acc, x, w):
+    """``x·w + acc`` on float16 pairs held as int32 bits, rounded once (``fma.rn.f16x2``: one ``HFMA2``;
+    the interpreter computes in float64 — the product and sum of two float16 values are exact there —
+    and rounds once)."""
+    if INTERPRETED:
+        a0, a1 = _f16x2_halves(acc)
+        x0, x1 = _f16x2_halves(x)
+        w0, w1 = _f16x2_halves(w)
+        return _f16x2_bits(x0 * w0 + a0, x1 * w1 + a1)
+    return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [x, w, acc], dtype=tl.int32,
+                                     is_pure=True, pack=1)
+
+
+def f16x2_add(a, b):
+    """``a + b`` on float16 pairs held as int32 bits, rounded once (``add.rn.f16x2``: one ``HADD2``)."""
+    if INTERPRETED:
+        a0, a1 = _f16x2_halves(a)
+        b0, b1 = _f16x2_halves(b)
+        return _f16x2_bits(a0 + b0, a1 + b1)
+    return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
+                                     pack=1)
+
+
+def f16x2_to_f32(bits):
+    """The sum of the two float16 values of each int32 pair, in float32."""
+    lo = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo + hi
+
+
+def f16x2_sum_rows(t, ROWS: tl.constexpr):
+    """``t [A, ROWS, C]`` (float16 pairs as int32, ``ROWS`` a power of two, held in-thread) -> ``[A, C]``:
+    a pairwise tree of ``log2(ROWS)`` levels of :func:`f16x2_add`."""
+    for _ in tl.static_range(ROWS.bit_length() - 1):
+        lo, hi = tl.split(tl.permute(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2, t.shape[2])), (0, 1, 3, 2)))
+        t = f16x2_add(lo, hi)
+    return tl.reshape(t, (t.shape[0], t.shape[2]))
 
 
 def _half_of(t, bit: tl.constexpr):
-    """``t [R, C]`` -> ``[R, C / 2]``: the columns whose index has bit 0 equal to ``bit`` (an in-thread split)."""
-    even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2)))
+    """``t [A, B, C]`` -> ``[A, B, C / 2]``: the columns whose index has bit 0 equal to ``bit`` (an
+    in-thread split)."""
+    even, odd = tl.split(tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2] // 2, 2)))
     if bit == 0:
         out = even
     else:
@@ -107,42 +168,53 @@ def _half_of(t, bit: tl.constexpr):
 
 
 def pick_column(t, j: tl.constexpr, COLS: tl.constexpr):
-    """Column ``j`` (``[R]``) of ``t [R, COLS]`` (``COLS`` 2, 4 or 8, held in-thread): halving splits."""
+    """Column ``j`` (``[A, B]``) of ``t [A, B, COLS]`` (``COLS`` 2, 4 or 8, held in-thread): halving splits."""
     t = _half_of(t, j % 2)
     if COLS >= 4:
         t = _half_of(t, (j // 2) % 2)
     if COLS >= 8:
         t = _half_of(t, (j // 4) % 2)
-    return tl.reshape(t, (t.shape[0],))
+    return tl.reshape(t, (t.shape[0], t.shape[1]))
 
 
-def half2_code_fma(acc, words, zbits, s, xbits, j: tl.constexpr, BITS: tl.constexpr):
-    """``acc + x·w`` in float16 pairs, ``acc [R, BLOCK_N, 2]``: the weights of code pair ``j`` of ``words``
-    (``[R, BLOCK_N]`` int32; codes ``j`` and ``j + PER/2``) are ``(1024 + q) − (1024 + z)`` (exact) times ``s``
-    (one rounding, the reference's weight), ``zbits``/``s`` as :func:`half2_scale_zero` gives them; ``xbits``
-    (``[R]`` int32) holds the two activations of those columns, low half first. Per word pair: one shift,
-    one ``LOP3``, ``HADD2``, ``HMUL2``, ``HFMA2``."""
+def f16x2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr):
+    """The reference's float16 weights of codes ``j`` (low half) and ``j + PER/2`` (high half) of ``words``
+    (int32, any shape), as int32 pair bits: ``s2`` the scale pair's bits, ``z`` the zero codes (int32,
+    broadcastable). Per word pair one ``LOP3`` and the two ops of :func:`f16x2_dequant`; one shift per
+    word serves ``10 // BITS`` code pairs (2 for W4, 1 for W8, 5 for W2):
+
+    code ``j`` sits at bit ``j·b = SHIFT + O`` with ``O + b <= 10``, so ``((w >> SHIFT) & (QMASK << O)) |
+    0x6400`` (per half) is the float16 ``1024 + q·2^O`` (the code inside the mantissa); times ``2^-O``
+    minus ``1024·2^-O + z`` is the exact integer ``q − z`` (one fused, exact ``HFMA2``), and the product with
+    ``s`` rounds once: ``((q − z)·s).to(float16)``, the reference's weight bit for bit."""
     QMASK: tl.constexpr = (1 << BITS) - 1
-    q = as_half2(((words >> (j * BITS)) & (QMASK | (QMASK << 16))) | 0x64006400)
-    return acc + as_half2(xbits)[:, None, :] * ((q - as_half2(zbits)) * s)
+    G: tl.constexpr = 10 // BITS  # code offsets per shift that stay inside the float16 mantissa
+    SHIFT: tl.constexpr = (j // G) * G * BITS
+    O: tl.constexpr = (j % G) * BITS
+    MASK: tl.constexpr = (QMASK << O) * 0x10001
+    MUL: tl.constexpr = ((15 - O) << 10) * 0x10001  # the float16 pair (2^-O, 2^-O)
+    nz = 0x8000 | ((25 - O) << 10) | (z << O)  # float16 −(1024·2^-O + z): exponent 25 − O, z in the mantissa
+    return f16x2_dequant(words >> SHIFT, tl.full(words.shape, MASK, tl.int32), tl.full(words.shape, MUL, tl.int32),
+                         nz | (nz << 16), s2)
 
 
-def half2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
+def f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
                      GROUP_SIZE: tl.constexpr):
-    """``(zbits, s)`` of kernel column ``k0``'s group for outputs ``offs_n`` (``[1, BLOCK_N]``): the int32 bits
-    of the float16 pair ``(1024 + z, 1024 + z)`` and the float16 pair ``(s, s)`` ``[1, BLOCK_N, 2]``, the
-    operands of :func:`half2_code_fma`."""
+    """``(s2, z)`` of kernel column ``k0``'s group for outputs ``offs_n``, both int32 ``[1, 1, BLOCK_N]``: the
+    bits of the float16 scale pair ``(s, s)`` and the zero codes (the constant ``2^(b−1)`` when symmetric),
+    the operands of :func:`f16x2_weights`."""
     PER: tl.constexpr = 32 // BITS
     QMASK: tl.constexpr = (1 << BITS) - 1
-    g_off = (k0 // GROUP_SIZE + offs_n * 0)[None, :]
-    s_mask = (mask_n & ((offs_n * 0 + k0) < K))[None, :]
-    s = tl.load(s_ptr + g_off * N + offs_n[None, :], mask=s_mask, other=0.0)  # [1, BLOCK_N]
+    g_off = (k0 // GROUP_SIZE + offs_n * 0)[None, None, :]
+    s_mask = (mask_n & ((offs_n * 0 + k0) < K))[None, None, :]
+    s = tl.load(s_ptr + g_off * N + offs_n[None, None, :], mask=s_mask, other=0.0)  # [1, 1, BLOCK_N]
     if ASYM:
-        zw = tl.load(z_ptr + g_off * stride_zg + (offs_n // PER)[None, :], mask=s_mask, other=0)
-        z = (zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK
+        zw = tl.load(z_ptr + g_off * stride_zg + (offs_n // PER)[None, None, :], mask=s_mask, other=0)
+        z = (zw >> ((offs_n % PER) * BITS)[None, None, :]) & QMASK
     else:
-        z = tl.full((1, 1), 1 << (BITS - 1), tl.int32)
-    return (z | 0x6400) * 0x10001, as_half2((s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) * 0x10001)
+        z = tl.full((1, 1, 1), 1 << (BITS - 1), tl.int32)
+    sb = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return sb | (sb << 16), z
 
 
 def split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out, tile,

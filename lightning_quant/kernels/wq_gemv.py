@@ -18,16 +18,18 @@ work per weight. Here:
   trick works on the GPU too, but Triton's CPU interpreter cannot bitcast to bfloat16, and the tests
   must run it.);
 * **float16 activations and scales, one scale row per step** (``GROUP_SIZE % BLOCK_K == 0``: every
-  autotuned config for g32 and up) take **packed half2 arithmetic**
-  (:func:`lightning_quant.kernels._packed.half2_code_fma`): each 32-bit unpacking op yields two
-  weights as one float16 pair, and the subtract, scale and product with the activation pair stay
-  two-wide (``HADD2``/``HMUL2``/``HFMA2``), with no float16-to-float32 conversion per weight. The
-  weights are the reference's, bit for bit; the ``PER/2`` products of one word's half are summed in
-  float16 and each word's two partials added to the float32 accumulator. Rounding: the products and
-  sums of one half of a word add at most ``2·(PER/2)·2^-11·Σ|x·w|`` over those ``PER/2`` terms (first
-  order; ``PER/2`` = 4 for W4) beyond the float32 accumulation; plus the final cast. A float16 partial
-  overflows only where ``PER/2`` products of one word reach 65504, where the float16 output itself
-  would. Other group sizes (16, 48) take the float32 multiply-add path;
+  autotuned config for g32 and up) take **packed half2 arithmetic** in inline PTX
+  (:func:`lightning_quant.kernels._packed.f16x2_weights` / ``f16x2_fma``): a pair of codes ``j`` and
+  ``j + PER/2`` of a word becomes the float16 pair of the reference's weights with one ``LOP3``
+  (magic ``0x6400`` at bit offset 0 or 4 of each half, so one shift per word serves two pairs for W4),
+  one exact ``HFMA2`` (``q − z``) and one ``HMUL2`` (times ``s``, the reference's one rounding): the
+  weights are the reference's, bit for bit. Each is multiplied by its activation pair and added by
+  ``HFMA2`` into a float16 partial per word row; a step's ``WR = BLOCK_K / PER`` row partials are summed
+  by a float16 tree and the step's sum added to the float32 accumulator. Rounding: a product meets
+  ``d = PER/2 + log2(WR)`` float16 roundings (7 for W4 with ``BLOCK_K`` 64), so a step's partial is off
+  by at most ``γ_d·Σ|x·w|`` over its terms (``γ_d ≈ d·2^-11``), beyond the float32 sum of the steps and
+  the final cast. A float16 partial overflows only where one step's products sum past 65504, where a
+  float16 output would too. Other group sizes (16, 48) take the float32 multiply-add path;
 * **act-order** gathers the activations inside the kernel (``x[m, perm[k]]``): no ``index_select``;
 * **one launch**: with ``SPLIT_K = 1`` the program adds the bias, casts and stores. With
   ``SPLIT_K > 1`` the programs of one output tile ``atomic_add`` (``sem="relaxed"``) float32
@@ -59,11 +61,8 @@ _PER_CHANNEL_GROUP = 1 << 30
 _HALF_CODE = {torch.float16: 1}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 packed_step = None  # _packed.packed_step jitted, bound on the first kernel build
-half2_scale_zero = None
+f16x2_scale_zero = f16x2_weights = f16x2_fma = f16x2_sum_rows = f16x2_to_f32 = None  # likewise
 pick_column = None
-half2_code_fma = None
-_half_of = None
-as_half2 = None
 split_epilogue = None  # _packed.split_epilogue jitted, likewise
 
 
@@ -85,28 +84,28 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
         PER2: tl.constexpr = 16 // BITS
         WR: tl.constexpr = BLOCK_K // PER
         rows = k_begin // PER + tl.arange(0, WR)  # [WR] word rows of the first step
-        w_ptrs = qw_ptr + rows.to(tl.int64)[:, None] * N + offs_n[None, :]  # advanced by WR rows per step
+        w_ptrs = qw_ptr + rows.to(tl.int64)[None, :, None] * N + offs_n[None, None, :]  # [1, WR, BLOCK_N]
         ka = k_begin + tl.arange(0, WR)[:, None] * PER + tl.arange(0, PER2)[None, :]  # [WR, PER2]: low halves' columns
-        xb_ptr = x_ptr.to(tl.pointer_type(tl.int16))
+        xb_ptr = x_ptr.to(tl.pointer_type(tl.int16)) + (offs_m * K)[:, None, None]  # [BLOCK_M, 1, 1]
+        row_ok = (offs_m < M)[:, None, None]
         for step in range(steps):
             k0 = k_begin + step * BLOCK_K
-            words = tl.load(w_ptrs, mask=(rows < tl.cdiv(K, PER))[:, None] & mask_n[None, :], other=0)
-            zh_bits, sh = half2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE)
+            words = tl.load(w_ptrs, mask=(rows < tl.cdiv(K, PER))[None, :, None] & mask_n[None, None, :], other=0)
+            s2, z = f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE)
             if HAS_PERM:
                 sa = tl.load(p_ptr + ka, mask=ka < K, other=0)
                 sb = tl.load(p_ptr + ka + PER2, mask=ka + PER2 < K, other=0)
             else:
                 sa = ka
                 sb = ka + PER2
-            for mi in tl.static_range(BLOCK_M):
-                row_ok = (ka * 0 + mi) < M  # tensor-shaped: M == 1 arrives as a constant
-                xa = tl.load(xb_ptr + mi * K + sa, mask=(ka < K) & row_ok, other=0).to(tl.int32)
-                xc = tl.load(xb_ptr + mi * K + sb, mask=(ka + PER2 < K) & row_ok, other=0).to(tl.int32)
-                xp = (xa & 0xFFFF) | (xc << 16)  # [WR, PER2]: x[k_j] | x[k_j + PER2] << 16
-                part = tl.zeros((WR, BLOCK_N, 2), dtype=tl.float16)
-                for j in tl.static_range(PER2):
-                    part = half2_code_fma(part, words, zh_bits, sh, pick_column(xp, j, PER2), j, BITS)
-                acc += tl.where(offs_m[:, None] == mi, tl.sum(tl.sum(part.to(tl.float32), axis=2), axis=0)[None, :], 0.0)
+            xa = tl.load(xb_ptr + sa[None, :, :], mask=row_ok & (ka < K)[None, :, :], other=0).to(tl.int32)
+            xc = tl.load(xb_ptr + sb[None, :, :], mask=row_ok & (ka + PER2 < K)[None, :, :], other=0).to(tl.int32)
+            xp = (xa & 0xFFFF) | (xc << 16)  # [BLOCK_M, WR, PER2]: x[k_j] | x[k_j + PER2] << 16
+            part = tl.zeros((BLOCK_M, WR, BLOCK_N), dtype=tl.int32)  # float16 pairs (+0, +0)
+            for j in tl.static_range(PER2):
+                w = f16x2_weights(words, s2, z, j, BITS)  # [1, WR, BLOCK_N]: once for all rows
+                part = f16x2_fma(part, pick_column(xp, j, PER2)[:, :, None], w)
+            acc += f16x2_to_f32(f16x2_sum_rows(part, WR))  # one step's float16 partials into float32
             w_ptrs += WR * N
             rows += WR
             ka += BLOCK_K
@@ -171,7 +170,10 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 @functools.cache
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
-        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(_packed.packed_step, _packed.as_half2, _packed.half2_scale_zero, _packed._half_of, _packed.pick_column, _packed.half2_code_fma, _packed.split_epilogue))
+        "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(
+        _packed.packed_step, _packed._f16x2_halves, _packed._f16x2_bits, _packed.f16x2_dequant, _packed.f16x2_fma,
+        _packed.f16x2_add, _packed.f16x2_to_f32, _packed.f16x2_sum_rows, _packed._half_of, _packed.pick_column,
+        _packed.f16x2_weights, _packed.f16x2_scale_zero, _packed.split_epilogue))
 
 
 def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,

@@ -82,20 +82,27 @@ def test_wq_kernel_half_precision(path):
 @pytest.mark.parametrize("bits,sym,act_order", [(2, True, False), (4, False, True), (8, False, False)])
 def test_gemv_half2_rounding_bound(bits, sym, act_order):
     """The float16 GEMV's packed half2 path (one scale row per step) against the exact product of the
-    reference's float16 weights: float16 products and sums over the ``PER/2`` codes of one word half
-    add at most ``2·(PER/2)·2^-11`` of those terms' ``Σ|x·w|``, float32 accumulation and the final cast
-    ``2^-11·|y|`` (the docstring of :mod:`lightning_quant.kernels.wq_gemv`); activations of magnitude
-    up to 8 keep every product normal."""
+    reference's float16 weights. Each product ``x·w`` enters one step's float16 partial by a fused
+    multiply-add, then meets at most ``PER/2 − 1`` later multiply-adds of its word-row chain and the
+    ``log2(WR)`` additions of the tree over the step's ``WR = BLOCK_K / PER`` word rows: ``d = PER/2 +
+    log2(WR)`` roundings, so a step's partial is off by at most ``γ_d·Σ|x·w|`` over its terms (``γ_d =
+    d·u / (1 − d·u)``, ``u = 2^-11``); the float32 sum of the steps adds ``steps·2^-24·Σ|x·w|``, the final
+    cast ``2^-11·|y|`` (the docstring of :mod:`lightning_quant.kernels.wq_gemv`). Activations of magnitude
+    up to 8 keep the partials normal (float16 subnormals would add an absolute ``2^-25`` per rounding)."""
     spec = QuantSpec(bits, 64, sym, scale_dtype="float16")
-    k, n, m = 256, 40, 3
+    k, n, m, block_k = 256, 40, 3, 64
     _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
     x = (torch.randn(m, k) * 3).clamp(-8, 8).half()
     y = wq_linear_triton(x, qweight, scales, qzeros, perm, None, bits, 64, "gemv",
-                         {"BLOCK_N": 32, "BLOCK_K": 64, "SPLIT_K": 2})
+                         {"BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 2})
     w = dequantize_packed(qweight, scales, qzeros, bits, 64, k, torch.float16, perm).double()
     exact = x.double() @ w.t()
-    half_terms = 16 // bits  # PER/2
-    bound = 2 * half_terms * 2.0**-11 * (x.double().abs() @ w.abs().t()) + 2.0**-11 * exact.abs() + 2.0**-24
+    per = 32 // bits
+    d = per // 2 + (block_k // per).bit_length() - 1
+    u = 2.0**-11
+    gamma = d * u / (1 - d * u)
+    magnitude = x.double().abs() @ w.abs().t()
+    bound = (gamma + (k // block_k) * 2.0**-24) * magnitude + u * (exact.abs() + gamma * magnitude)
     err = (y.double() - exact).abs()
     assert y.dtype == torch.float16 and (err <= bound).all(), (err / bound).max()
 
