@@ -198,6 +198,48 @@ def f16x2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr):
                          nz | (nz << 16), s2)
 
 
+def as_half2(bits):
+    """int32 ``[...]`` -> float16 ``[..., 2]``: the low and the high half of each word, reinterpreted
+    (compiled: a ``mov.b32`` the assembler removes; split with Triton ops under the interpreter)."""
+    if INTERPRETED:
+        lo = bits.to(tl.int16).to(tl.float16, bitcast=True)
+        hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        return tl.join(lo, hi)
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(bits, bits)], dtype=tl.float16,
+                                     is_pure=True, pack=2)
+
+
+def _half2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr):
+    """float16 ``[..., 2]``: :func:`f16x2_weights` of code pair ``j``, reinterpreted (low half first)."""
+    return as_half2(f16x2_weights(words, s2, z, j, BITS))
+
+
+def _merge(a, b):
+    """``join`` then flatten the two last axes: ``[..., C]`` x 2 -> ``[..., 2·C]`` (``b`` interleaved after ``a``)."""
+    t = tl.join(a, b)
+    return tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] * 2))
+
+
+def f16x2_tile(words, s2, z, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The float16 weight tile ``[BLOCK_K, BLOCK_N]`` of ``words [1, BLOCK_K / PER, BLOCK_N]`` (one scale row:
+    ``s2``, ``z`` as :func:`f16x2_scale_zero`), the reference's weights bit for bit (:func:`f16x2_weights`):
+    the pairs are joined so that the last axis runs ``half, j`` — code ``half·PER/2 + j``, the word's own
+    order — then moved before ``N``."""
+    PER: tl.constexpr = 32 // BITS
+    if BITS == 8:  # j = j0
+        t = _merge(_half2_weights(words, s2, z, 0, BITS), _half2_weights(words, s2, z, 1, BITS))
+    elif BITS == 4:  # j = j0 + 2·j1: join on j1, then j0
+        t = _merge(_merge(_half2_weights(words, s2, z, 0, BITS), _half2_weights(words, s2, z, 2, BITS)),
+                   _merge(_half2_weights(words, s2, z, 1, BITS), _half2_weights(words, s2, z, 3, BITS)))
+    else:  # BITS == 2, j = j0 + 2·j1 + 4·j2
+        t = _merge(_merge(_merge(_half2_weights(words, s2, z, 0, BITS), _half2_weights(words, s2, z, 4, BITS)),
+                          _merge(_half2_weights(words, s2, z, 2, BITS), _half2_weights(words, s2, z, 6, BITS))),
+                   _merge(_merge(_half2_weights(words, s2, z, 1, BITS), _half2_weights(words, s2, z, 5, BITS)),
+                          _merge(_half2_weights(words, s2, z, 3, BITS), _half2_weights(words, s2, z, 7, BITS))))
+    t = tl.reshape(tl.permute(tl.reshape(t, (BLOCK_K // PER, BLOCK_N, PER)), (1, 0, 2)), (BLOCK_N, BLOCK_K))
+    return tl.trans(t)  # [BLOCK_N, BLOCK_K] (k = r·PER + i, each word's codes consecutive) -> [BLOCK_K, BLOCK_N]
+
+
 def f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
                      GROUP_SIZE: tl.constexpr):
     """``(s2, z)`` of kernel column ``k0``'s group for outputs ``offs_n``, both int32 ``[1, 1, BLOCK_N]``: the

@@ -187,8 +187,8 @@ def wq_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4,
                "p_ptr": "*i64" if split and act_order else f"*{t}", "out_ptr": f"*{t}",
                "ws_ptr": "*fp32" if split else f"*{t}", "cnt_ptr": "*i32" if split else f"*{t}",
                "M": "i32", "N": "i32", "K": "i32", "M_BUCKET": "i32", "stride_zg": "i32"}
-        launch = wq.kernel_constants(bits, not symmetric, bias, group_size, dtype, split and act_order)  # as wq_linear_triton
-        for cfg in wq.prune_by_group(configs, {"GROUP_SIZE": launch["GROUP_SIZE"]}):  # every row tile
+        launch = wq.kernel_constants(bits, not symmetric, bias, group_size, dtype, split and act_order, dtype)  # as wq_linear_triton
+        for cfg in wq.prune_by_group(configs, {k: launch[k] for k in ("GROUP_SIZE", "HALF", "BITS")}):  # every row tile
             const = {**launch, **cfg.kwargs}
             builds.append(compile_kernel(jit, sig, const, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                                          arch=arch, aligned=("N", "K", "stride_zg"), name=f"wq-{path}"))

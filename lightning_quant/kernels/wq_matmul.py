@@ -19,6 +19,17 @@ each packed word is loaded once (``[BLOCK_K·b/32, BLOCK_N]`` int32) and unpacke
 scales come as one row when the block lies inside a group, as one row per group broadcast over
 the block when whole groups fit in it, and per element only for groups straddling blocks (e.g. 48).
 
+**float16 activations with float16 scales, W2/W4, one scale row per K block** (``HALF = 1``; W4 g128 with
+``BLOCK_K`` up to 128) build the ``tl.dot`` operand with the GEMV's packed half2 dequantization
+(:func:`lightning_quant.kernels._packed.f16x2_tile`: per pair of codes one ``LOP3``, an exact
+``HFMA2``, one ``HMUL2`` — the reference's weights bit for bit): the pairs are joined in each word's
+code order (``PRMT``s: a pair holds codes ``j`` and ``j + PER/2``) into a ``[BLOCK_N, BLOCK_K]`` tile (a
+word's codes consecutive along ``K``) that is
+transposed for the dot, so the operand goes to shared memory ``K``-major, one word per 16-byte store
+where Triton's layout gives a thread whole words (64x256x64 on 4 warps, kept for this path only; the
+128x256x64 8-warp tile still stores 2 bytes at a time).
+W8 keeps the float32 dequantization (Triton 3.9's dot-operand pass rejects its 4-code tile's shared layout).
+
 Four launch paths, dispatched by rows (:func:`select_path`):
 
 * ``"gemv"`` (decode, ``M <= 8``): :mod:`lightning_quant.kernels.wq_gemv`, no tensor cores, one
@@ -97,6 +108,7 @@ _PER_CHANNEL_GROUP = 1 << 30  # "one group": k // 2^30 == 0 for every column, al
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 split_epilogue = None  # _packed.split_epilogue jitted, bound on the first kernel build
+f16x2_scale_zero = f16x2_tile = None  # likewise
 
 
 # ---- reference ----------------------------------------------------------------------------
@@ -138,8 +150,8 @@ def wq_linear_reference(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tens
 
 def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_ptr, M, N, K, M_BUCKET, stride_zg,
                BITS: tl.constexpr, ASYM: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PERM: tl.constexpr,
-               GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+               GROUP_SIZE: tl.constexpr, PRECISION: tl.constexpr, HALF: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """One ``[BLOCK_M, BLOCK_N]`` output tile over the ``K`` range of split ``program_id(2)``; ``HAS_PERM``
     gathers ``x[m, perm[k]]`` in the kernel (split-K path), else ``x`` comes in kernel order."""
     pid_m = tl.program_id(0)
@@ -168,44 +180,50 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_p
         # each packed word is loaded once and unpacked in registers: [BLOCK_K/PER, BLOCK_N] words ->
         # [BLOCK_K/PER, PER, BLOCK_N] codes -> [BLOCK_K, BLOCK_N] (row r·PER + j = code j of word row r)
         offs_w = k0 // PER + tl.arange(0, WORD_ROWS)
-        words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + offs_n[None, :],
-                        mask=(offs_w < n_words)[:, None] & mask_n[None, :], other=0)
-        codes = (words[:, None, :] >> shifts[None, :, None]) & QMASK
-        q = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
-        if GROUP_SIZE % BLOCK_K == 0:  # the whole K block lies in one group: load one scale row
-            g = k0 // GROUP_SIZE
-            row_mask = mask_n & ((offs_n * 0 + k0) < K)  # tensor-shaped: the interpreter needs it
-            s = tl.load(s_ptr + g * N + offs_n, mask=row_mask, other=0.0).to(tl.float32)[None, :]
-            if ASYM:
-                zw = tl.load(z_ptr + g * stride_zg + offs_n // PER, mask=row_mask, other=0)
-                z = ((zw >> ((offs_n % PER) * BITS)) & QMASK).to(tl.float32)[None, :]
-            else:
-                z = 1 << (BITS - 1)
-            w = (q - z) * s
-        elif BLOCK_K % GROUP_SIZE == 0:  # whole groups inside the K block: one scale row per group, broadcast
-            GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-            offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
-            mgn = (offs_g < tl.cdiv(K, GROUP_SIZE))[:, None] & mask_n[None, :]
-            s = tl.load(s_ptr + offs_g[:, None] * N + offs_n[None, :], mask=mgn, other=0.0).to(tl.float32)
-            q3 = tl.reshape(q, (GROUPS, GROUP_SIZE, BLOCK_N))  # [BLOCK_K, BLOCK_N] -> [groups, group, BLOCK_N]
-            if ASYM:
-                zw = tl.load(z_ptr + offs_g[:, None] * stride_zg + (offs_n // PER)[None, :], mask=mgn, other=0)
-                z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
-                w = tl.reshape((q3 - z[:, None, :]) * s[:, None, :], (BLOCK_K, BLOCK_N))
-            else:
-                w = tl.reshape((q3 - (1 << (BITS - 1))) * s[:, None, :], (BLOCK_K, BLOCK_N))
-        else:  # groups straddling K blocks (e.g. 48): gather a scale per element
-            mkn = mask_k[:, None] & mask_n[None, :]
-            g2 = (offs_k // GROUP_SIZE)[:, None]
-            s = tl.load(s_ptr + g2 * N + offs_n[None, :], mask=mkn, other=0.0).to(tl.float32)
-            if ASYM:
-                zw = tl.load(z_ptr + g2 * stride_zg + (offs_n // PER)[None, :], mask=mkn, other=0)
-                z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
-            else:
-                z = 1 << (BITS - 1)
-            w = (q - z) * s
-        w = w.to(x_ptr.dtype.element_ty)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if HALF == 1 and BITS != 8 and GROUP_SIZE % BLOCK_K == 0:  # float16 pairs, one scale row (_packed.f16x2_tile)
+            words3 = tl.load(qw_ptr + offs_w.to(tl.int64)[None, :, None] * N + offs_n[None, None, :],
+                             mask=(offs_w < n_words)[None, :, None] & mask_n[None, None, :], other=0)
+            s2, z2 = f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE)
+            acc = tl.dot(a, f16x2_tile(words3, s2, z2, BITS, BLOCK_K, BLOCK_N), acc)
+        else:
+            words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + offs_n[None, :],
+                            mask=(offs_w < n_words)[:, None] & mask_n[None, :], other=0)
+            codes = (words[:, None, :] >> shifts[None, :, None]) & QMASK
+            q = tl.reshape(codes, (BLOCK_K, BLOCK_N)).to(tl.float32)
+            if GROUP_SIZE % BLOCK_K == 0:  # the whole K block lies in one group: load one scale row
+                g = k0 // GROUP_SIZE
+                row_mask = mask_n & ((offs_n * 0 + k0) < K)  # tensor-shaped: the interpreter needs it
+                s = tl.load(s_ptr + g * N + offs_n, mask=row_mask, other=0.0).to(tl.float32)[None, :]
+                if ASYM:
+                    zw = tl.load(z_ptr + g * stride_zg + offs_n // PER, mask=row_mask, other=0)
+                    z = ((zw >> ((offs_n % PER) * BITS)) & QMASK).to(tl.float32)[None, :]
+                else:
+                    z = 1 << (BITS - 1)
+                w = (q - z) * s
+            elif BLOCK_K % GROUP_SIZE == 0:  # whole groups inside the K block: one scale row per group, broadcast
+                GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
+                offs_g = k0 // GROUP_SIZE + tl.arange(0, GROUPS)
+                mgn = (offs_g < tl.cdiv(K, GROUP_SIZE))[:, None] & mask_n[None, :]
+                s = tl.load(s_ptr + offs_g[:, None] * N + offs_n[None, :], mask=mgn, other=0.0).to(tl.float32)
+                q3 = tl.reshape(q, (GROUPS, GROUP_SIZE, BLOCK_N))  # [BLOCK_K, BLOCK_N] -> [groups, group, BLOCK_N]
+                if ASYM:
+                    zw = tl.load(z_ptr + offs_g[:, None] * stride_zg + (offs_n // PER)[None, :], mask=mgn, other=0)
+                    z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
+                    w = tl.reshape((q3 - z[:, None, :]) * s[:, None, :], (BLOCK_K, BLOCK_N))
+                else:
+                    w = tl.reshape((q3 - (1 << (BITS - 1))) * s[:, None, :], (BLOCK_K, BLOCK_N))
+            else:  # groups straddling K blocks (e.g. 48): gather a scale per element
+                mkn = mask_k[:, None] & mask_n[None, :]
+                g2 = (offs_k // GROUP_SIZE)[:, None]
+                s = tl.load(s_ptr + g2 * N + offs_n[None, :], mask=mkn, other=0.0).to(tl.float32)
+                if ASYM:
+                    zw = tl.load(z_ptr + g2 * stride_zg + (offs_n // PER)[None, :], mask=mkn, other=0)
+                    z = ((zw >> ((offs_n % PER) * BITS)[None, :]) & QMASK).to(tl.float32)
+                else:
+                    z = 1 << (BITS - 1)
+                w = (q - z) * s
+            w = w.to(x_ptr.dtype.element_ty)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
     out_off = offs_m.to(tl.int64)[:, None] * N + offs_n[None, :]  # int64: M·N may reach 2^31
     mask_out = mask_m[:, None] & mask_n[None, :]
     # SPLIT_K > 1: the GEMV's epilogue (workspace, arrival counter per (row, column) tile)
@@ -216,9 +234,15 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_p
 def _gemm_configs(triton):
     c = triton.Config
     shapes = [(64, 64, 64, 4, 3), (64, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-              (32, 64, 128, 4, 4), (128, 256, 64, 8, 3)]
+              (32, 64, 128, 4, 4), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4)]
     return [c({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": 1}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
+
+
+#: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` of the configs kept only for the packed half2 dequantization
+#: (``HALF = 1``, W2/W4): its 64x256 tile per 4 warps holds 16 words a thread without spilling; the float32
+#: dequantization spills there.
+_HALF_ONLY = {(64, 256, 64, 4)}
 
 
 #: ``BLOCK_M`` of the split-K configs, one per row bucket (``M`` rounded up to a power of two, at least 16).
@@ -240,9 +264,13 @@ def _splitk_configs(triton):
 def prune_by_group(configs: list, named_args: dict, **kwargs) -> list:
     """Autotune pre-filter: keep the configs whose ``BLOCK_K`` and the group size divide one another
     (one scale row per K block, or whole groups broadcast inside it: no per-element scale gather),
-    unless none does (groups like 48 straddle every K block); split-K configs (``SPLIT_K > 1`` among
-    them) keep the row tile of the call's row bucket ``M_BUCKET``."""
+    unless none does (groups like 48 straddle every K block); the :data:`_HALF_ONLY` tiles only where the
+    kernel takes the packed half2 dequantization; split-K configs (``SPLIT_K > 1`` among them) keep the
+    row tile of the call's row bucket ``M_BUCKET``."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
+    half = kwargs.get("HALF", named_args.get("HALF", 0)) == 1 and kwargs.get("BITS", named_args.get("BITS")) != 8
+    configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
+               not in _HALF_ONLY or (half and group is not None and group % c.kwargs["BLOCK_K"] == 0)]
     aligned = [c for c in configs if group is not None
                and (group % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group == 0)] or list(configs)
     bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET"))
@@ -257,12 +285,14 @@ def splitk_row_tile(rows: int) -> int:
 
 
 def kernel_constants(bits: int, asym: bool, has_bias: bool, group_size: int, dtype: torch.dtype,
-                     has_perm: bool) -> dict:
+                     has_perm: bool, scale_dtype: torch.dtype | None = None) -> dict:
     """The kernel's constexpr arguments besides the block sizes (one specialisation per distinct dict);
-    ``has_perm``: act-order gathered in the kernel (the split-K path)."""
+    ``has_perm``: act-order gathered in the kernel (the split-K path); ``HALF`` = 1 for float16 activations
+    with float16 scales (``scale_dtype``, default ``dtype``): the packed half2 dequantization."""
+    half = int(dtype == torch.float16 and (dtype if scale_dtype is None else scale_dtype) == torch.float16)
     return {"BITS": bits, "ASYM": asym, "HAS_BIAS": has_bias, "HAS_PERM": has_perm,
             "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
-            "PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+            "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "HALF": half}
 
 
 @functools.cache
@@ -273,7 +303,9 @@ def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_kernel, interpret, {
         "gemm": (_gemm_configs, {"key": key, "prune_configs_by": prune}),
         "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune}),  # the kernel re-zeroes its workspace
-    }, helpers=(_packed.split_epilogue,))
+    }, helpers=(_packed.split_epilogue, _packed._f16x2_halves, _packed._f16x2_bits, _packed.f16x2_dequant,
+                _packed.f16x2_weights, _packed.as_half2, _packed._half2_weights, _packed._merge, _packed.f16x2_tile,
+                _packed.f16x2_scale_zero))
 
 
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
@@ -305,7 +337,8 @@ def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor 
     if m == 0:
         return out
     kernels = _build(_runtime.interpreting())
-    const = kernel_constants(bits, qzeros is not None, bias is not None, group_size, x.dtype, split and perm is not None)
+    const = kernel_constants(bits, qzeros is not None, bias is not None, group_size, x.dtype, split and perm is not None,
+                             scales.dtype)
     # split-K: one launch (workspace, arrival counters, bias and cast in the kernel); at most one counter
     # per (16-row, 32-column) tile, the smallest of any config
     ws, cnt = _runtime.split_workspace(x.device, _cdiv(m, 16) * 16 * n, _cdiv(m, 16) * _cdiv(n, 32)) if split \

@@ -144,6 +144,32 @@ def test_gemv_magic_dequant_is_bit_exact(case, dtype):
         assert torch.equal(y, w[:, cols].t()), (y.float() - w[:, cols].t().float()).abs().max()
 
 
+# (bits, group_size, symmetric, act_order): the packed half2 tile (W2/W4, one scale row per K block:
+# g32/g64/per channel; g16 with split-K's BLOCK_K 16) and W8 and g16 with the GEMM's BLOCK_K 32, which keep the
+# float32 dequantization
+HALF2_TILE_CASES = [(4, 32, False, True), (2, 64, True, False), (4, -1, True, True), (8, 32, False, False),
+                    (4, 16, True, False)]
+
+
+@pytest.mark.parametrize("path", ["gemm", "splitk"])
+@pytest.mark.parametrize("case", HALF2_TILE_CASES, ids=lambda c: "W{}g{}{}{}".format(
+    c[0], c[1], "" if c[2] else "a", "-ao" if c[3] else ""))
+def test_tensor_core_float16_weights_are_bit_exact(case, path):
+    """float16 activations and scales on the tensor-core paths: with one-hot rows ``x = e_k`` each output
+    is the single product ``1 · w[n, k]`` (exact in the float32 accumulator and again in float16), so
+    ``y == dequantize_packed(...)[:, k]`` at atol 0 — the ``_packed.f16x2_tile`` weights (joined into the
+    ``tl.dot`` operand) are the reference's bit for bit, in the right ``K`` order."""
+    bits, gs, sym, act_order = case
+    k, n = 96, 40
+    spec = QuantSpec(bits, gs, sym, scale_dtype="float16")
+    _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
+    w = dequantize_packed(qweight, scales, qzeros, bits, gs, k, torch.float16, perm)
+    rows = torch.eye(k, dtype=torch.float16)[torch.randperm(k)[:48]]
+    y = wq_linear_triton(rows, qweight, scales, qzeros, perm, None, bits, gs, path, CONFIGS[path])
+    assert y.dtype == torch.float16
+    assert torch.equal(y, w[:, rows.argmax(1)].t()), (y.float() - w[:, rows.argmax(1)].t().float()).abs().max()
+
+
 # (bits, group_size, symmetric, act_order, K, BLOCK_K): every code width; one scale row per step (g32, g64
 # with BLOCK_K 32, per channel), groups smaller than the step (g16), straddling it (g48), partial (K = 96 = 64 + 32;
 # 72 = 4.5 groups of 16 with a partial last step); sym/asym; act-order

@@ -185,12 +185,21 @@ def test_autotune_prefilter_keeps_group_aligned_k_blocks():
 
     from lightning_quant.kernels.wq_matmul import prune_by_group
 
-    configs = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (64, 128, 256)]
+    def cfg(k, m=64, n=64, warps=4):
+        return SimpleNamespace(kwargs={"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": 1}, num_warps=warps)
+
+    configs = [cfg(k) for k in (64, 128, 256)]
     assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=128)] == [64, 128, 256]
     assert [c.kwargs["BLOCK_K"] for c in prune_by_group(configs, {}, GROUP_SIZE=1 << 30)] == [64, 128, 256]
-    odd = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (32, 64, 128)]
+    odd = [cfg(k) for k in (32, 64, 128)]
     assert [c.kwargs["BLOCK_K"] for c in prune_by_group(odd, {}, GROUP_SIZE=96)] == [32]  # 96 = 3 blocks of 32
     assert prune_by_group(configs, {}, GROUP_SIZE=48) == configs  # none aligned: keep all (gather path)
+    # the 64x256x64 4-warp tile only where the kernel takes the packed half2 dequantization
+    wide = cfg(64, 64, 256, 4)
+    assert wide in prune_by_group([wide, cfg(64)], {}, GROUP_SIZE=128, HALF=1, BITS=4)
+    assert wide not in prune_by_group([wide, cfg(64)], {}, GROUP_SIZE=128, HALF=0, BITS=4)  # float32 dequant
+    assert wide not in prune_by_group([wide, cfg(64)], {}, GROUP_SIZE=128, HALF=1, BITS=8)
+    assert wide not in prune_by_group([wide, cfg(64)], {}, GROUP_SIZE=32, HALF=1, BITS=4)  # group < BLOCK_K
 
 
 def test_importing_the_package_does_not_import_triton():
