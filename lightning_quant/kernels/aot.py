@@ -210,7 +210,7 @@ def gemv_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 
     launch = gv.gemv_constants(bits, not symmetric, bias, act_order, group_size, dtype, dtype, rows)
     return [compile_kernel(jit, sig, {**launch, **cfg.kwargs}, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
                            arch=arch, aligned=("N", "K", "stride_zg"), name="wq-gemv")
-            for cfg in gv.prune_gemv(gv.gemv_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BLOCK_M", "BITS")})]
+            for cfg in gv.prune_gemv(gv.gemv_configs(triton), {k: launch[k] for k in ("GROUP_SIZE", "BLOCK_M", "BITS", "HALF")})]
 
 
 def dequant_builds(arch: int = 90, dtype: torch.dtype = torch.float16, bits: int = 4, group_size: int = 128,

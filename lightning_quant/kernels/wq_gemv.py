@@ -143,15 +143,22 @@ def gemv_configs(triton) -> list:
 
 
 def prune_gemv(configs: list, named_args: dict, **kwargs) -> list:
-    """Autotune pre-filter: ``BLOCK_K`` must hold whole words (``>= 32/bits`` codes); prefer the configs
-    whose ``BLOCK_K`` divides the group size (one scale row per step), then those whose activation
-    chunk fits in registers, ``BLOCK_M · BLOCK_K <= 64`` (every thread holds the chunk of all rows:
-    8 rows x 64 spill KiBs), else the smallest ``BLOCK_K``."""
+    """Autotune pre-filter: ``BLOCK_K`` must hold whole words (``>= 32/bits`` codes) and at most 8 word
+    rows (``BLOCK_K·bits/32 <= 8``: W8 at ``BLOCK_K`` 64 holds 16 rows of words and partials a thread and
+    spills under Triton 3.6); the float32 multiply-add path (not ``HALF``, or a group smaller than the
+    step) at most 32 columns (its ``[BLOCK_K, 4]`` float32 weights a thread: 64 spill under 3.9); prefer the configs whose ``BLOCK_K`` divides the group size (one scale row
+    per step), then those whose activation chunk fits in registers, ``BLOCK_M · BLOCK_K <= 64`` (every
+    thread holds the chunk of all rows: 8 rows x 64 spill KiBs), else the smallest ``BLOCK_K``."""
     def arg(name, default=None):
         return kwargs.get(name, named_args.get(name, default))
 
-    group, rows, per = arg("GROUP_SIZE"), arg("BLOCK_M", 1), 32 // arg("BITS", 4)
-    whole = [c for c in configs if c.kwargs["BLOCK_K"] >= per]
+    group, rows, bits, half = arg("GROUP_SIZE"), arg("BLOCK_M", 1), arg("BITS", 4), arg("HALF", 0)
+
+    def fits(bk):  # whole words, at most 8 word rows; the float32 path at most 32 columns
+        half2 = half == 1 and group is not None and group % bk == 0
+        return 32 // bits <= bk <= 8 * (32 // bits) and (half2 or bk <= 32)
+
+    whole = [c for c in configs if fits(c.kwargs["BLOCK_K"])]
     aligned = [c for c in whole if group is not None and group % c.kwargs["BLOCK_K"] == 0] or whole
     fit = [c for c in aligned if rows * c.kwargs["BLOCK_K"] <= 64]
     smallest = min(c.kwargs["BLOCK_K"] for c in aligned)

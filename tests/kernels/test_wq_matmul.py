@@ -220,7 +220,9 @@ def test_gemv_prefilter_whole_words_group_alignment_and_registers():
 
     configs = [SimpleNamespace(kwargs={"BLOCK_K": k}) for k in (8, 16, 32, 64)]
     ks = lambda **kw: [c.kwargs["BLOCK_K"] for c in prune_gemv(configs, {}, **kw)]
-    assert ks(GROUP_SIZE=128, BLOCK_M=1, BITS=4) == [8, 16, 32, 64]
+    assert ks(GROUP_SIZE=128, BLOCK_M=1, BITS=4, HALF=1) == [8, 16, 32, 64]  # the half2 path: 64 columns
     assert ks(GROUP_SIZE=128, BLOCK_M=8, BITS=4) == [8]  # 8 rows x 8 codes: the chunk fits in registers
     assert ks(GROUP_SIZE=48, BLOCK_M=1, BITS=4) == [8, 16]  # steps inside one group of 48
     assert ks(GROUP_SIZE=128, BLOCK_M=8, BITS=2) == [16]  # 16 two-bit codes per word: none fits, the smallest
+    assert ks(GROUP_SIZE=128, BLOCK_M=1, BITS=8, HALF=1) == [8, 16, 32]  # at most 8 word rows a thread
+    assert ks(GROUP_SIZE=128, BLOCK_M=1, BITS=4, HALF=0) == [8, 16, 32]  # float32 multiply-add: at most 32
