@@ -19,23 +19,26 @@ Dequantization, bit for bit the reference ``((q − z)·s in float32).to(dtype)`
   float32: the reference's own float32 value, which the caller casts (one rounding). The tile is
   float32.
 
-**Packed half2 arithmetic** (the GEMV's float16 path): the same 32-bit op's result *is* a pair of
-float16 values. The ``f16x2_*`` helpers keep such pairs as int32 bits and compute on them in inline PTX
-(``lop3.b32``, ``fma.rn.f16x2``, ``mul.rn.f16x2``, ``add.rn.f16x2``: one ``LOP3`` / ``HFMA2`` / ``HMUL2`` /
-``HADD2`` each, two weights an instruction). Written as Triton float16 ops instead, the compiler splits
-the pairs (Triton 3.6 re-packs them with ``PRMT``s; LLVM leaves products scalar when operands are
-broadcast) and splits ``(w & mask) | magic`` into two ops. Triton's CPU interpreter runs no PTX, so there
-(``INTERPRETED``, bound by :func:`~lightning_quant.kernels._runtime.build_kernels`) the helpers split the
-halves, compute in float64 (exact for one product and one sum of float16 values) and round once to
-float16: the same values as ``.rn`` on the GPU.
+**Packed pair arithmetic** (the GEMV's and the tensor-core operand's 16-bit path, float16 or — ``BF16``
+— bfloat16): the same 32-bit op's result *is* a pair of 16-bit floats. The ``f16x2_*`` helpers keep such
+pairs as int32 bits and compute on them in inline PTX (``lop3.b32``, ``fma.rn.f16x2``, ``mul.rn.f16x2``,
+``add.rn.f16x2``; bfloat16 ``fma.rn.bf16x2`` for all three, the product as ``x·s + (−0)`` and the sum as
+``a·1 + b``, which ``sm_80`` has too): one ``LOP3`` / ``HFMA2`` / ``HMUL2`` / ``HADD2`` each, two weights
+an instruction. Written as Triton 16-bit ops instead, the compiler splits the pairs (Triton 3.6 re-packs
+them with ``PRMT``s; LLVM leaves products scalar when operands are broadcast) and splits ``(w & mask) |
+magic`` into two ops. Triton's CPU interpreter runs no PTX, so there (``INTERPRETED``, bound by
+:func:`~lightning_quant.kernels._runtime.build_kernels`) the helpers split the halves (bfloat16 through
+its float32 bits: the interpreter cannot bitcast bfloat16), compute in float64 (one product and one sum
+of 16-bit floats round innocuously there) and round once to nearest even (bfloat16 with integer ops: the
+interpreter's own cast truncates): the same values as ``.rn`` on the GPU.
 """
 
 from __future__ import annotations
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["f16x2_add", "f16x2_dequant", "f16x2_fma", "f16x2_scale_zero", "f16x2_sum_rows", "f16x2_to_f32",
-           "f16x2_weights", "launch_packed", "packed_step", "pick_column", "split_epilogue"]
+__all__ = ["as_half2", "f16x2_add", "f16x2_dequant", "f16x2_fma", "f16x2_scale_zero", "f16x2_sum_rows", "f16x2_tile",
+           "f16x2_to_f32", "f16x2_weights", "half2_path", "launch_packed", "packed_step", "pick_column", "split_epilogue"]
 
 tl = None  # triton.language, bound by _runtime.build_kernels on the first kernel build (lazy import)
 INTERPRETED = None  # tl.constexpr(TRITON_INTERPRET), bound by _runtime.build_kernels likewise
@@ -86,73 +89,117 @@ def packed_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS:
     return w, offs_k, mask_k
 
 
-def _f16x2_halves(bits):
-    """Interpreter only: int32 float16-pair bits -> ``(low, high)`` as float64 (exact)."""
-    lo = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
-    hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+def _f16x2_halves(bits, BF16: tl.constexpr):
+    """Interpreter only: int32 pair bits (float16, or bfloat16 when ``BF16``) -> ``(low, high)`` as float64
+    (exact; bfloat16 through its float32 bits, since the interpreter cannot bitcast to bfloat16)."""
+    if BF16:
+        lo = (bits << 16).to(tl.float32, bitcast=True).to(tl.float64)
+        hi = (bits & -65536).to(tl.float32, bitcast=True).to(tl.float64)
+    else:
+        lo = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
+        hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float64)
     return lo, hi
 
 
-def _f16x2_bits(lo, hi):
-    """Interpreter only: two float64 tensors, each rounded once to float16 -> their int32 pair bits."""
-    lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32)
+def _bf16_bits(v):
+    """Interpreter only: float64 -> the bits (low 16 of an int32) of its bfloat16 rounding, to nearest even:
+    through float32 (rounding to 24 then to 8 significant bits is the one rounding to 8, as 24 >= 2·8 + 2),
+    then the float32 bits rounded with integer ops (the interpreter's own cast truncates)."""
+    b = v.to(tl.float32).to(tl.int32, bitcast=True)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _f16x2_bits(lo, hi, BF16: tl.constexpr):
+    """Interpreter only: two float64 tensors, each rounded once to float16 (bfloat16) -> their int32 pair bits."""
+    if BF16:
+        lo16 = _bf16_bits(lo)
+        hi16 = _bf16_bits(hi)
+    else:
+        lo16 = lo.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        hi16 = hi.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return lo16 | (hi16 << 16)
 
 
-def f16x2_dequant(w, mask, mul, neg_base, s):
-    """``(((w & mask) | 0x64006400)·mul + neg_base)·s`` on float16 pairs held as int32 bits (the operands of
-    :func:`f16x2_weights`): the ``LOP3`` makes the magic pair, the fused multiply-add is exact, the product
-    rounds once to float16. Compiled: ``LOP3``, ``HFMA2``, ``HMUL2`` (in inline PTX, so that no compiler
-    splits the ``LOP3``); the interpreter computes in float64 and rounds the same way."""
+def _pair_const(shape, value: tl.constexpr, BF16: tl.constexpr):
+    """An int32 tensor of ``shape`` holding the pair ``(value, value)`` (a float: 1.0 or -0.0) as bits."""
+    if BF16:
+        bits: tl.constexpr = 0x3F80 if value == 1.0 else 0x8000
+    else:
+        bits: tl.constexpr = 0x3C00 if value == 1.0 else 0x8000
+    return tl.full(shape, bits | (bits << 16), tl.int32)
+
+
+def f16x2_dequant(w, mask, magic, mul, neg_base, s, BF16: tl.constexpr):
+    """``(((w & mask) | magic)·mul + neg_base)·s`` on 16-bit float pairs held as int32 bits (the operands of
+    :func:`f16x2_weights`; float16, or bfloat16 when ``BF16``): the ``LOP3`` makes the magic pair, the fused
+    multiply-add is exact, the product rounds once. Compiled (inline PTX, so that no compiler splits the
+    ``LOP3``): ``LOP3``, ``HFMA2``, ``HMUL2`` (bfloat16: two ``HFMA2.BF16``, the product as ``x·s + (−0)``,
+    which ``sm_80`` has too); the interpreter computes in float64 and rounds the same way."""
     if INTERPRETED:
-        t0, t1 = _f16x2_halves((w & mask) | 0x64006400)
-        m0, m1 = _f16x2_halves(mul)
-        n0, n1 = _f16x2_halves(neg_base)
-        s0, s1 = _f16x2_halves(s)
-        return _f16x2_bits((t0 * m0 + n0) * s0, (t1 * m1 + n1) * s1)
+        t0, t1 = _f16x2_halves((w & mask) | magic, BF16)
+        m0, m1 = _f16x2_halves(mul, BF16)
+        n0, n1 = _f16x2_halves(neg_base, BF16)
+        s0, s1 = _f16x2_halves(s, BF16)
+        return _f16x2_bits((t0 * m0 + n0) * s0, (t1 * m1 + n1) * s1, BF16)
+    if BF16:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; fma.rn.bf16x2 t, t, $4, $5; fma.rn.bf16x2 $0, t, $6, $7; }",
+            "=r,r,r,r,r,r,r,r", [w, mask, magic, mul, neg_base, s, _pair_const(w.shape, -0.0, BF16)],
+            dtype=tl.int32, is_pure=True, pack=1)
     return tl.inline_asm_elementwise(
         "{ .reg .b32 t; lop3.b32 t, $1, $2, $3, 0xEA; fma.rn.f16x2 t, t, $4, $5; mul.rn.f16x2 $0, t, $6; }",
-        "=r,r,r,r,r,r,r", [w, mask, tl.full(w.shape, 0x64006400, tl.int32), mul, neg_base, s], dtype=tl.int32,
-        is_pure=True, pack=1)
+        "=r,r,r,r,r,r,r", [w, mask, magic, mul, neg_base, s], dtype=tl.int32, is_pure=True, pack=1)
 
 
-def f16x2_fma(acc, x, w):
-    """``x·w + acc`` on float16 pairs held as int32 bits, rounded once (``fma.rn.f16x2``: one ``HFMA2``;
-    the interpreter computes in float64 — the product and sum of two float16 values are exact there —
-    and rounds once)."""
+def f16x2_fma(acc, x, w, BF16: tl.constexpr):
+    """``x·w + acc`` on 16-bit float pairs held as int32 bits, rounded once (``fma.rn.f16x2`` /
+    ``fma.rn.bf16x2``: one ``HFMA2``; the interpreter computes in float64 — one product and one sum of
+    16-bit floats round there innocuously, 53 >= 2·11 + 2 — and rounds once)."""
     if INTERPRETED:
-        a0, a1 = _f16x2_halves(acc)
-        x0, x1 = _f16x2_halves(x)
-        w0, w1 = _f16x2_halves(w)
-        return _f16x2_bits(x0 * w0 + a0, x1 * w1 + a1)
+        a0, a1 = _f16x2_halves(acc, BF16)
+        x0, x1 = _f16x2_halves(x, BF16)
+        w0, w1 = _f16x2_halves(w, BF16)
+        return _f16x2_bits(x0 * w0 + a0, x1 * w1 + a1, BF16)
+    if BF16:
+        return tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r", [x, w, acc], dtype=tl.int32,
+                                         is_pure=True, pack=1)
     return tl.inline_asm_elementwise("fma.rn.f16x2 $0, $1, $2, $3;", "=r,r,r,r", [x, w, acc], dtype=tl.int32,
                                      is_pure=True, pack=1)
 
 
-def f16x2_add(a, b):
-    """``a + b`` on float16 pairs held as int32 bits, rounded once (``add.rn.f16x2``: one ``HADD2``)."""
+def f16x2_add(a, b, BF16: tl.constexpr):
+    """``a + b`` on 16-bit float pairs held as int32 bits, rounded once (``add.rn.f16x2``; bfloat16
+    ``a·1 + b`` by ``fma.rn.bf16x2``: one ``HADD2`` / ``HFMA2``)."""
     if INTERPRETED:
-        a0, a1 = _f16x2_halves(a)
-        b0, b1 = _f16x2_halves(b)
-        return _f16x2_bits(a0 + b0, a1 + b1)
+        a0, a1 = _f16x2_halves(a, BF16)
+        b0, b1 = _f16x2_halves(b, BF16)
+        return _f16x2_bits(a0 + b0, a1 + b1, BF16)
+    if BF16:
+        return tl.inline_asm_elementwise("fma.rn.bf16x2 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [a, _pair_const(a.shape, 1.0, BF16), b], dtype=tl.int32, is_pure=True,
+                                         pack=1)
     return tl.inline_asm_elementwise("add.rn.f16x2 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.int32, is_pure=True,
                                      pack=1)
 
 
-def f16x2_to_f32(bits):
-    """The sum of the two float16 values of each int32 pair, in float32."""
-    lo = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def f16x2_to_f32(bits, BF16: tl.constexpr):
+    """The sum of the two 16-bit floats of each int32 pair, in float32 (bfloat16: their float32 bits are
+    the pair's halves moved up, no conversion)."""
+    if BF16:
+        lo = (bits << 16).to(tl.float32, bitcast=True)
+        hi = (bits & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo + hi
 
 
-def f16x2_sum_rows(t, ROWS: tl.constexpr):
-    """``t [A, ROWS, C]`` (float16 pairs as int32, ``ROWS`` a power of two, held in-thread) -> ``[A, C]``:
+def f16x2_sum_rows(t, ROWS: tl.constexpr, BF16: tl.constexpr):
+    """``t [A, ROWS, C]`` (16-bit float pairs as int32, ``ROWS`` a power of two, held in-thread) -> ``[A, C]``:
     a pairwise tree of ``log2(ROWS)`` levels of :func:`f16x2_add`."""
     for _ in tl.static_range(ROWS.bit_length() - 1):
         lo, hi = tl.split(tl.permute(tl.reshape(t, (t.shape[0], t.shape[1] // 2, 2, t.shape[2])), (0, 1, 3, 2)))
-        t = f16x2_add(lo, hi)
+        t = f16x2_add(lo, hi, BF16)
     return tl.reshape(t, (t.shape[0], t.shape[2]))
 
 
@@ -177,41 +224,56 @@ def pick_column(t, j: tl.constexpr, COLS: tl.constexpr):
     return tl.reshape(t, (t.shape[0], t.shape[1]))
 
 
-def f16x2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr):
-    """The reference's float16 weights of codes ``j`` (low half) and ``j + PER/2`` (high half) of ``words``
+def f16x2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
+    """The reference's 16-bit weights of codes ``j`` (low half) and ``j + PER/2`` (high half) of ``words``
     (int32, any shape), as int32 pair bits: ``s2`` the scale pair's bits, ``z`` the zero codes (int32,
-    broadcastable). Per word pair one ``LOP3`` and the two ops of :func:`f16x2_dequant`; one shift per
-    word serves ``10 // BITS`` code pairs (2 for W4, 1 for W8, 5 for W2):
+    broadcastable). Per word pair one ``LOP3`` and the two ops of :func:`f16x2_dequant`.
 
-    code ``j`` sits at bit ``j·b = SHIFT + O`` with ``O + b <= 10``, so ``((w >> SHIFT) & (QMASK << O)) |
-    0x6400`` (per half) is the float16 ``1024 + q·2^O`` (the code inside the mantissa); times ``2^-O``
-    minus ``1024·2^-O + z`` is the exact integer ``q − z`` (one fused, exact ``HFMA2``), and the product with
-    ``s`` rounds once: ``((q − z)·s).to(float16)``, the reference's weight bit for bit."""
+    With ``F`` mantissa bits (float16 10, bfloat16 7), code ``j`` sits at bit ``j·b = SHIFT + O`` with
+    ``O + b <= F``, so ``((w >> SHIFT) & (QMASK << O)) | MAGIC`` (per half; ``MAGIC`` = ``2^F``: float16
+    ``0x6400``, bfloat16 ``0x4300``) is ``2^F + q·2^O`` (the code inside the mantissa); times ``2^-O`` minus
+    ``2^F·2^-O + z`` is the exact integer ``q − z`` (one fused, exact ``HFMA2``), and the product with ``s``
+    rounds once: ``((q − z)·s)`` rounded to the 16-bit dtype, the reference's weight bit for bit (its float32
+    product is exact). One shift per word serves ``F // b`` code pairs (float16: 2 for W4, 5 for W2, 1 for
+    W8; bfloat16: 1 for W4, 3 for W2; W8 codes do not fit bfloat16's mantissa)."""
     QMASK: tl.constexpr = (1 << BITS) - 1
-    G: tl.constexpr = 10 // BITS  # code offsets per shift that stay inside the float16 mantissa
+    F: tl.constexpr = 7 if BF16 else 10  # mantissa bits
+    BIAS: tl.constexpr = 127 if BF16 else 15  # exponent bias
+    G: tl.constexpr = F // BITS  # code offsets per shift that stay inside the mantissa
     SHIFT: tl.constexpr = (j // G) * G * BITS
     O: tl.constexpr = (j % G) * BITS
     MASK: tl.constexpr = (QMASK << O) * 0x10001
-    MUL: tl.constexpr = ((15 - O) << 10) * 0x10001  # the float16 pair (2^-O, 2^-O)
-    nz = 0x8000 | ((25 - O) << 10) | (z << O)  # float16 −(1024·2^-O + z): exponent 25 − O, z in the mantissa
-    return f16x2_dequant(words >> SHIFT, tl.full(words.shape, MASK, tl.int32), tl.full(words.shape, MUL, tl.int32),
-                         nz | (nz << 16), s2)
+    MAGIC: tl.constexpr = ((BIAS + F) << F) * 0x10001  # the pair (2^F, 2^F)
+    MUL: tl.constexpr = ((BIAS - O) << F) * 0x10001  # the pair (2^-O, 2^-O)
+    nz = 0x8000 | ((BIAS + F - O) << F) | (z << O)  # −(2^F·2^-O + z): exponent F − O, z in the mantissa
+    return f16x2_dequant(words >> SHIFT, tl.full(words.shape, MASK, tl.int32), tl.full(words.shape, MAGIC, tl.int32),
+                         tl.full(words.shape, MUL, tl.int32), nz | (nz << 16), s2, BF16)
 
 
-def as_half2(bits):
-    """int32 ``[...]`` -> float16 ``[..., 2]``: the low and the high half of each word, reinterpreted
-    (compiled: a ``mov.b32`` the assembler removes; split with Triton ops under the interpreter)."""
+def as_half2(bits, BF16: tl.constexpr):
+    """int32 ``[...]`` -> float16 (bfloat16 when ``BF16``) ``[..., 2]``: the low and the high half of each
+    word, reinterpreted (compiled: a ``mov.b32`` the assembler removes; rebuilt with Triton ops under the
+    interpreter, bfloat16 through its float32 bits — an exact cast)."""
     if INTERPRETED:
-        lo = bits.to(tl.int16).to(tl.float16, bitcast=True)
-        hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
+        if BF16:
+            lo = (bits << 16).to(tl.float32, bitcast=True).to(tl.bfloat16)
+            hi = (bits & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+        else:
+            lo = bits.to(tl.int16).to(tl.float16, bitcast=True)
+            hi = (bits >> 16).to(tl.int16).to(tl.float16, bitcast=True)
         return tl.join(lo, hi)
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(bits, bits)], dtype=tl.float16,
-                                     is_pure=True, pack=2)
+    if BF16:  # one return per dtype branch: Triton checks that a function's returns agree in type
+        out = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(bits, bits)], dtype=tl.bfloat16,
+                                        is_pure=True, pack=2)
+    else:
+        out = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [tl.join(bits, bits)], dtype=tl.float16,
+                                        is_pure=True, pack=2)
+    return out
 
 
-def _half2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr):
-    """float16 ``[..., 2]``: :func:`f16x2_weights` of code pair ``j``, reinterpreted (low half first)."""
-    return as_half2(f16x2_weights(words, s2, z, j, BITS))
+def _half2_weights(words, s2, z, j: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
+    """16-bit ``[..., 2]``: :func:`f16x2_weights` of code pair ``j``, reinterpreted (low half first)."""
+    return as_half2(f16x2_weights(words, s2, z, j, BITS, BF16), BF16)
 
 
 def _merge(a, b):
@@ -220,30 +282,32 @@ def _merge(a, b):
     return tl.reshape(t, (t.shape[0], t.shape[1], t.shape[2], t.shape[3] * 2))
 
 
-def f16x2_tile(words, s2, z, BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The float16 weight tile ``[BLOCK_K, BLOCK_N]`` of ``words [1, BLOCK_K / PER, BLOCK_N]`` (one scale row:
-    ``s2``, ``z`` as :func:`f16x2_scale_zero`), the reference's weights bit for bit (:func:`f16x2_weights`):
-    the pairs are joined so that the last axis runs ``half, j`` — code ``half·PER/2 + j``, the word's own
-    order — then moved before ``N``."""
+def f16x2_tile(words, s2, z, BITS: tl.constexpr, BF16: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The 16-bit weight tile ``[BLOCK_K, BLOCK_N]`` of ``words [1, BLOCK_K / PER, BLOCK_N]`` (W2/W4; one scale
+    row: ``s2``, ``z`` as :func:`f16x2_scale_zero`), the reference's weights bit for bit
+    (:func:`f16x2_weights`): the pairs are joined so that the last axis runs ``half, j`` — code
+    ``half·PER/2 + j``, the word's own order — then moved before ``N``."""
     PER: tl.constexpr = 32 // BITS
-    if BITS == 8:  # j = j0
-        t = _merge(_half2_weights(words, s2, z, 0, BITS), _half2_weights(words, s2, z, 1, BITS))
-    elif BITS == 4:  # j = j0 + 2·j1: join on j1, then j0
-        t = _merge(_merge(_half2_weights(words, s2, z, 0, BITS), _half2_weights(words, s2, z, 2, BITS)),
-                   _merge(_half2_weights(words, s2, z, 1, BITS), _half2_weights(words, s2, z, 3, BITS)))
+    if BITS == 4:  # j = j0 + 2·j1: join on j1, then j0
+        t = _merge(_merge(_half2_weights(words, s2, z, 0, BITS, BF16), _half2_weights(words, s2, z, 2, BITS, BF16)),
+                   _merge(_half2_weights(words, s2, z, 1, BITS, BF16), _half2_weights(words, s2, z, 3, BITS, BF16)))
     else:  # BITS == 2, j = j0 + 2·j1 + 4·j2
-        t = _merge(_merge(_merge(_half2_weights(words, s2, z, 0, BITS), _half2_weights(words, s2, z, 4, BITS)),
-                          _merge(_half2_weights(words, s2, z, 2, BITS), _half2_weights(words, s2, z, 6, BITS))),
-                   _merge(_merge(_half2_weights(words, s2, z, 1, BITS), _half2_weights(words, s2, z, 5, BITS)),
-                          _merge(_half2_weights(words, s2, z, 3, BITS), _half2_weights(words, s2, z, 7, BITS))))
+        t = _merge(_merge(_merge(_half2_weights(words, s2, z, 0, BITS, BF16),
+                                 _half2_weights(words, s2, z, 4, BITS, BF16)),
+                          _merge(_half2_weights(words, s2, z, 2, BITS, BF16),
+                                 _half2_weights(words, s2, z, 6, BITS, BF16))),
+                   _merge(_merge(_half2_weights(words, s2, z, 1, BITS, BF16),
+                                 _half2_weights(words, s2, z, 5, BITS, BF16)),
+                          _merge(_half2_weights(words, s2, z, 3, BITS, BF16),
+                                 _half2_weights(words, s2, z, 7, BITS, BF16))))
     t = tl.reshape(tl.permute(tl.reshape(t, (BLOCK_K // PER, BLOCK_N, PER)), (1, 0, 2)), (BLOCK_N, BLOCK_K))
     return tl.trans(t)  # [BLOCK_N, BLOCK_K] (k = r·PER + i, each word's codes consecutive) -> [BLOCK_K, BLOCK_N]
 
 
 def f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
-                     GROUP_SIZE: tl.constexpr):
+                     GROUP_SIZE: tl.constexpr, BF16: tl.constexpr):
     """``(s2, z)`` of kernel column ``k0``'s group for outputs ``offs_n``, both int32 ``[1, 1, BLOCK_N]``: the
-    bits of the float16 scale pair ``(s, s)`` and the zero codes (the constant ``2^(b−1)`` when symmetric),
+    bits of the 16-bit scale pair ``(s, s)`` and the zero codes (the constant ``2^(b−1)`` when symmetric),
     the operands of :func:`f16x2_weights`."""
     PER: tl.constexpr = 32 // BITS
     QMASK: tl.constexpr = (1 << BITS) - 1
@@ -255,8 +319,19 @@ def f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS: tl
         z = (zw >> ((offs_n % PER) * BITS)[None, None, :]) & QMASK
     else:
         z = tl.full((1, 1, 1), 1 << (BITS - 1), tl.int32)
-    sb = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    if BF16:  # a bfloat16 is the top half of its float32 (exact cast; the interpreter cannot bitcast bfloat16)
+        sb = (s.to(tl.float32).to(tl.int32, bitcast=True) >> 16) & 0xFFFF
+    else:
+        sb = s.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
     return sb | (sb << 16), z
+
+
+def half2_path(half: int, bits: int, group_size: int | None, block_k: int) -> bool:
+    """Whether a GEMV step takes the packed 16-bit pair arithmetic (the Python twin of the kernel's constexpr
+    condition, for the autotune pre-filters): 16-bit activations with scales of the same dtype (``HALF`` 1
+    float16, 2 bfloat16), a step inside one group, and codes that fit the mantissa (W8 float16 only). The
+    tensor-core tile (:func:`f16x2_tile`) takes W2/W4 only."""
+    return half in (1, 2) and group_size is not None and group_size % block_k == 0 and (half == 1 or bits != 8)
 
 
 def split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n, mask_out, tile,

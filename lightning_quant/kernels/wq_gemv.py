@@ -11,25 +11,27 @@ work per weight. Here:
   load is one 128-byte line per word row), unpacks them in registers as ``[word row, code, N]``
   without a reshape, multiplies by the activations broadcast over ``N`` and sums the code axes in
   registers: the ``K`` reduction needs no shared memory;
-* **magic-number dequantization**, no integer-to-float conversion instruction: the word load, scales,
-  zeros and unpacking are :func:`lightning_quant.kernels._packed.packed_step`, shared with the prefill
-  dequantization. Other dtypes (bfloat16, float32, mixed) round its exact float32 ``(q − z)·s`` once to
-  the activation dtype, as the reference does, and multiply-add in float32. (A bfloat16 ``q | 0x4300``
-  trick works on the GPU too, but Triton's CPU interpreter cannot bitcast to bfloat16, and the tests
-  must run it.);
-* **float16 activations and scales, one scale row per step** (``GROUP_SIZE % BLOCK_K == 0``: every
-  autotuned config for g32 and up) take **packed half2 arithmetic** in inline PTX
-  (:func:`lightning_quant.kernels._packed.f16x2_weights` / ``f16x2_fma``): a pair of codes ``j`` and
-  ``j + PER/2`` of a word becomes the float16 pair of the reference's weights with one ``LOP3``
-  (magic ``0x6400`` at bit offset 0 or 4 of each half, so one shift per word serves two pairs for W4),
-  one exact ``HFMA2`` (``q − z``) and one ``HMUL2`` (times ``s``, the reference's one rounding): the
-  weights are the reference's, bit for bit. Each is multiplied by its activation pair and added by
-  ``HFMA2`` into a float16 partial per word row; a step's ``WR = BLOCK_K / PER`` row partials are summed
-  by a float16 tree and the step's sum added to the float32 accumulator. Rounding: a product meets
-  ``d = PER/2 + log2(WR)`` float16 roundings (7 for W4 with ``BLOCK_K`` 64), so a step's partial is off
-  by at most ``γ_d·Σ|x·w|`` over its terms (``γ_d ≈ d·2^-11``), beyond the float32 sum of the steps and
-  the final cast. A float16 partial overflows only where one step's products sum past 65504, where a
-  float16 output would too. Other group sizes (16, 48) take the float32 multiply-add path;
+* **magic-number dequantization**, no integer-to-float conversion instruction. Where no packed pair path
+  applies (below) the word load, scales, zeros and unpacking are
+  :func:`lightning_quant.kernels._packed.packed_step`, shared with the prefill dequantization: float16
+  from float16 scales multiplies its float16 weights, any other dtype (float32, mixed, bfloat16 W8 or
+  with groups smaller than the step) rounds the exact float32 ``(q − z)·s`` once to the activation
+  dtype, as the reference does, and multiply-adds in float32;
+* **16-bit activations with scales of their dtype, one scale row per step** (``GROUP_SIZE % BLOCK_K ==
+  0``: every autotuned config for g32 and up; float16 W2/W4/W8, bfloat16 W2/W4) take **packed pair
+  arithmetic** in inline PTX (:func:`lightning_quant.kernels._packed.f16x2_weights` / ``f16x2_fma``): a
+  pair of codes ``j`` and ``j + PER/2`` of a word becomes the pair of the reference's weights with one
+  ``LOP3`` (magic ``0x6400`` float16 / ``0x4300`` bfloat16; float16 puts a W4 code at bit offset 0 or 4
+  of each half, so one shift per word serves two pairs), one exact ``HFMA2`` (``q − z``) and one
+  ``HMUL2`` (times ``s``, the reference's one rounding; bfloat16 ``HFMA2.BF16`` with ``−0``): the weights
+  are the reference's, bit for bit. Each is multiplied by its activation pair and added by ``HFMA2`` into
+  a 16-bit partial per word row; a step's ``WR = BLOCK_K / PER`` row partials are summed by a 16-bit
+  tree and the step's sum added to the float32 accumulator. Rounding: a product meets ``d = PER/2 +
+  log2(WR)`` 16-bit roundings (7 for W4 with ``BLOCK_K`` 64), so a step's partial is off by at most
+  ``γ_d·Σ|x·w|`` over its terms (``γ_d ≈ d·u``, ``u`` = ``2^-11`` float16, ``2^-8`` bfloat16), beyond the
+  float32 sum of the steps and the final cast. A float16 partial overflows only where one step's
+  products sum past 65504, where a float16 output would too. Other group sizes (16, 48) take the float32
+  multiply-add path;
 * **act-order** gathers the activations inside the kernel (``x[m, perm[k]]``): no ``index_select``;
 * **one launch**: with ``SPLIT_K = 1`` the program adds the bias, casts and stores. With
   ``SPLIT_K > 1`` the programs of one output tile ``atomic_add`` (``sem="relaxed"``) float32
@@ -58,7 +60,7 @@ __all__ = ["GEMV_MAX_ROWS", "gemv_configs", "gemv_constants", "prune_gemv", "wq_
 #: Inputs with at most this many rows take the GEMV (``path="gemv"``) under ``path="auto"``.
 GEMV_MAX_ROWS = 8
 _PER_CHANNEL_GROUP = 1 << 30
-_HALF_CODE = {torch.float16: 1}
+_HALF_CODE = {torch.float16: 1, torch.bfloat16: 2}
 tl = None  # triton.language, bound on the first kernel build (lazy import)
 packed_step = None  # _packed.packed_step jitted, bound on the first kernel build
 f16x2_scale_zero = f16x2_weights = f16x2_fma = f16x2_sum_rows = f16x2_to_f32 = None  # likewise
@@ -79,7 +81,8 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
     steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)  # K steps per split
     k_begin = pid_k * steps * BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if HALF == 1 and GROUP_SIZE % BLOCK_K == 0:  # float16, one scale row per step: packed half2 arithmetic
+    if HALF >= 1 and GROUP_SIZE % BLOCK_K == 0 and (HALF == 1 or BITS != 8):  # packed pairs (_packed.half2_path)
+        BF16: tl.constexpr = HALF == 2
         PER: tl.constexpr = 32 // BITS
         PER2: tl.constexpr = 16 // BITS
         WR: tl.constexpr = BLOCK_K // PER
@@ -91,7 +94,7 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
         for step in range(steps):
             k0 = k_begin + step * BLOCK_K
             words = tl.load(w_ptrs, mask=(rows < tl.cdiv(K, PER))[None, :, None] & mask_n[None, None, :], other=0)
-            s2, z = f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE)
+            s2, z = f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE, BF16)
             if HAS_PERM:
                 sa = tl.load(p_ptr + ka, mask=ka < K, other=0)
                 sb = tl.load(p_ptr + ka + PER2, mask=ka + PER2 < K, other=0)
@@ -103,9 +106,9 @@ def _wq_gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, 
             xp = (xa & 0xFFFF) | (xc << 16)  # [BLOCK_M, WR, PER2]: x[k_j] | x[k_j + PER2] << 16
             part = tl.zeros((BLOCK_M, WR, BLOCK_N), dtype=tl.int32)  # float16 pairs (+0, +0)
             for j in tl.static_range(PER2):
-                w = f16x2_weights(words, s2, z, j, BITS)  # [1, WR, BLOCK_N]: once for all rows
-                part = f16x2_fma(part, pick_column(xp, j, PER2)[:, :, None], w)
-            acc += f16x2_to_f32(f16x2_sum_rows(part, WR))  # one step's float16 partials into float32
+                w = f16x2_weights(words, s2, z, j, BITS, BF16)  # [1, WR, BLOCK_N]: once for all rows
+                part = f16x2_fma(part, pick_column(xp, j, PER2)[:, :, None], w, BF16)
+            acc += f16x2_to_f32(f16x2_sum_rows(part, WR, BF16), BF16)  # one step's 16-bit partials into float32
             w_ptrs += WR * N
             rows += WR
             ka += BLOCK_K
@@ -155,8 +158,7 @@ def prune_gemv(configs: list, named_args: dict, **kwargs) -> list:
     group, rows, bits, half = arg("GROUP_SIZE"), arg("BLOCK_M", 1), arg("BITS", 4), arg("HALF", 0)
 
     def fits(bk):  # whole words, at most 8 word rows; the float32 path at most 32 columns
-        half2 = half == 1 and group is not None and group % bk == 0
-        return 32 // bits <= bk <= 8 * (32 // bits) and (half2 or bk <= 32)
+        return 32 // bits <= bk <= 8 * (32 // bits) and (_packed.half2_path(half, bits, group, bk) or bk <= 32)
 
     whole = [c for c in configs if fits(c.kwargs["BLOCK_K"])]
     aligned = [c for c in whole if group is not None and group % c.kwargs["BLOCK_K"] == 0] or whole
@@ -178,7 +180,8 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
         "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(
-        _packed.packed_step, _packed._f16x2_halves, _packed._f16x2_bits, _packed.f16x2_dequant, _packed.f16x2_fma,
+        _packed.packed_step, _packed._f16x2_halves, _packed._bf16_bits, _packed._f16x2_bits, _packed._pair_const,
+        _packed.f16x2_dequant, _packed.f16x2_fma,
         _packed.f16x2_add, _packed.f16x2_to_f32, _packed.f16x2_sum_rows, _packed._half_of, _packed.pick_column,
         _packed.f16x2_weights, _packed.f16x2_scale_zero, _packed.split_epilogue))
 

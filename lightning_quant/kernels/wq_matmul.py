@@ -19,16 +19,16 @@ each packed word is loaded once (``[BLOCK_K·b/32, BLOCK_N]`` int32) and unpacke
 scales come as one row when the block lies inside a group, as one row per group broadcast over
 the block when whole groups fit in it, and per element only for groups straddling blocks (e.g. 48).
 
-**float16 activations with float16 scales, W2/W4, one scale row per K block** (``HALF = 1``; W4 g128 with
-``BLOCK_K`` up to 128) build the ``tl.dot`` operand with the GEMV's packed half2 dequantization
-(:func:`lightning_quant.kernels._packed.f16x2_tile`: per pair of codes one ``LOP3``, an exact
-``HFMA2``, one ``HMUL2`` — the reference's weights bit for bit): the pairs are joined in each word's
-code order (``PRMT``s: a pair holds codes ``j`` and ``j + PER/2``) into a ``[BLOCK_N, BLOCK_K]`` tile (a
-word's codes consecutive along ``K``) that is
-transposed for the dot, so the operand goes to shared memory ``K``-major, one word per 16-byte store
-where Triton's layout gives a thread whole words (64x256x64 on 4 warps, kept for this path only; the
-128x256x64 8-warp tile still stores 2 bytes at a time).
-W8 keeps the float32 dequantization (Triton 3.9's dot-operand pass rejects its 4-code tile's shared layout).
+**16-bit activations with scales of their dtype, W2/W4, one scale row per K block** (``HALF`` 1 float16,
+2 bfloat16; W4 g128 with ``BLOCK_K`` up to 128) build the ``tl.dot`` operand with the GEMV's packed pair
+dequantization (:func:`lightning_quant.kernels._packed.f16x2_tile`: per pair of codes one ``LOP3``, an
+exact ``HFMA2``, one ``HMUL2`` — the reference's weights bit for bit): the pairs are joined in each
+word's code order (``PRMT``s: a pair holds codes ``j`` and ``j + PER/2``) into a ``[BLOCK_N, BLOCK_K]``
+tile (a word's codes consecutive along ``K``) that is transposed for the dot, so the operand goes to
+shared memory ``K``-major, one word per 16-byte store where Triton's layout gives a thread whole words
+(64x256x64 on 4 warps, kept for this path only; the 128x256x64 8-warp tile still stores 2 bytes at a
+time). W8 keeps the float32 dequantization (Triton 3.9's dot-operand pass rejects its 4-code tile's
+shared layout).
 
 Four launch paths, dispatched by rows (:func:`select_path`):
 
@@ -180,11 +180,12 @@ def _wq_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, p_ptr, out_ptr, ws_ptr, cnt_p
         # each packed word is loaded once and unpacked in registers: [BLOCK_K/PER, BLOCK_N] words ->
         # [BLOCK_K/PER, PER, BLOCK_N] codes -> [BLOCK_K, BLOCK_N] (row r·PER + j = code j of word row r)
         offs_w = k0 // PER + tl.arange(0, WORD_ROWS)
-        if HALF == 1 and BITS != 8 and GROUP_SIZE % BLOCK_K == 0:  # float16 pairs, one scale row (_packed.f16x2_tile)
+        if HALF >= 1 and BITS != 8 and GROUP_SIZE % BLOCK_K == 0:  # 16-bit pairs, one scale row (_packed.f16x2_tile)
             words3 = tl.load(qw_ptr + offs_w.to(tl.int64)[None, :, None] * N + offs_n[None, None, :],
                              mask=(offs_w < n_words)[None, :, None] & mask_n[None, None, :], other=0)
-            s2, z2 = f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE)
-            acc = tl.dot(a, f16x2_tile(words3, s2, z2, BITS, BLOCK_K, BLOCK_N), acc)
+            s2, z2 = f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE,
+                                      HALF == 2)
+            acc = tl.dot(a, f16x2_tile(words3, s2, z2, BITS, HALF == 2, BLOCK_K, BLOCK_N), acc)
         else:
             words = tl.load(qw_ptr + offs_w.to(tl.int64)[:, None] * N + offs_n[None, :],
                             mask=(offs_w < n_words)[:, None] & mask_n[None, :], other=0)
@@ -239,8 +240,8 @@ def _gemm_configs(triton):
             for m, n, k, w, s in shapes]
 
 
-#: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` of the configs kept only for the packed half2 dequantization
-#: (``HALF = 1``, W2/W4): its 64x256 tile per 4 warps holds 16 words a thread without spilling; the float32
+#: ``(BLOCK_M, BLOCK_N, BLOCK_K, warps)`` of the configs kept only for the packed pair dequantization
+#: (``HALF`` 1 or 2, W2/W4): its 64x256 tile per 4 warps holds 16 words a thread without spilling; the float32
 #: dequantization spills there.
 _HALF_ONLY = {(64, 256, 64, 4)}
 
@@ -268,9 +269,9 @@ def prune_by_group(configs: list, named_args: dict, **kwargs) -> list:
     kernel takes the packed half2 dequantization; split-K configs (``SPLIT_K > 1`` among them) keep the
     row tile of the call's row bucket ``M_BUCKET``."""
     group = kwargs.get("GROUP_SIZE", named_args.get("GROUP_SIZE"))
-    half = kwargs.get("HALF", named_args.get("HALF", 0)) == 1 and kwargs.get("BITS", named_args.get("BITS")) != 8
+    half, bits = kwargs.get("HALF", named_args.get("HALF", 0)), kwargs.get("BITS", named_args.get("BITS"))
     configs = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps)
-               not in _HALF_ONLY or (half and group is not None and group % c.kwargs["BLOCK_K"] == 0)]
+               not in _HALF_ONLY or (bits != 8 and _packed.half2_path(half, bits, group, c.kwargs["BLOCK_K"]))]
     aligned = [c for c in configs if group is not None
                and (group % c.kwargs["BLOCK_K"] == 0 or c.kwargs["BLOCK_K"] % group == 0)] or list(configs)
     bucket = kwargs.get("M_BUCKET", named_args.get("M_BUCKET"))
@@ -287,9 +288,10 @@ def splitk_row_tile(rows: int) -> int:
 def kernel_constants(bits: int, asym: bool, has_bias: bool, group_size: int, dtype: torch.dtype,
                      has_perm: bool, scale_dtype: torch.dtype | None = None) -> dict:
     """The kernel's constexpr arguments besides the block sizes (one specialisation per distinct dict);
-    ``has_perm``: act-order gathered in the kernel (the split-K path); ``HALF`` = 1 for float16 activations
-    with float16 scales (``scale_dtype``, default ``dtype``): the packed half2 dequantization."""
-    half = int(dtype == torch.float16 and (dtype if scale_dtype is None else scale_dtype) == torch.float16)
+    ``has_perm``: act-order gathered in the kernel (the split-K path); ``HALF`` = 1 (float16) or 2 (bfloat16)
+    for 16-bit activations with scales of their dtype (``scale_dtype``, default ``dtype``): the packed pair
+    dequantization."""
+    half = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0) if (scale_dtype or dtype) == dtype else 0
     return {"BITS": bits, "ASYM": asym, "HAS_BIAS": has_bias, "HAS_PERM": has_perm,
             "GROUP_SIZE": _PER_CHANNEL_GROUP if group_size == -1 else group_size,
             "PRECISION": "ieee" if dtype == torch.float32 else "tf32", "HALF": half}
@@ -303,7 +305,8 @@ def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_kernel, interpret, {
         "gemm": (_gemm_configs, {"key": key, "prune_configs_by": prune}),
         "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune}),  # the kernel re-zeroes its workspace
-    }, helpers=(_packed.split_epilogue, _packed._f16x2_halves, _packed._f16x2_bits, _packed.f16x2_dequant,
+    }, helpers=(_packed.split_epilogue, _packed._f16x2_halves, _packed._bf16_bits, _packed._f16x2_bits,
+                _packed._pair_const, _packed.f16x2_dequant,
                 _packed.f16x2_weights, _packed.as_half2, _packed._half2_weights, _packed._merge, _packed.f16x2_tile,
                 _packed.f16x2_scale_zero))
 

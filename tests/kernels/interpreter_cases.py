@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from lightning_quant import QuantSpec
-from lightning_quant.kernels import _runtime
+from lightning_quant.kernels import _packed, _runtime
 from lightning_quant.kernels import int8_matmul as i8
+from lightning_quant.kernels._packed import half2_path
 from lightning_quant.kernels._runtime import _WORKSPACES
 from lightning_quant.kernels.int8_matmul import (
     int8_matmul_reference,
@@ -79,38 +82,54 @@ def test_wq_kernel_half_precision(path):
     assert ((y.float() - exact).abs() <= 2.0**-10 * magnitude_bound(x, qw.dequantize())).all()
 
 
-@pytest.mark.parametrize("bits,sym,act_order", [(2, True, False), (4, False, True), (8, False, False)])
-def test_gemv_half2_rounding_bound(bits, sym, act_order):
-    """The float16 GEMV's packed half2 path (one scale row per step) against the exact product of the
-    reference's float16 weights. Each product ``x·w`` enters one step's float16 partial by a fused
-    multiply-add, then meets at most ``PER/2 − 1`` later multiply-adds of its word-row chain and the
+@pytest.mark.parametrize("dtype,bits,sym,act_order", [
+    (torch.float16, 2, True, False), (torch.float16, 4, False, True), (torch.float16, 8, False, False),
+    (torch.bfloat16, 2, False, True), (torch.bfloat16, 4, True, False)], ids=str)
+def test_gemv_half2_rounding_bound(dtype, bits, sym, act_order):
+    """The GEMV's packed pair path (16-bit activations and scales, one scale row per step) against the exact
+    product of the reference's 16-bit weights. Each product ``x·w`` enters one step's 16-bit partial by a
+    fused multiply-add, then meets at most ``PER/2 − 1`` later multiply-adds of its word-row chain and the
     ``log2(WR)`` additions of the tree over the step's ``WR = BLOCK_K / PER`` word rows: ``d = PER/2 +
     log2(WR)`` roundings, so a step's partial is off by at most ``γ_d·Σ|x·w|`` over its terms (``γ_d =
-    d·u / (1 − d·u)``, ``u = 2^-11``); the float32 sum of the steps adds ``steps·2^-24·Σ|x·w|``, the final
-    cast ``2^-11·|y|`` (the docstring of :mod:`lightning_quant.kernels.wq_gemv`). Activations of magnitude
-    up to 8 keep the partials normal (float16 subnormals would add an absolute ``2^-25`` per rounding)."""
-    spec = QuantSpec(bits, 64, sym, scale_dtype="float16")
+    d·u / (1 − d·u)``, ``u = 2^-11`` float16, ``2^-8`` bfloat16); the float32 sum of the steps adds
+    ``steps·2^-24·Σ|x·w|``, the final cast ``u·|y|`` (``2u`` for bfloat16 here: the interpreter's cast
+    truncates; the docstring of :mod:`lightning_quant.kernels.wq_gemv`). Activations of magnitude up to
+    8 keep the float16 partials normal (its subnormals would add an absolute ``2^-25`` per rounding)."""
+    spec = QuantSpec(bits, 64, sym, scale_dtype=str(dtype)[6:])
     k, n, m, block_k = 256, 40, 3, 64
     _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
-    x = (torch.randn(m, k) * 3).clamp(-8, 8).half()
+    x = (torch.randn(m, k) * 3).clamp(-8, 8).to(dtype)
     y = wq_linear_triton(x, qweight, scales, qzeros, perm, None, bits, 64, "gemv",
                          {"BLOCK_N": 32, "BLOCK_K": block_k, "SPLIT_K": 2})
-    w = dequantize_packed(qweight, scales, qzeros, bits, 64, k, torch.float16, perm).double()
+    w = dequantize_packed(qweight, scales, qzeros, bits, 64, k, dtype, perm).double()
     exact = x.double() @ w.t()
     per = 32 // bits
     d = per // 2 + (block_k // per).bit_length() - 1
-    u = 2.0**-11
+    u = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    cast = u if dtype == torch.float16 else 2 * u
     gamma = d * u / (1 - d * u)
     magnitude = x.double().abs() @ w.abs().t()
-    bound = (gamma + (k // block_k) * 2.0**-24) * magnitude + u * (exact.abs() + gamma * magnitude)
+    bound = (gamma + (k // block_k) * 2.0**-24) * magnitude + cast * (exact.abs() + gamma * magnitude)
     err = (y.double() - exact).abs()
-    assert y.dtype == torch.float16 and (err <= bound).all(), (err / bound).max()
+    assert y.dtype == dtype and (err <= bound).all(), (err / bound).max()
 
 
 # (bits, group_size, symmetric, act_order, BLOCK_K): one scale row per step (g32/g64/per channel with
 # BLOCK_K 32) and a scale per element (g16 and g48 with BLOCK_K 32), in both half dtypes
 MAGIC_CASES = [(4, 32, False, True, 32), (4, 16, True, False, 32), (8, -1, False, False, 32), (2, 64, True, False, 32),
                (4, 48, False, True, 32), (8, 32, True, True, 16)]
+
+
+def _expected_weights(qweight, scales, qzeros, perm, bits, gs, k, dtype, block_k, pair_bits=(2, 4, 8)):
+    """The weights ``[N, K]`` a kernel step of ``block_k`` columns must produce under the interpreter: the
+    reference's, except bfloat16 off the packed pair path (``pair_bits``: the widths the kernel pairs),
+    where the interpreter's float32 -> bfloat16 cast truncates (see the magic test's docstring)."""
+    w = dequantize_packed(qweight, scales, qzeros, bits, gs, k, dtype, perm)  # [N, K] original order
+    group = 1 << 30 if gs == -1 else gs
+    if dtype == torch.bfloat16 and not (bits in pair_bits and half2_path(2, bits, group, block_k)):
+        w32 = dequantize_packed(qweight, scales, qzeros, bits, gs, k, torch.float32, perm)
+        w = (w32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    return w
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
@@ -122,19 +141,18 @@ def test_gemv_magic_dequant_is_bit_exact(case, dtype):
     single product ``1 · w[n, k]`` (exact in float32, exact again when cast back to ``dtype``), so
     ``y[m] == dequantize_packed(...)[:, k_m]`` must hold with atol = 0 for every ``k``.
 
-    bfloat16 (float32 magic, then the cast): Triton's CPU interpreter casts float32 to bfloat16 by
-    truncation even with ``fp_downcast_rounding="rtne"`` (the GPU rounds to nearest even, as torch
-    does), so there the expected weights are the exact float32 ``(q − z)·s`` truncated to bfloat16;
-    the cast itself is checked on the GPU (``test_cuda_kernels_match_reference``)."""
+    bfloat16 on the packed pair path (W2/W4, a step inside one group: ``_packed.half2_path``) rounds to
+    nearest even in its own arithmetic, so the expected weights are the reference's. On the float32
+    magic path (W8, groups smaller than the step) the weight is cast: Triton's CPU interpreter casts
+    float32 to bfloat16 by truncation even with ``fp_downcast_rounding="rtne"`` (the GPU rounds to
+    nearest even, as torch does), so there the expected weights are the exact float32 ``(q − z)·s``
+    truncated to bfloat16; that cast is checked on the GPU (``test_cuda_kernels_match_reference``)."""
     bits, gs, sym, act_order, block_k = case
     k, n = 96, 40
     spec = QuantSpec(bits, gs, sym, scale_dtype={torch.float16: "float16", torch.bfloat16: "bfloat16"}[dtype])
     _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
     assert scales.dtype == dtype  # the magic path needs scales in the activation dtype
-    w = dequantize_packed(qweight, scales, qzeros, bits, gs, k, dtype, perm)  # [N, K] original order
-    if dtype == torch.bfloat16:  # the interpreter's truncating cast, see the docstring
-        w32 = dequantize_packed(qweight, scales, qzeros, bits, gs, k, torch.float32, perm)
-        w = (w32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    w = _expected_weights(qweight, scales, qzeros, perm, bits, gs, k, dtype, block_k)
     eye = torch.eye(k, dtype=dtype)
     for rows in eye.split(GEMV_MAX_ROWS):
         y = wq_linear_triton(rows, qweight, scales, qzeros, perm, None, bits, gs, "gemv",
@@ -151,23 +169,61 @@ HALF2_TILE_CASES = [(4, 32, False, True), (2, 64, True, False), (4, -1, True, Tr
                     (4, 16, True, False)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float16], ids=str)  # bfloat16: test_half2_tile_is_the_reference_operand
 @pytest.mark.parametrize("path", ["gemm", "splitk"])
 @pytest.mark.parametrize("case", HALF2_TILE_CASES, ids=lambda c: "W{}g{}{}{}".format(
     c[0], c[1], "" if c[2] else "a", "-ao" if c[3] else ""))
-def test_tensor_core_float16_weights_are_bit_exact(case, path):
-    """float16 activations and scales on the tensor-core paths: with one-hot rows ``x = e_k`` each output
-    is the single product ``1 · w[n, k]`` (exact in the float32 accumulator and again in float16), so
-    ``y == dequantize_packed(...)[:, k]`` at atol 0 — the ``_packed.f16x2_tile`` weights (joined into the
-    ``tl.dot`` operand) are the reference's bit for bit, in the right ``K`` order."""
+def test_tensor_core_16bit_weights_are_bit_exact(case, path, dtype):
+    """16-bit activations with scales of their dtype on the tensor-core paths: with one-hot rows ``x = e_k``
+    each output is the single product ``1 · w[n, k]`` (exact in the float32 accumulator and again in the
+    16-bit output), so ``y == dequantize_packed(...)[:, k]`` at atol 0 — the ``_packed.f16x2_tile`` weights
+    (joined into the ``tl.dot`` operand) are the reference's bit for bit, in the right ``K`` order.
+    float16 only: Triton's interpreter multiplies the bit patterns of bfloat16 ``tl.dot`` operands (an
+    identity times 2.0 gives 2.7e8), so the bfloat16 tile is checked without the dot, below."""
     bits, gs, sym, act_order = case
     k, n = 96, 40
-    spec = QuantSpec(bits, gs, sym, scale_dtype="float16")
+    spec = QuantSpec(bits, gs, sym, scale_dtype=str(dtype)[6:])
     _, qweight, scales, qzeros, perm = packed_operands(n, k, spec, act_order)
-    w = dequantize_packed(qweight, scales, qzeros, bits, gs, k, torch.float16, perm)
-    rows = torch.eye(k, dtype=torch.float16)[torch.randperm(k)[:48]]
+    w = _expected_weights(qweight, scales, qzeros, perm, bits, gs, k, dtype, CONFIGS[path]["BLOCK_K"], (2, 4))
+    rows = torch.eye(k, dtype=dtype)[torch.randperm(k)[:48]]
     y = wq_linear_triton(rows, qweight, scales, qzeros, perm, None, bits, gs, path, CONFIGS[path])
-    assert y.dtype == torch.float16
+    assert y.dtype == dtype
     assert torch.equal(y, w[:, rows.argmax(1)].t()), (y.float() - w[:, rows.argmax(1)].t().float()).abs().max()
+
+
+@triton.jit
+def _tile_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_zg, BITS: tl.constexpr, ASYM: tl.constexpr,
+                 GROUP_SIZE: tl.constexpr, BF16: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Stores the ``tl.dot`` weight operand ``_packed.f16x2_tile`` of K block ``program_id(0)`` (kernel order)."""
+    PER: tl.constexpr = 32 // BITS
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    offs_w = k0 // PER + tl.arange(0, BLOCK_K // PER)
+    words = tl.load(qw_ptr + offs_w[None, :, None] * N + offs_n[None, None, :], mask=mask_n[None, None, :], other=0)
+    s2, z = _packed.f16x2_scale_zero(s_ptr, z_ptr, k0, offs_n, mask_n, N, K, stride_zg, BITS, ASYM, GROUP_SIZE, BF16)
+    tile = _packed.f16x2_tile(words, s2, z, BITS, BF16, BLOCK_K, BLOCK_N)  # [BLOCK_K, BLOCK_N]
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], tile, mask=mask_n[None, :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("bits,gs,sym", [(4, 32, False), (4, -1, True), (2, 64, False)])
+def test_half2_tile_is_the_reference_operand(bits, gs, sym, dtype):
+    """The tensor-core weight operand itself (``_packed.f16x2_tile``, what ``tl.dot`` receives), stored
+    instead of multiplied: every weight, in both 16-bit dtypes, is the reference's bit for bit at its
+    kernel ``K`` row — the pairs' joins put each word's codes in order."""
+    from lightning_quant.kernels import wq_matmul
+
+    wq_matmul._build(True)  # binds the jitted helpers into _packed
+    k, n, block_k = 96, 40, 32
+    spec = QuantSpec(bits, gs, sym, scale_dtype=str(dtype)[6:])
+    _, qweight, scales, qzeros, _ = packed_operands(n, k, spec, False)
+    out = torch.empty(k, n, dtype=dtype)
+    _tile_kernel[(k // block_k,)](qweight, scales, qweight if qzeros is None else qzeros, out, n, k,
+                                  0 if qzeros is None else qzeros.shape[1], bits, qzeros is not None,
+                                  1 << 30 if gs == -1 else gs, dtype == torch.bfloat16, block_k, 64)
+    assert torch.equal(out.t(), dequantize_packed(qweight, scales, qzeros, bits, gs, k, dtype))
 
 
 # (bits, group_size, symmetric, act_order, K, BLOCK_K): every code width; one scale row per step (g32, g64

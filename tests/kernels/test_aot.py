@@ -20,8 +20,10 @@ if interpreting():
                 allow_module_level=True)
 
 # (dtype, bits, group_size, symmetric): the group branches of the kernel — one scale row per K block
-# (128, -1), whole groups broadcast inside a block (32) — in both activation dtypes, both code widths.
-WQ_CASES = [(torch.float16, 4, 128, False), (torch.float16, 4, 32, False), (torch.bfloat16, 8, -1, True)]
+# (128, -1), whole groups broadcast inside a block (32) — in both activation dtypes, both code widths;
+# the packed pair operand in both dtypes (W4 g128) and the float32 dequantization (W8, g32).
+WQ_CASES = [(torch.float16, 4, 128, False), (torch.float16, 4, 32, False), (torch.bfloat16, 8, -1, True),
+            (torch.bfloat16, 4, 128, False)]
 
 
 def _check(builds: list[aot.KernelBuild]) -> None:
@@ -94,10 +96,10 @@ def test_ptxas_failure_names_the_target():
         aot._ptxas_resources("this is not PTX", 90)
 
 
-@pytest.mark.parametrize("rows", [1, 8])
-def test_gemv_configs_compile_for_sm90_without_spills(rows):
-    """W4 g128 asymmetric act-order float16 with bias (the heaviest variant) at 1 and 8 rows."""
-    builds = aot.gemv_builds(90, torch.float16, 4, 128, symmetric=False, bias=True, act_order=True, rows=rows)
+@pytest.mark.parametrize("dtype,rows", [(torch.float16, 1), (torch.float16, 8), (torch.bfloat16, 1)], ids=str)
+def test_gemv_configs_compile_for_sm90_without_spills(dtype, rows):
+    """W4 g128 asymmetric act-order with bias (the heaviest variant) at 1 and 8 rows; bfloat16's pairs too."""
+    builds = aot.gemv_builds(90, dtype, 4, 128, symmetric=False, bias=True, act_order=True, rows=rows)
     _check(builds)
     assert all(b.mma_version is None and b.loop_instructions for b in builds)  # no tensor cores; a main loop
 
