@@ -37,3 +37,19 @@ def packed_operands(n: int, k: int, spec: QuantSpec, act_order: bool = False, se
 def magnitude_bound(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``|x| @ |W|^T`` ``[M, N]``: the scale of the rounding error of a dot product, in float32."""
     return x.abs().float() @ w.abs().float().t()
+
+
+def pair_gamma(spec: QuantSpec, dtype: torch.dtype, scale_dtype: torch.dtype, block_k: int) -> float:
+    """``γ_d`` of a GEMV step of ``block_k`` columns on the packed pair path, which sums the step in 16-bit
+    floats (``d = PER/2 + log2(WR)`` roundings per product, :mod:`lightning_quant.kernels.wq_gemv`), on top
+    of the output rounding; 0 where the step accumulates in float32."""
+    from lightning_quant.kernels._packed import half2_path
+
+    half = {torch.float16: 1, torch.bfloat16: 2}.get(dtype, 0) if scale_dtype == dtype else 0
+    group = 1 << 30 if spec.group_size == -1 else spec.group_size
+    if not half2_path(half, spec.bits, group, block_k):
+        return 0.0
+    per = 32 // spec.bits
+    d = per // 2 + (block_k // per).bit_length() - 1
+    u = 2.0**-11 if dtype == torch.float16 else 2.0**-8
+    return d * u / (1 - d * u)

@@ -117,14 +117,21 @@ def test_torch_compile_traces_a_model_with_packed_layers_without_graph_breaks():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (Triton kernels)")
 @pytest.mark.parametrize("rows", [1, 9, 200])
 def test_cuda_forward_uses_kernels_close_to_reference(rows):
+    from lightning_quant.kernels.wq_gemv import GEMV_MAX_ROWS
+    from tests.kernels._cases import pair_gamma
+
     spec = QuantSpec(4, 128, symmetric=False)
     qw = _act_order_weight(spec, k=1024, n=760).to("cuda")
     layer = PackedLinear.from_quantized(qw, torch.randn(760, device="cuda")).half()
     x = torch.randn(rows, 1024, device="cuda", dtype=torch.float16)
     y, ref = layer(x), layer(x, force_reference=True)
     exact = x.float() @ qw.dequantize(torch.float16).float().t() + layer.bias.float()
-    bound = 2.0**-10 * (x.float().abs() @ qw.dequantize().abs().t() + layer.bias.float().abs())
-    assert ((y.float() - exact).abs() <= bound).all() and ((ref.float() - exact).abs() <= bound).all()
+    magnitude = x.float().abs() @ qw.dequantize().abs().t()
+    bound = 2.0**-10 * (magnitude + layer.bias.float().abs())
+    assert ((ref.float() - exact).abs() <= bound).all()
+    if rows <= GEMV_MAX_ROWS:  # the GEMV sums a step (BLOCK_K <= 64, autotuned) in float16 pairs
+        bound = bound + pair_gamma(spec, torch.float16, layer.scales.dtype, 64) * magnitude
+    assert ((y.float() - exact).abs() <= bound).all()
 
 
 @pytest.mark.slow
