@@ -37,8 +37,23 @@ from __future__ import annotations
 
 from lightning_quant.kernels import _runtime
 
-__all__ = ["as_half2", "f16x2_add", "f16x2_dequant", "f16x2_fma", "f16x2_scale_zero", "f16x2_sum_rows", "f16x2_tile",
-           "f16x2_to_f32", "f16x2_weights", "half2_path", "launch_packed", "packed_step", "pick_column", "split_epilogue"]
+__all__ = [
+    "PAIR_HELPERS",
+    "as_half2",
+    "f16x2_add",
+    "f16x2_dequant",
+    "f16x2_fma",
+    "f16x2_scale_zero",
+    "f16x2_sum_rows",
+    "f16x2_tile",
+    "f16x2_to_f32",
+    "f16x2_weights",
+    "half2_path",
+    "launch_packed",
+    "packed_step",
+    "pick_column",
+    "split_epilogue",
+]
 
 tl = None  # triton.language, bound by _runtime.build_kernels on the first kernel build (lazy import)
 INTERPRETED = None  # tl.constexpr(TRITON_INTERPRET), bound by _runtime.build_kernels likewise
@@ -358,6 +373,12 @@ def split_epilogue(acc, out_ptr, ws_ptr, cnt_ptr, b_ptr, out_off, offs_n, mask_n
             tl.store(out_ptr + out_off, total.to(out_ptr.dtype.element_ty), mask=mask_out)
             tl.store(ws_ptr + out_off, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), mask=mask_out)
             tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed")
+
+
+#: The packed pair helpers, as the kernels that call them bind them (``build_kernels(helpers=...)``).
+PAIR_HELPERS = (_f16x2_halves, _bf16_bits, _f16x2_bits, _pair_const, f16x2_dequant, f16x2_fma, f16x2_add,
+                f16x2_to_f32, f16x2_sum_rows, _half_of, pick_column, f16x2_weights, as_half2, _half2_weights, _merge,
+                f16x2_tile, f16x2_scale_zero)
 
 
 def launch_packed(kernels: dict, n: int, bits: int, args: tuple, const: dict, config: dict | None, what: str) -> None:

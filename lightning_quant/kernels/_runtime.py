@@ -76,7 +76,8 @@ def build_kernels(module_globals: dict, kernel, interpret: bool, tuned: dict[str
         fn = getattr(helper, "fn", helper)
         fn.__globals__["tl"] = tl
         fn.__globals__["INTERPRETED"] = tl.constexpr(interpret)
-        jitted = helper if fn is not helper else triton.jit(helper)
+        bound = fn.__globals__.get(fn.__name__)  # an earlier family's build already jitted it: reuse that
+        jitted = bound if getattr(bound, "fn", None) is fn else helper if fn is not helper else triton.jit(helper)
         module_globals[fn.__name__] = fn.__globals__[fn.__name__] = jitted
     jit = triton.jit(kernel)
     if interpret:

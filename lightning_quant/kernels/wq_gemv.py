@@ -180,10 +180,7 @@ def gemv_constants(bits: int, asym: bool, has_bias: bool, has_perm: bool, group_
 def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_gemv_kernel, interpret, {"tuned": (gemv_configs, {
         "key": ["N", "K", "BITS", "GROUP_SIZE", "BLOCK_M"], "prune_configs_by": {"early_config_prune": prune_gemv}})}, helpers=(
-        _packed.packed_step, _packed._f16x2_halves, _packed._bf16_bits, _packed._f16x2_bits, _packed._pair_const,
-        _packed.f16x2_dequant, _packed.f16x2_fma,
-        _packed.f16x2_add, _packed.f16x2_to_f32, _packed.f16x2_sum_rows, _packed._half_of, _packed.pick_column,
-        _packed.f16x2_weights, _packed.f16x2_scale_zero, _packed.split_epilogue))
+        _packed.packed_step, *_packed.PAIR_HELPERS, _packed.split_epilogue))
 
 
 def wq_gemv(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,

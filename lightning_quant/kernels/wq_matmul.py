@@ -305,10 +305,7 @@ def _build(interpret: bool):
     return _runtime.build_kernels(globals(), _wq_kernel, interpret, {
         "gemm": (_gemm_configs, {"key": key, "prune_configs_by": prune}),
         "splitk": (_splitk_configs, {"key": key, "prune_configs_by": prune}),  # the kernel re-zeroes its workspace
-    }, helpers=(_packed.split_epilogue, _packed._f16x2_halves, _packed._bf16_bits, _packed._f16x2_bits,
-                _packed._pair_const, _packed.f16x2_dequant,
-                _packed.f16x2_weights, _packed.as_half2, _packed._half2_weights, _packed._merge, _packed.f16x2_tile,
-                _packed.f16x2_scale_zero))
+    }, helpers=(_packed.split_epilogue, *_packed.PAIR_HELPERS))
 
 
 def wq_linear_triton(x: Tensor, qweight: Tensor, scales: Tensor, qzeros: Tensor | None, perm: Tensor | None,
