@@ -21,9 +21,8 @@ if interpreting():
 
 # (dtype, bits, group_size, symmetric): the group branches of the kernel — one scale row per K block
 # (128, -1), whole groups broadcast inside a block (32) — in both activation dtypes, both code widths;
-# the packed pair operand in both dtypes (W4 g128) and the float32 dequantization (W8, g32).
-WQ_CASES = [(torch.float16, 4, 128, False), (torch.float16, 4, 32, False), (torch.bfloat16, 8, -1, True),
-            (torch.bfloat16, 4, 128, False)]
+# the float16 pair operand (W4 g128) and the float32 dequantization (W8, g32); bfloat16's pairs below.
+WQ_CASES = [(torch.float16, 4, 128, False), (torch.float16, 4, 32, False), (torch.bfloat16, 8, -1, True)]
 
 
 def _check(builds: list[aot.KernelBuild]) -> None:
@@ -39,6 +38,13 @@ def test_wq_kernel_configs_compile_for_sm90_without_spills(case):
     _check(builds)
     gemm = [b for b in builds if b.name == "wq-gemm" and b.constants["BLOCK_M"] >= 64]
     assert gemm and all(b.mma_version == 3 for b in gemm)  # Hopper warp-group MMA, not mma.sync
+
+
+def test_bfloat16_pair_operand_configs_compile_for_sm90_without_spills():
+    """The tensor-core GEMM's bfloat16 pair operand (W4 g128 asymmetric, incl. the 64x256x64 tile kept for it)."""
+    builds = aot.wq_builds(90, torch.bfloat16, 4, 128, False, paths=("gemm",))
+    _check(builds)
+    assert any(b.constants["BLOCK_N"] == 256 and b.constants["BLOCK_M"] == 64 for b in builds)
 
 
 def test_int8_kernel_configs_compile_for_sm90_without_spills():
